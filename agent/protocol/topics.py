@@ -1,0 +1,109 @@
+"""MQTT topic names, all under one configurable prefix (default ``ember/v1``).
+
+The table in DESIGN.md is the reference; this module is its only implementation. Agent, job and
+role names become topic segments, so :func:`check_segment` refuses anything that would change a
+topic's shape (``/``, the wildcards ``+`` and ``#``, NUL, a leading ``$``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "ember/v1"
+MAX_SEGMENT = 128
+
+
+def check_segment(value: str, what: str = "name") -> str:
+    """Return ``value`` if it is usable as one topic segment, else raise ``ValueError``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what}: must be a non-empty string")
+    if len(value) > MAX_SEGMENT:
+        raise ValueError(f"{what}: at most {MAX_SEGMENT} characters, got {len(value)}")
+    bad = sorted({c for c in value if c in "/+#\0"})
+    if bad:
+        raise ValueError(f"{what}: {value!r} contains {''.join(bad)!r}, not allowed in a topic")
+    if value.startswith("$"):
+        raise ValueError(f"{what}: {value!r} starts with '$', reserved by brokers")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Every topic Ember uses, built from one prefix."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix or self.prefix.endswith("/") or any(c in self.prefix for c in "+#\0"):
+            raise ValueError(f"topic prefix {self.prefix!r} is not a valid topic without wildcards")
+
+    # agents ------------------------------------------------------------------------------------
+    def agent(self, agent: str, leaf: str) -> str:
+        return f"{self.prefix}/agents/{check_segment(agent, 'agent id')}/{leaf}"
+
+    def agent_status(self, agent: str) -> str:
+        """Retained JSON presence; the agent's Will sets it offline."""
+        return self.agent(agent, "status")
+
+    def agent_info(self, agent: str) -> str:
+        """Retained JSON capabilities and datasets."""
+        return self.agent(agent, "info")
+
+    def agent_telemetry(self, agent: str) -> str:
+        """JSON health samples, QoS 0."""
+        return self.agent(agent, "telemetry")
+
+    def agent_inbox(self, agent: str) -> str:
+        """msgpack commands from the coordinator (assign, cancel, ping)."""
+        return self.agent(agent, "inbox")
+
+    def all_agents(self, leaf: str) -> str:
+        """Filter for one leaf of every agent (``status``, ``info``, ``telemetry``)."""
+        return f"{self.prefix}/agents/+/{leaf}"
+
+    # jobs --------------------------------------------------------------------------------------
+    def job(self, job: str, *rest: str) -> str:
+        return "/".join((f"{self.prefix}/jobs/{check_segment(job, 'job id')}", *rest))
+
+    def job_state(self, job: str) -> str:
+        """Retained JSON job summary for dashboards."""
+        return self.job(job, "state")
+
+    def job_model(self, job: str, channel: str = "global") -> str:
+        """Global (or a middle aggregator's) model versions, msgpack, chunked."""
+        return self.job(job, "model", check_segment(channel, "model channel"))
+
+    def job_updates(self, job: str, agent: str) -> str:
+        """A trainer's deltas, msgpack, chunked; one topic per agent so ACLs can pin writers."""
+        return self.job(job, "updates", check_segment(agent, "agent id"))
+
+    def all_job_updates(self, job: str) -> str:
+        return self.job(job, "updates", "+")
+
+    def job_metrics(self, job: str) -> str:
+        """JSON metric events from every role of the job, QoS 0."""
+        return self.job(job, "metrics")
+
+    # coordinator RPC ---------------------------------------------------------------------------
+    def rpc_requests(self) -> str:
+        """Where the CLI sends requests to the coordinator."""
+        return f"{self.prefix}/coordinator/rpc/requests"
+
+    def rpc_replies(self, client: str) -> str:
+        """Where one CLI client waits for its answers (named in each request)."""
+        return f"{self.prefix}/coordinator/rpc/replies/{check_segment(client, 'client id')}"
+
+    # parsing -----------------------------------------------------------------------------------
+    def agent_of(self, topic: str) -> str | None:
+        """The agent id in an ``agents/<id>/...`` topic, or ``None``."""
+        levels = self._levels(topic)
+        return levels[1] if levels and len(levels) >= 3 and levels[0] == "agents" else None
+
+    def job_of(self, topic: str) -> str | None:
+        """The job id in a ``jobs/<id>/...`` topic, or ``None``."""
+        levels = self._levels(topic)
+        return levels[1] if levels and len(levels) >= 3 and levels[0] == "jobs" else None
+
+    def _levels(self, topic: str) -> list[str] | None:
+        head = self.prefix + "/"
+        return topic[len(head) :].split("/") if topic.startswith(head) else None

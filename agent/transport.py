@@ -1,0 +1,766 @@
+"""The one MQTT adapter: everything in Ember reaches the broker through :class:`Transport`.
+
+This is the only module that imports aiomqtt (and, through it, paho-mqtt). It
+
+* connects with MQTT 5 where the broker speaks it and falls back to 3.1.1 where it does not
+  (the embedded pure-Python broker refuses MQTT 5 with "unsupported protocol version");
+* sets a Will, reconnects with capped exponential backoff and full jitter (AWS architecture
+  blog, "Exponential Backoff and Jitter"), fails over between a list of broker URLs, and
+  restores every subscription after each reconnect, in one batched SUBSCRIBE;
+* publishes with a size check, splitting anything above the chunk size into chunk frames
+  (:mod:`agent.protocol.chunking`), pipelining QoS 1 frames and re-sending the unacknowledged
+  ones after a reconnect (at least once; receivers drop duplicates by message id);
+* reassembles chunked messages on receipt and hands whole payloads to bounded per-subscription
+  queues that count and log every message they have to drop;
+* supports TLS (``mqtts://``) and username/password.
+
+Roles never touch reconnect logic: they declare subscriptions and publish; the transport keeps
+both alive across broker restarts (Home Assistant's MQTT integration works the same way).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import ssl
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import structlog
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
+from agent.protocol.errors import ChunkError, PayloadTooLarge
+from agent.protocol.limits import KiB, MiB
+
+log = structlog.get_logger("ember.transport")
+
+Payload = bytes | bytearray | memoryview
+ProtocolChoice = Literal["auto", "5", "3.1.1"]
+
+_TRANSIENT_CODES = frozenset({MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST})
+_MAX_SEND_ATTEMPTS = 8
+"""Connections lost while one message was being sent before the transport gives up on it."""
+
+
+class NotConnectedError(ConnectionError):
+    """The broker could not be reached before the caller's deadline."""
+
+
+class SubscriptionClosed(Exception):
+    """The subscription (or its transport) was closed; no more messages will come."""
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BrokerEndpoint:
+    """One broker address parsed from ``mqtt://[user:pass@]host[:port]`` or ``mqtts://``."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerEndpoint:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        scheme = parts.scheme.lower()
+        if scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ValueError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+        tls = scheme in ("mqtts", "ssl")
+        if not parts.hostname:
+            raise ValueError(f"broker url {url!r}: no host")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ValueError(f"broker url {url!r}: bad port") from None
+        return cls(
+            host=parts.hostname,
+            port=port,
+            tls=tls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+    def __str__(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerConfig:
+    """How to reach the broker(s) and how hard to try (MQTT 5 with a 3.1.1 fallback)."""
+
+    urls: tuple[str, ...] = ("mqtt://127.0.0.1:1883",)
+    """Brokers to fail over between, in order of preference."""
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+    """CA bundle for ``mqtts://``; the system's trust store when unset."""
+    cert_file: str | None = None
+    key_file: str | None = None
+    tls_insecure: bool = False
+    """Skip the broker hostname check (self-signed lab setups only)."""
+    keepalive: int = 30
+    protocol: ProtocolChoice = "auto"
+    session_expiry: int = 0
+    """Seconds the broker keeps this client's session (subscriptions and queued QoS 1 messages)
+    while it is away; 0 starts a clean session on every connect. Needs a ``client_id``."""
+    chunk_size: int = 512 * KiB
+    max_message_bytes: int = 512 * MiB
+    connect_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    publish_window: int = 32
+    """QoS 1 chunk frames in flight at once for one message."""
+    queue_messages: int = 10_000
+    """Default bound on messages waiting in one subscription's queue."""
+    queue_bytes: int = 256 * MiB
+    """Default bound on payload bytes waiting in one subscription's queue."""
+    reassembly_bytes: int = 1024 * MiB
+    reassembly_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ValueError("broker: at least one url is needed")
+        for url in self.urls:
+            BrokerEndpoint.parse(url)
+        if self.chunk_size < 1024:
+            raise ValueError(f"broker.chunk_size: must be ≥ 1024, got {self.chunk_size}")
+        if self.session_expiry and not self.client_id:
+            raise ValueError("broker.session_expiry: a persistent session needs a client_id")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ValueError(f"broker.protocol: must be auto, 5 or 3.1.1, got {self.protocol!r}")
+
+    def endpoints(self) -> list[BrokerEndpoint]:
+        return [BrokerEndpoint.parse(url) for url in self.urls]
+
+
+@dataclass(frozen=True)
+class WillMessage:
+    """Published by the broker when this client vanishes without a clean DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A whole received message (chunks already reassembled)."""
+
+    topic: str
+    payload: Payload
+    retain: bool
+    qos: int
+
+
+@dataclass
+class TransportStats:
+    """Counters for logs, telemetry and tests."""
+
+    connections: int = 0
+    connection_failures: int = 0
+    messages_out: int = 0
+    frames_out: int = 0
+    bytes_out: int = 0
+    messages_in: int = 0
+    bytes_in: int = 0
+    chunks_rejected: int = 0
+    dropped_full_queue: int = 0
+    dropped_qos0_offline: int = 0
+    resent_after_reconnect: int = 0
+
+
+# -- subscriptions -------------------------------------------------------------------------------
+
+
+class Subscription:
+    """A bounded queue of messages matching one topic filter; iterate it with ``async for``.
+
+    When the queue is full (by count or by bytes) a new message is dropped, counted in
+    :attr:`dropped` and logged: never silently.
+    """
+
+    def __init__(
+        self, transport: Transport, topic_filter: str, qos: int, max_messages: int, max_bytes: int
+    ) -> None:
+        self.topic_filter = topic_filter
+        self.qos = qos
+        self.max_messages = max_messages
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._transport = transport
+        self._wildcard = aiomqtt.Wildcard(topic_filter)
+        self._queue: deque[Inbound] = deque()
+        self._bytes = 0
+        self._ready = asyncio.Event()
+        self._closed = False
+
+    def matches(self, topic: aiomqtt.Topic) -> bool:
+        return topic.matches(self._wildcard)
+
+    def offer(self, message: Inbound) -> bool:
+        size = memoryview(message.payload).nbytes
+        if len(self._queue) >= self.max_messages or self._bytes + size > self.max_bytes:
+            self.dropped += 1
+            self._transport.stats.dropped_full_queue += 1
+            log.warning(
+                "subscription_queue_full",
+                filter=self.topic_filter,
+                topic=message.topic,
+                bytes=size,
+                queued=len(self._queue),
+                queued_bytes=self._bytes,
+                dropped_total=self.dropped,
+            )
+            return False
+        self._queue.append(message)
+        self._bytes += size
+        self._ready.set()
+        return True
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def get_nowait(self) -> Inbound | None:
+        if not self._queue:
+            return None
+        message = self._queue.popleft()
+        self._bytes -= memoryview(message.payload).nbytes
+        if not self._queue:
+            self._ready.clear()
+        return message
+
+    async def get(self, timeout: float | None = None) -> Inbound:
+        """The next message; ``asyncio.TimeoutError`` after ``timeout`` seconds,
+        :class:`SubscriptionClosed` once the subscription or its transport is closed."""
+
+        async def next_message() -> Inbound:
+            while True:
+                message = self.get_nowait()
+                if message is not None:
+                    return message
+                if self._closed:
+                    raise SubscriptionClosed(self.topic_filter)
+                await self._ready.wait()
+
+        return await asyncio.wait_for(next_message(), timeout)
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> Inbound:
+        try:
+            return await self.get()
+        except SubscriptionClosed:
+            raise StopAsyncIteration from None
+
+    async def close(self) -> None:
+        """Stop receiving; unsubscribes when no other subscription shares the filter."""
+        if not self._closed:
+            self._closed = True
+            self._ready.set()
+            await self._transport._unsubscribe(self)
+
+
+# -- the transport -------------------------------------------------------------------------------
+
+ConnectHook = Callable[[int], Awaitable[None]]
+
+
+class Transport:
+    """A resilient MQTT connection (MQTT 5 or 3.1.1) with chunking, reassembly and bounded queues.
+
+    Use as ``async with Transport(config, will=...) as mqtt:``; the connection is kept in the
+    background. ``await mqtt.wait_connected()`` if you need to know it is up.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        will: WillMessage | None = None,
+        name: str = "ember",
+    ) -> None:
+        self.config = config
+        self.will = will
+        self.name = name
+        self.stats = TransportStats()
+        self.session = 0
+        """How many times this transport has connected (1 after the first connection)."""
+        self.protocol_in_use: str | None = None
+        self.endpoint_in_use: BrokerEndpoint | None = None
+        self._endpoints = config.endpoints()
+        self._protocols: dict[BrokerEndpoint, aiomqtt.ProtocolVersion] = {}
+        self._endpoint_index = 0
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._subscriptions: list[Subscription] = []
+        self._hooks: list[ConnectHook] = []
+        self._broker_max_packet: int | None = None
+        self._reassembler = Reassembler(
+            max_message_bytes=config.max_message_bytes,
+            max_pending_bytes=config.reassembly_bytes,
+            timeout=config.reassembly_timeout,
+            on_drop=self._on_reassembly_drop,
+        )
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def __aenter__(self) -> Transport:
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self.name}-mqtt")
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the broker has accepted the connection; ``NotConnectedError`` on timeout."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise NotConnectedError(
+                f"no broker reachable within {timeout:g} s (tried {self._describe_endpoints()})"
+            ) from None
+
+    def on_connect(self, hook: ConnectHook) -> None:
+        """Run ``await hook(session)`` after every (re)connection, subscriptions restored."""
+        self._hooks.append(hook)
+
+    async def close(
+        self, final: Sequence[tuple[str, bytes, bool]] = (), timeout: float = 5.0
+    ) -> None:
+        """Publish ``final`` messages ``(topic, payload, retain)`` at QoS 1 if connected, then
+        disconnect cleanly (so the broker discards the Will) and stop reconnecting."""
+        if self._closing:
+            return
+        if final and self.connected:
+            for topic, payload, retain in final:
+                try:
+                    await self.publish(topic, payload, qos=1, retain=retain, timeout=timeout)
+                except (NotConnectedError, aiomqtt.MqttError) as exc:
+                    log.warning("final_publish_failed", topic=topic, error=str(exc))
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for sub in self._subscriptions:
+            sub._closed = True
+            sub._ready.set()
+
+    # connection loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            endpoint = self._endpoints[self._endpoint_index]
+            try:
+                await self._connect_and_serve(endpoint)
+            except aiomqtt.MqttError as exc:
+                if self._closing:
+                    break
+                self.stats.connection_failures += 1
+                log.warning(
+                    "mqtt_connection_failed",
+                    broker=str(endpoint),
+                    error=str(exc) or type(exc).__name__,
+                )
+            finally:
+                was_connected = self._mark_disconnected()
+            if was_connected:
+                failures = 0
+            else:
+                failures += 1
+                self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
+            delay = self._backoff(max(1, failures))
+            log.info(
+                "mqtt_reconnect_wait",
+                seconds=round(delay, 2),
+                next=str(self._endpoints[self._endpoint_index]),
+            )
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Full jitter: uniform in [0, min(cap, base·2^n)], never below a tenth of the base."""
+        ceiling = min(
+            self.config.backoff_max, self.config.backoff_initial * 2 ** max(0, failures - 1)
+        )
+        return max(self.config.backoff_initial / 10, random.uniform(0, ceiling))
+
+    async def _connect_and_serve(self, endpoint: BrokerEndpoint) -> None:
+        protocol = self._protocols.get(endpoint) or (
+            aiomqtt.ProtocolVersion.V311
+            if self.config.protocol == "3.1.1"
+            else aiomqtt.ProtocolVersion.V5
+        )
+        client = self._make_client(endpoint, protocol)
+        try:
+            await client.__aenter__()
+        except MqttConnectError as exc:
+            if (
+                protocol is aiomqtt.ProtocolVersion.V5
+                and self.config.protocol == "auto"
+                and _refuses_v5(exc)
+            ):
+                log.info(
+                    "mqtt_protocol_fallback", broker=str(endpoint), to="3.1.1", reason=str(exc)
+                )
+                self._protocols[endpoint] = aiomqtt.ProtocolVersion.V311
+                await self._connect_and_serve(endpoint)
+                return
+            raise
+        self._protocols[endpoint] = protocol
+        try:
+            await self._serve(client, endpoint, protocol)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+
+    def _make_client(
+        self, endpoint: BrokerEndpoint, protocol: aiomqtt.ProtocolVersion
+    ) -> aiomqtt.Client:
+        cfg = self.config
+        v5 = protocol is aiomqtt.ProtocolVersion.V5
+        properties = None
+        if v5 and cfg.session_expiry:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = cfg.session_expiry
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
+        client = aiomqtt.Client(
+            endpoint.host,
+            endpoint.port,
+            identifier=cfg.client_id,
+            username=endpoint.username or cfg.username,
+            password=endpoint.password or cfg.password,
+            protocol=protocol,
+            will=will,
+            clean_session=None if v5 else not cfg.session_expiry,
+            clean_start=False if (v5 and cfg.session_expiry) else MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+            keepalive=cfg.keepalive,
+            timeout=cfg.connect_timeout,
+            tls_context=self._tls_context() if endpoint.tls else None,
+            tls_insecure=cfg.tls_insecure if endpoint.tls else None,
+            max_inflight_messages=max(20, cfg.publish_window * 2),
+            logger=logging.getLogger("ember.paho"),
+        )
+        # Chunked sends keep many QoS 1 publishes pending on purpose: do not warn about them.
+        client.pending_calls_threshold = 1 << 30
+        self._capture_connack_properties(client)
+        return client
+
+    def _capture_connack_properties(self, client: aiomqtt.Client) -> None:
+        """Read the broker's Maximum Packet Size from the MQTT 5 CONNACK (aiomqtt drops it)."""
+        paho = client._client  # the one place Ember reaches behind aiomqtt
+        original = paho.on_connect
+
+        def on_connect(*args: Any) -> None:
+            properties = args[4] if len(args) > 4 else None
+            self._broker_max_packet = getattr(properties, "MaximumPacketSize", None)
+            assert original is not None
+            original(*args)
+
+        paho.on_connect = on_connect
+
+    def _tls_context(self) -> ssl.SSLContext:
+        cfg = self.config
+        context = ssl.create_default_context(cafile=cfg.ca_file)
+        if cfg.cert_file:
+            context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        if cfg.tls_insecure:
+            context.check_hostname = False
+        return context
+
+    async def _serve(
+        self, client: aiomqtt.Client, endpoint: BrokerEndpoint, protocol: aiomqtt.ProtocolVersion
+    ) -> None:
+        self.session += 1
+        self.stats.connections += 1
+        self._client = client
+        self.endpoint_in_use = endpoint
+        self.protocol_in_use = "5" if protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
+        self._lost = asyncio.Event()
+        filters = self._broker_filters()
+        if filters:
+            await client.subscribe(filters)
+        log.info(
+            "mqtt_connected",
+            broker=str(endpoint),
+            protocol=self.protocol_in_use,
+            session=self.session,
+            subscriptions=len(filters),
+            broker_max_packet=self._broker_max_packet,
+        )
+        self._connected.set()
+        for hook in list(self._hooks):
+            try:
+                await hook(self.session)
+            except (aiomqtt.MqttError, NotConnectedError):
+                raise
+            except Exception:
+                log.exception("connect_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
+        async for message in client.messages:
+            self._route(message)
+
+    def _mark_disconnected(self) -> bool:
+        """Forget the client; return whether a connection had been established."""
+        was_connected = self._connected.is_set()
+        if was_connected and not self._closing:
+            log.warning("mqtt_disconnected", broker=str(self.endpoint_in_use), session=self.session)
+        self._connected.clear()
+        self._lost.set()
+        self._client = None
+        return was_connected
+
+    def _describe_endpoints(self) -> str:
+        return ", ".join(str(e) for e in self._endpoints)
+
+    # receiving ---------------------------------------------------------------------------------
+    def _route(self, message: aiomqtt.Message) -> None:
+        raw = message.payload  # paho always hands over bytes; aiomqtt's type is wider
+        payload = raw if isinstance(raw, (bytes, bytearray)) else str(raw or "").encode()
+        topic = message.topic.value
+        if is_chunk(payload):
+            try:
+                whole = self._reassembler.add(topic, payload)
+            except ChunkError as exc:
+                self.stats.chunks_rejected += 1
+                log.warning("chunk_rejected", topic=topic, reason=str(exc))
+                return
+            if whole is None:
+                return
+            payload = whole
+        self.stats.messages_in += 1
+        self.stats.bytes_in += len(payload)
+        inbound = Inbound(topic, payload, bool(message.retain), int(message.qos))
+        for sub in self._subscriptions:
+            if not sub._closed and sub.matches(message.topic):
+                sub.offer(inbound)
+
+    def _on_reassembly_drop(self, source: str, reason: str, size: int) -> None:
+        log.warning("chunked_message_dropped", topic=source, reason=reason, bytes=size)
+
+    def _broker_filters(self) -> list[tuple[str, int]]:
+        best: dict[str, int] = {}
+        for sub in self._subscriptions:
+            best[sub.topic_filter] = max(best.get(sub.topic_filter, 0), sub.qos)
+        return list(best.items())
+
+    async def subscribe(
+        self,
+        topic_filter: str,
+        qos: int = 1,
+        *,
+        max_messages: int | None = None,
+        max_bytes: int | None = None,
+    ) -> Subscription:
+        """Receive messages matching ``topic_filter``, now and after every reconnect."""
+        aiomqtt.Wildcard(topic_filter)  # validates the filter
+        sub = Subscription(
+            self,
+            topic_filter,
+            qos,
+            max_messages or self.config.queue_messages,
+            max_bytes or self.config.queue_bytes,
+        )
+        already = any(s.topic_filter == topic_filter and s.qos >= qos for s in self._subscriptions)
+        self._subscriptions.append(sub)
+        client = self._client
+        if client is not None and not already:
+            try:
+                await client.subscribe(topic_filter, qos)
+            except aiomqtt.MqttError as exc:
+                # Restored by the next reconnect, like every other subscription.
+                log.warning("subscribe_deferred", filter=topic_filter, error=str(exc))
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(sub)
+        client = self._client
+        if client is None or any(s.topic_filter == sub.topic_filter for s in self._subscriptions):
+            return
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.unsubscribe(sub.topic_filter)
+
+    # publishing --------------------------------------------------------------------------------
+    def chunk_size(self, topic: str) -> int:
+        """Data bytes per chunk: the configured size, lowered to fit the broker's packet limit."""
+        size = self.config.chunk_size
+        if self._broker_max_packet:
+            size = min(size, self._broker_max_packet - HEADER_SIZE - len(topic.encode()) - 64)
+        return max(1024, size)
+
+    async def publish(
+        self,
+        topic: str,
+        payload: Payload | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish ``payload``; chunked when larger than the chunk size.
+
+        QoS 1 and 2 wait for the broker's acknowledgement of every frame, riding out reconnects
+        until ``timeout`` (``None`` waits as long as it takes) and raising
+        :class:`NotConnectedError` after it. QoS 0 while disconnected is dropped and counted.
+        """
+        data = payload.encode() if isinstance(payload, str) else payload
+        size = memoryview(data).nbytes
+        if size > self.config.max_message_bytes:
+            raise PayloadTooLarge(
+                f"message of {size} bytes for {topic} is above the limit of "
+                f"{self.config.max_message_bytes}"
+            )
+        chunk = self.chunk_size(topic)
+        if size > chunk:
+            if retain:
+                raise ValueError(f"{topic}: a retained message must fit one chunk ({chunk} bytes)")
+            qos = max(qos, 1)  # one lost frame would lose the whole message
+            frames: list[bytes | bytearray] = list(split(data, chunk))
+        else:
+            frames = [bytes(data) if isinstance(data, memoryview) else data]
+        if qos == 0 and not self.connected:
+            self.stats.dropped_qos0_offline += 1
+            log.debug("qos0_dropped_offline", topic=topic)
+            return
+        await self._send(topic, frames, qos, retain, timeout)
+        self.stats.messages_out += 1
+        self.stats.bytes_out += size
+
+    async def _send(
+        self,
+        topic: str,
+        frames: list[bytes | bytearray],
+        qos: int,
+        retain: bool,
+        timeout: float | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pending = set(range(len(frames)))
+        attempts = 0
+        while pending:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            if not self.connected:
+                try:
+                    await asyncio.wait_for(self._connected.wait(), remaining)
+                except asyncio.TimeoutError:
+                    raise NotConnectedError(
+                        f"publish to {topic}: no broker connection within {timeout:g} s "
+                        f"({len(pending)} of {len(frames)} frames unsent)"
+                    ) from None
+                continue
+            client, lost = self._client, self._lost
+            assert client is not None
+            if attempts:
+                self.stats.resent_after_reconnect += len(pending)
+                log.info("publish_resume", topic=topic, frames=len(pending), of=len(frames))
+            attempts += 1
+            sender = asyncio.ensure_future(
+                self._send_frames(client, topic, frames, pending, qos, retain)
+            )
+            watcher = asyncio.ensure_future(lost.wait())
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            done, _ = await asyncio.wait(
+                {sender, watcher}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+            )
+            watcher.cancel()
+            if sender in done:
+                error = sender.exception()
+                if error is None:
+                    return
+                if not _is_transient(error):
+                    raise error
+            else:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await sender
+                if not done:
+                    raise NotConnectedError(
+                        f"publish to {topic}: not acknowledged within {timeout:g} s "
+                        f"({len(pending)} of {len(frames)} frames unacknowledged)"
+                    )
+            if attempts >= _MAX_SEND_ATTEMPTS:
+                raise NotConnectedError(
+                    f"publish to {topic}: the connection dropped {attempts} times while sending "
+                    f"{len(frames)} frame(s); is chunk_size above the broker's max_packet_size?"
+                )
+            if not lost.is_set():
+                # The publish failed first: let the connection loop notice the loss.
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                try:
+                    await asyncio.wait_for(lost.wait(), remaining)
+                except asyncio.TimeoutError:
+                    raise NotConnectedError(f"publish to {topic}: connection failing") from None
+
+    async def _send_frames(
+        self,
+        client: aiomqtt.Client,
+        topic: str,
+        frames: list[bytes | bytearray],
+        pending: set[int],
+        qos: int,
+        retain: bool,
+    ) -> None:
+        window = asyncio.Semaphore(self.config.publish_window)
+
+        async def send(index: int) -> None:
+            async with window:
+                await client.publish(topic, frames[index], qos=qos, retain=retain, timeout=math.inf)
+            pending.discard(index)
+            self.stats.frames_out += 1
+
+        tasks = [asyncio.ensure_future(send(i)) for i in sorted(pending)]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _refuses_v5(exc: MqttConnectError) -> bool:
+    """Did the broker's CONNACK refuse MQTT 5 (3.1.1 code 1, or MQTT 5 reason 0x84)?"""
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    return value in (1, 0x84) or "protocol" in str(exc).lower()
+
+
+def _is_transient(error: BaseException) -> bool:
+    if isinstance(error, aiomqtt.MqttCodeError):
+        return error.rc in _TRANSIENT_CODES or error.rc is None
+    return isinstance(error, aiomqtt.MqttError)

@@ -1,0 +1,273 @@
+"""Property tests of chunking and reassembly: every failure mode the wire can produce."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from agent.protocol.chunking import (
+    HEADER_SIZE,
+    MAGIC,
+    Reassembler,
+    build_frame,
+    chunk_count,
+    is_chunk,
+    parse_frame,
+    split,
+)
+from agent.protocol.errors import ChunkError, PayloadTooLarge
+from agent.protocol.messages import Ping
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+payloads = st.binary(min_size=0, max_size=4000)
+chunk_sizes = st.integers(min_value=1, max_value=700)
+
+
+def feed(reassembler: Reassembler, frames: list[bytes], source: str = "t") -> list[bytearray]:
+    done = []
+    for frame in frames:
+        whole = reassembler.add(source, frame)
+        if whole is not None:
+            done.append(whole)
+    return done
+
+
+@given(payloads, chunk_sizes, st.randoms(use_true_random=False))
+def test_any_order_round_trip(payload: bytes, chunk_size: int, rnd: object) -> None:
+    frames = split(payload, chunk_size)
+    assert len(frames) == chunk_count(len(payload), chunk_size)
+    assert all(is_chunk(f) for f in frames)
+    rnd.shuffle(frames)  # type: ignore[attr-defined]
+    r = Reassembler()
+    done = feed(r, frames)
+    assert done == [bytearray(payload)]
+    assert r.pending_bytes == 0
+    assert r.pending_messages == 0
+    assert r.stats.completed == 1
+
+
+@given(
+    payloads,
+    chunk_sizes,
+    st.lists(st.integers(min_value=0), min_size=1, max_size=20),
+    st.randoms(use_true_random=False),
+)
+def test_duplicates_are_ignored_before_and_after_completion(
+    payload: bytes, chunk_size: int, picks: list[int], rnd: object
+) -> None:
+    frames = split(payload, chunk_size)
+    duplicated = frames + [frames[i % len(frames)] for i in picks]
+    rnd.shuffle(duplicated)  # type: ignore[attr-defined]
+    r = Reassembler()
+    done = feed(r, duplicated)
+    assert done == [bytearray(payload)]
+    assert r.stats.duplicates == len(picks)
+    # A QoS 1 redelivery of the whole message after completion is still ignored.
+    assert feed(r, frames) == []
+    assert r.pending_messages == 0
+
+
+@given(st.binary(min_size=2, max_size=3000), chunk_sizes, st.data())
+def test_missing_chunk_never_completes_and_expires(
+    payload: bytes, chunk_size: int, data: st.DataObject
+) -> None:
+    frames = split(payload, chunk_size)
+    assume(len(frames) >= 2)
+    missing = data.draw(st.integers(0, len(frames) - 1))
+    clock = FakeClock()
+    dropped: list[str] = []
+    r = Reassembler(timeout=30, clock=clock, on_drop=lambda src, why, size: dropped.append(why))
+    assert feed(r, frames[:missing] + frames[missing + 1 :]) == []
+    assert r.pending_messages == 1
+    assert r.pending_bytes == len(payload)
+    clock.now += 29
+    assert r.expire() == 0
+    clock.now += 2
+    assert r.expire() == 1
+    assert r.pending_bytes == 0
+    assert r.stats.expired == 1
+    assert dropped
+    assert "no chunk for 30 s" in dropped[0]
+    # The late chunk alone now starts a fresh (incomplete) message instead of completing one.
+    assert feed(r, [frames[missing]]) == []
+
+
+@given(st.binary(min_size=1, max_size=2000), chunk_sizes, st.data())
+def test_truncated_frames_are_rejected(
+    payload: bytes, chunk_size: int, data: st.DataObject
+) -> None:
+    frames = split(payload, chunk_size)
+    frame = data.draw(st.sampled_from(frames))
+    cut = data.draw(st.integers(0, len(frame) - 1))
+    r = Reassembler()
+    with pytest.raises(ChunkError):
+        r.add("t", frame[:cut])
+    assert r.stats.rejected == 1
+    assert r.pending_messages == 0
+
+
+@given(st.binary(min_size=1, max_size=2000), chunk_sizes, st.data())
+def test_corrupted_data_is_rejected_by_its_checksum(
+    payload: bytes, chunk_size: int, data: st.DataObject
+) -> None:
+    frames = split(payload, chunk_size)
+    index = data.draw(st.integers(0, len(frames) - 1))
+    frame = bytearray(frames[index])
+    position = data.draw(st.integers(HEADER_SIZE, len(frame) - 1))
+    frame[position] ^= data.draw(st.integers(1, 255))
+    r = Reassembler()
+    with pytest.raises(ChunkError, match="CRC-32 mismatch"):
+        r.add("t", bytes(frame))
+    assert r.pending_messages == 0
+    # The good copy of the same chunk is still accepted, and the message completes.
+    assert feed(r, frames) == [bytearray(payload)]
+
+
+@given(st.binary(min_size=1, max_size=2000), chunk_sizes, st.data())
+def test_corrupted_headers_are_rejected(
+    payload: bytes, chunk_size: int, data: st.DataObject
+) -> None:
+    frames = split(payload, chunk_size)
+    frame = bytearray(data.draw(st.sampled_from(frames)))
+    # Flip one byte anywhere in the header: magic, id, index, count, sizes, crc or digest.
+    position = data.draw(st.integers(0, HEADER_SIZE - 1))
+    frame[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(ChunkError):
+        Reassembler().add("t", bytes(frame))
+
+
+def test_a_wrong_digest_fails_the_whole_message() -> None:
+    """Frames that are each well formed but whose digest does not match their sum."""
+    payload = bytes(range(256)) * 10
+    view = memoryview(payload)
+    frames = [
+        build_frame(b"\x04" * 16, i, 3, 2560, 1000, b"\xee" * 32, view[i * 1000 : (i + 1) * 1000])
+        for i in range(3)
+    ]
+    r = Reassembler()
+    with pytest.raises(ChunkError, match="SHA-256 of the reassembled 2560 bytes does not match"):
+        feed(r, frames)
+    assert r.pending_bytes == 0
+
+
+@given(st.binary(min_size=10, max_size=2000), st.integers(1, 200))
+def test_chunks_of_two_messages_sharing_an_id_are_inconsistent(
+    payload: bytes, chunk_size: int
+) -> None:
+    mid = b"\x01" * 16
+    first = split(payload, chunk_size, message_id=mid)
+    assume(len(first) >= 2)
+    other = split(payload[::-1] + b"x", chunk_size, message_id=mid)
+    r = Reassembler()
+    assert r.add("t", first[0]) is None
+    with pytest.raises(ChunkError, match="differs from earlier chunks"):
+        r.add("t", other[1])
+
+
+def test_same_id_on_different_sources_does_not_mix() -> None:
+    mid = b"\x02" * 16
+    a, b = split(b"a" * 100, 30, message_id=mid), split(b"b" * 100, 30, message_id=mid)
+    r = Reassembler()
+    got = feed(r, [x for pair in zip(a, b, strict=True) for x in pair][::2], source="ta")
+    got += feed(r, b[1::2] + b[::2], source="tb")
+    got += feed(r, a[1::2], source="ta")
+    assert sorted(map(bytes, got)) == [b"a" * 100, b"b" * 100]
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=600), min_size=1, max_size=12),
+    st.integers(50, 200),
+    st.randoms(use_true_random=False),
+)
+def test_interleaved_messages_all_complete(
+    messages: list[bytes], chunk_size: int, rnd: object
+) -> None:
+    frames = [f for m in messages for f in split(m, chunk_size)]
+    rnd.shuffle(frames)  # type: ignore[attr-defined]
+    r = Reassembler()
+    assert sorted(map(bytes, feed(r, frames))) == sorted(messages)
+
+
+def test_oversize_message_is_refused_at_its_first_chunk() -> None:
+    frames = split(b"x" * 5000, 1000)
+    r = Reassembler(max_message_bytes=4999)
+    with pytest.raises(PayloadTooLarge, match="of 5000 bytes is above the limit of 4999"):
+        r.add("t", frames[3])
+    assert r.pending_bytes == 0
+
+
+def test_forged_huge_size_is_refused_without_allocating() -> None:
+    forged = build_frame(b"\x03" * 16, 0, 2**31, 2**40, 512, b"\0" * 32, b"x" * 512)
+    with pytest.raises(PayloadTooLarge, match="1099511627776 bytes"):
+        Reassembler().add("t", forged)
+    inconsistent = build_frame(b"\x03" * 16, 0, 7, 2**20, 512, b"\0" * 32, b"x" * 512)
+    with pytest.raises(ChunkError, match="count 7 does not fit 1048576 bytes"):
+        Reassembler().add("t", inconsistent)
+
+
+@given(
+    st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 3)), min_size=1, max_size=30),
+    st.integers(2000, 9000),
+)
+def test_memory_for_incomplete_messages_stays_bounded(
+    sizes: list[tuple[int, int]], bound: int
+) -> None:
+    """Many incomplete messages never hold more than the bound; the oldest are evicted."""
+    r = Reassembler(max_pending_bytes=bound, max_pending_messages=5)
+    for n, (size, _) in enumerate(sizes):
+        frames = split(bytes([n % 256]) * size, 500)
+        if size > bound:
+            with pytest.raises(ChunkError, match="cannot fit the reassembly bound"):
+                r.add(f"s{n}", frames[0])
+        elif len(frames) > 1:
+            r.add(f"s{n}", frames[0])  # first chunk only: stays incomplete
+        assert r.pending_bytes <= bound
+        assert r.pending_messages <= 5
+    held = sum(1 for size, _ in sizes if size <= bound and chunk_count(size, 500) > 1)
+    assert r.stats.evicted == held - r.pending_messages
+
+
+def test_eviction_drops_the_least_recently_active() -> None:
+    r = Reassembler(max_pending_bytes=3000)
+    a, b, c = (split(bytes([i]) * 1500, 500) for i in range(3))
+    r.add("a", a[0])
+    r.add("b", b[0])
+    r.add("a", a[1])  # a is now more recent than b
+    r.add("c", c[0])  # needs room: b goes
+    assert feed(r, a[2:], source="a") == [bytearray(b"\x00" * 1500)]
+    assert feed(r, b[1:], source="b") == []  # b's earlier chunk was evicted
+    assert r.stats.evicted == 1
+
+
+def test_parse_frame_reports_header_fields() -> None:
+    frames = split(b"hello world", 4, message_id=b"\x07" * 16)
+    header, data = parse_frame(frames[2])
+    assert (header.index, header.count, header.total_size, header.chunk_size) == (2, 3, 11, 4)
+    assert bytes(data) == b"rld"
+    assert header.message_id == b"\x07" * 16
+
+
+def test_frames_are_never_mistaken_for_messages() -> None:
+    frame = split(b"x" * 10, 4)[0]
+    assert frame[:1] == b"\xc1"  # never a msgpack type byte, never JSON
+    assert not is_chunk(Ping().to_msgpack())
+    assert not is_chunk(b'{"v":1}')
+    assert struct.unpack_from("<4s", frame)[0] == MAGIC
+
+
+def test_split_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        split(b"x", 0)
+    with pytest.raises(ValueError, match="16 bytes"):
+        split(b"x", 1, message_id=b"short")

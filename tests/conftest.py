@@ -1,0 +1,57 @@
+"""Fixtures that model Ember's environment: real mosquitto brokers on loopback, unique topics."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from agent.protocol.topics import Topics
+from coordinator.mosquitto import MosquittoProcess
+
+settings.register_profile(
+    "ember", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+)
+settings.register_profile("ci", parent=settings.get_profile("ember"), max_examples=200)
+settings.load_profile("ci" if os.environ.get("CI") else "ember")
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    """A mosquitto of our own on a free loopback port, stopped after the test (pass or fail)."""
+    broker = MosquittoProcess(tmp_path / "mosquitto")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., MosquittoProcess]]:
+    """Start brokers with custom settings (``max_packet_size``, ``extra_config``, ...)."""
+    brokers: list[MosquittoProcess] = []
+
+    def start(**options: Any) -> MosquittoProcess:
+        broker = MosquittoProcess(tmp_path / f"mosquitto-{len(brokers)}", **options)
+        brokers.append(broker)
+        return broker.start()
+
+    try:
+        yield start
+    finally:
+        for broker in brokers:
+            broker.stop()
+
+
+@pytest.fixture
+def topics(request: pytest.FixtureRequest) -> Topics:
+    """A topic prefix no other test uses, derived from the test's name."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
+    return Topics(prefix=f"ember-test/{name}-{uuid.uuid4().hex[:8]}")
