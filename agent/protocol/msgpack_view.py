@@ -68,35 +68,67 @@ _LENGTHS: dict[int, tuple[str, struct.Struct]] = {
 }
 
 
+ALIGN_NEXT: Any = object()
+"""Map value that ``pack`` turns into a padding ``bin`` sized so that the bytes of the *next*
+value's ``bin`` start at a multiple of :data:`ALIGNMENT` from the start of the payload. Received
+buffers are at least 16-byte aligned, so numpy views of tensor data come out aligned (unaligned
+float32 arrays are about half as fast to read)."""
+ALIGNMENT = 16
+
+
 def pack(obj: Any) -> bytes:
     """Encode ``obj`` (maps, lists, scalars, str, bytes-like) as msgpack.
 
     Buffers larger than 64 KiB are not copied until the final join.
     """
-    packer = msgpack.Packer(use_bin_type=True)
-    segments: list[Buffer] = []
-    _pack_into(obj, packer, segments)
-    return b"".join(segments)
+    writer = _Writer()
+    writer.value(obj)
+    return b"".join(writer.segments)
 
 
-def _pack_into(obj: Any, packer: msgpack.Packer, out: list[Buffer]) -> None:
-    if isinstance(obj, Mapping):
-        out.append(packer.pack_map_header(len(obj)))
-        for key, value in obj.items():
-            if not isinstance(key, str):
-                raise TypeError(f"map keys must be str, got {type(key).__name__}")
-            out.append(packer.pack(key))
-            _pack_into(value, packer, out)
-    elif isinstance(obj, (list, tuple)):
-        out.append(packer.pack_array_header(len(obj)))
-        for item in obj:
-            _pack_into(item, packer, out)
-    elif isinstance(obj, (bytes, bytearray, memoryview)) and _nbytes(obj) > _INLINE_BIN:
-        view = memoryview(obj).cast("B")
-        out.append(b"\xc6" + _U32.pack(view.nbytes))
-        out.append(view)
-    else:
-        out.append(packer.pack(obj))
+class _Writer:
+    __slots__ = ("offset", "packer", "segments")
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(use_bin_type=True)
+        self.segments: list[Buffer] = []
+        self.offset = 0
+
+    def emit(self, segment: Buffer) -> None:
+        self.segments.append(segment)
+        self.offset += _nbytes(segment)
+
+    def value(self, obj: Any) -> None:
+        if isinstance(obj, Mapping):
+            self.emit(self.packer.pack_map_header(len(obj)))
+            items = list(obj.items())
+            for index, (key, value) in enumerate(items):
+                if not isinstance(key, str):
+                    raise TypeError(f"map keys must be str, got {type(key).__name__}")
+                self.emit(self.packer.pack(key))
+                if value is ALIGN_NEXT:
+                    self.padding(items[index + 1] if index + 1 < len(items) else None)
+                else:
+                    self.value(value)
+        elif isinstance(obj, (list, tuple)):
+            self.emit(self.packer.pack_array_header(len(obj)))
+            for item in obj:
+                self.value(item)
+        elif isinstance(obj, (bytes, bytearray, memoryview)) and _nbytes(obj) > _INLINE_BIN:
+            view = memoryview(obj).cast("B")
+            self.emit(b"\xc6" + _U32.pack(view.nbytes))
+            self.emit(view)
+        else:
+            self.emit(self.packer.pack(obj))
+
+    def padding(self, following: tuple[str, Any] | None) -> None:
+        if following is None or not isinstance(following[1], (bytes, bytearray, memoryview)):
+            raise TypeError("ALIGN_NEXT must be followed by a binary value")
+        key, data = following
+        size = _nbytes(data)
+        data_header = 2 if size < 1 << 8 else 3 if size < 1 << 16 else 5
+        start = self.offset + 2 + len(self.packer.pack(key)) + data_header
+        self.emit(self.packer.pack(b"\0" * (-start % ALIGNMENT)))
 
 
 def _nbytes(buf: Buffer) -> int:

@@ -10,10 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from agent.protocol.codec import DTYPES, decode_tensors, encode_tensors, tensors_to_wire
+from agent.protocol.codec import (
+    DTYPES,
+    decode_tensors,
+    encode_tensors,
+    tensors_from_wire,
+    tensors_to_wire,
+)
 from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import ProtocolLimits
-from agent.protocol.msgpack_view import pack
+from agent.protocol.msgpack_view import pack, unpack
 
 arrays = st.sampled_from(sorted(DTYPES)).flatmap(
     lambda dtype: hnp.arrays(
@@ -53,6 +59,7 @@ def test_decoded_tensor_is_a_view_of_the_payload() -> None:
 
 def wire(**overrides: Any) -> bytes:
     tensor = tensors_to_wire({"w": np.zeros((2, 3), np.float32)})[0]
+    del tensor["pad"]  # alignment padding is optional for a reader
     tensor.update(overrides)
     return pack([tensor])
 
@@ -97,3 +104,31 @@ def test_limits_on_count_elements_and_rank() -> None:
 def test_unsupported_dtype_cannot_be_encoded() -> None:
     with pytest.raises(ValueError, match="complex128"):
         encode_tensors({"z": np.zeros(2, dtype=np.complex128)})
+
+
+@given(tensor_maps, st.integers(0, 40))
+def test_tensor_data_is_aligned_in_the_payload(tensors: dict[str, np.ndarray], shift: int) -> None:
+    """Whatever precedes them, tensor bytes start 16-byte aligned, so views are aligned too."""
+    payload = pack({"prefix": "x" * shift, "tensors": tensors_to_wire(tensors)})
+    buffer = np.empty(len(payload) + 16, np.uint8)  # numpy allocations are 16-byte aligned
+    buffer[: len(payload)] = np.frombuffer(payload, np.uint8)
+    decoded = tensors_from_wire(
+        unpack(buffer.data.cast("B")[: len(payload)])["tensors"], require_finite=False
+    )
+    for array in decoded.values():
+        assert array.ctypes.data % 16 == 0
+        assert array.flags.aligned
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_finite_check_is_exact_even_when_squares_overflow(dtype: str) -> None:
+    from agent.protocol.codec import all_finite
+
+    big = np.full(10, np.finfo(dtype).max / 2, dtype=dtype)  # finite, but Σx² overflows
+    assert all_finite(big)
+    for poison in (np.nan, np.inf, -np.inf):
+        bad = big.copy()
+        bad[3] = poison
+        assert not all_finite(bad)
+        assert not all_finite(bad[3:4].reshape(()))  # 0-d
+    assert all_finite(np.arange(5, dtype=np.int64))

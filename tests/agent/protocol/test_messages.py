@@ -25,6 +25,7 @@ from agent.protocol import (
     decode_message,
 )
 from agent.protocol.messages import message_types
+from agent.protocol.msgpack_view import pack
 
 
 def update(**overrides: object) -> ModelUpdate:
@@ -160,11 +161,11 @@ def test_nested_field_errors_carry_the_path() -> None:
     with pytest.raises(
         ProtocolError, match=r"model_update\.metrics\.loss: expected a number, got 'low'"
     ):
-        decode_message(msgpack.packb(wire))
+        decode_message(pack(wire))
     wire = update().to_wire()
     wire["num_samples"] = 0
     with pytest.raises(ProtocolError, match=r"model_update\.num_samples: must be ≥ 1, got 0"):
-        decode_message(msgpack.packb(wire))
+        decode_message(pack(wire))
 
 
 def test_non_finite_delta_is_rejected() -> None:
@@ -178,7 +179,7 @@ def test_non_finite_delta_is_rejected() -> None:
 def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
     wire = Ping().to_wire()
     wire["added_in_a_later_minor_release"] = [1, 2]
-    assert isinstance(decode_message(msgpack.packb(wire)), Ping)
+    assert isinstance(decode_message(pack(wire)), Ping)
 
 
 def test_oversized_payload_is_refused_before_parsing() -> None:

@@ -102,3 +102,12 @@ def test_limits_bound_depth_collections_and_strings() -> None:
     with pytest.raises(ProtocolError, match="longer than 8"):
         unpack(pack("x" * 9), limits)
     assert unpack(pack([[1, 2, 3, 4]]), limits) == [[1, 2, 3, 4]]
+
+
+def test_align_next_needs_a_binary_value_after_it() -> None:
+    from agent.protocol.msgpack_view import ALIGN_NEXT
+
+    with pytest.raises(TypeError, match="ALIGN_NEXT"):
+        pack({"pad": ALIGN_NEXT, "data": 3})
+    with pytest.raises(TypeError, match="ALIGN_NEXT"):
+        pack({"pad": ALIGN_NEXT})

@@ -1,0 +1,383 @@
+"""The MQTT adapter against real brokers: mosquitto (MQTT 5) and the embedded amqtt (3.1.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiomqtt
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from agent.protocol import ModelUpdate, PayloadTooLarge, Topics, decode_message, split
+from agent.transport import (
+    BrokerConfig,
+    BrokerEndpoint,
+    NotConnectedError,
+    Transport,
+    WillMessage,
+)
+from coordinator.mosquitto import MosquittoProcess, free_port
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 3.0}
+
+
+def config(*urls: str, **options: Any) -> BrokerConfig:
+    return BrokerConfig(urls=urls, **{**FAST, **options})
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition by polling an event-driven state, never by a fixed sleep."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def pair(mosquitto: MosquittoProcess) -> AsyncIterator[tuple[Transport, Transport]]:
+    async with Transport(config(mosquitto.url)) as a, Transport(config(mosquitto.url)) as b:
+        await a.wait_connected(5)
+        await b.wait_connected(5)
+        yield a, b
+
+
+def model(parameters: int) -> ModelUpdate:
+    rng = np.random.default_rng(0)
+    return ModelUpdate(
+        job="j",
+        agent="a",
+        base_version=1,
+        num_samples=10,
+        tensors={"w": rng.standard_normal(parameters).astype(np.float32)},
+    )
+
+
+async def test_round_trip_over_mqtt5(pair: tuple[Transport, Transport], topics: Topics) -> None:
+    publisher, subscriber = pair
+    sub = await subscriber.subscribe(topics.all_job_updates("j"))
+    sent = model(1000)
+    await publisher.publish(topics.job_updates("j", "a"), sent.to_msgpack())
+    got = await sub.get(timeout=5)
+    assert got.topic == topics.job_updates("j", "a")
+    update = decode_message(got.payload, expect=ModelUpdate)
+    assert update.id == sent.id
+    np.testing.assert_array_equal(update.tensors["w"], sent.tensors["w"])
+    assert publisher.protocol_in_use == "5"
+    assert publisher.stats.frames_out == 1
+
+
+async def test_large_message_fits_a_small_broker_limit_by_chunking(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    """mosquitto advertises max_packet_size in its MQTT 5 CONNACK; the chunk size follows it."""
+    broker = mosquitto_factory(max_packet_size=64 * 1024)
+    async with Transport(config(broker.url)) as pub, Transport(config(broker.url)) as sub_side:
+        await pub.wait_connected(5)
+        await sub_side.wait_connected(5)
+        sub = await sub_side.subscribe(topics.job_model("j"))
+        sent = model(750_000)  # 3 MB
+        payload = sent.to_msgpack()
+        await pub.publish(topics.job_model("j"), payload, timeout=30)
+        got = await sub.get(timeout=30)
+        assert bytes(got.payload) == payload
+        assert pub.chunk_size(topics.job_model("j")) < 64 * 1024
+        assert pub.stats.frames_out > len(payload) // (64 * 1024)
+        assert pub.stats.resent_after_reconnect == 0
+
+
+async def test_without_chunking_the_same_message_is_refused_by_the_broker(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    """The limit is real: one raw 3 MB publish gets the client disconnected, nothing arrives."""
+    broker = mosquitto_factory(max_packet_size=64 * 1024)
+    payload = model(750_000).to_msgpack()
+    received: list[bytes] = []
+    async with aiomqtt.Client(broker.host, broker.port) as watcher:
+        await watcher.subscribe(topics.job_model("j"), 1)
+        with pytest.raises(aiomqtt.MqttError):
+            async with aiomqtt.Client(broker.host, broker.port, timeout=3) as raw:
+                await raw.publish(topics.job_model("j"), payload, qos=1)
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(1):
+                async for message in watcher.messages:
+                    received.append(message.payload)  # type: ignore[arg-type]
+    assert received == []
+
+
+async def test_mqtt311_with_explicit_chunk_size(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    broker = mosquitto_factory(max_packet_size=64 * 1024)
+    opts = {"protocol": "3.1.1", "chunk_size": 32 * 1024}
+    async with (
+        Transport(config(broker.url, **opts)) as pub,
+        Transport(config(broker.url, **opts)) as rx,
+    ):
+        await pub.wait_connected(5)
+        await rx.wait_connected(5)
+        assert pub.protocol_in_use == "3.1.1"
+        sub = await rx.subscribe(topics.job_model("j"))
+        payload = model(200_000).to_msgpack()
+        await pub.publish(topics.job_model("j"), payload, timeout=30)
+        assert bytes((await sub.get(timeout=30)).payload) == payload
+
+
+async def test_subscriptions_survive_a_broker_restart(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    sessions: list[int] = []
+    async with Transport(config(mosquitto.url)) as rx, Transport(config(mosquitto.url)) as tx:
+
+        async def hook(session: int) -> None:
+            sessions.append(session)
+
+        rx.on_connect(hook)
+        await rx.wait_connected(5)
+        await tx.wait_connected(5)
+        sub = await rx.subscribe(topics.all_agents("status"))
+        mosquitto.restart()
+        await eventually(lambda: rx.session == 2 and rx.connected and tx.connected)
+        await tx.publish(topics.agent_status("pi"), b'{"state":"online"}')
+        got = await sub.get(timeout=5)
+        assert got.payload == b'{"state":"online"}'
+        assert sessions == [1, 2]
+        assert rx.stats.connections == 2
+
+
+async def test_publish_during_an_outage_is_delivered_after_reconnect(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    async with Transport(config(mosquitto.url)) as tx:
+        await tx.wait_connected(5)
+        mosquitto.stop()
+        await eventually(lambda: not tx.connected)
+        pending = asyncio.ensure_future(
+            tx.publish(topics.job_updates("j", "a"), model(300_000).to_msgpack())
+        )
+        await asyncio.sleep(0.3)
+        assert not pending.done()  # waiting for the broker, not failing
+        mosquitto.start()
+        async with Transport(config(mosquitto.url)) as rx:
+            sub = await rx.subscribe(topics.all_job_updates("j"))
+            await rx.wait_connected(5)
+            # The publish may have gone out before rx subscribed; a second one is certainly seen.
+            await asyncio.wait_for(pending, 10)
+            await tx.publish(topics.job_updates("j", "a"), b"{}")
+            got = await sub.get(timeout=5)
+            assert got.topic == topics.job_updates("j", "a")
+
+
+WILL_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, sys
+    from agent.logs import configure_logging
+    from agent.transport import BrokerConfig, Transport, WillMessage
+
+    async def main() -> None:
+        configure_logging("warning")
+        will = WillMessage(sys.argv[2], b'{"state":"offline"}', retain=True)
+        async with Transport(BrokerConfig(urls=(sys.argv[1],), keepalive=2), will=will) as t:
+            await t.wait_connected(10)
+            await t.publish(sys.argv[2], b'{"state":"online"}', retain=True)
+            print("up", flush=True)
+            await asyncio.sleep(60)
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_will_marks_a_killed_process_offline(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    status = topics.agent_status("victim")
+    child = subprocess.Popen(
+        [sys.executable, "-c", WILL_SCRIPT, mosquitto.url, status],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert await asyncio.to_thread(child.stdout.readline) == "up\n"
+        async with Transport(config(mosquitto.url)) as watcher:
+            sub = await watcher.subscribe(status)
+            assert (await sub.get(timeout=5)).payload == b'{"state":"online"}'
+            child.kill()
+            got = await sub.get(timeout=3)  # 1.5 × keepalive
+            assert got.payload == b'{"state":"offline"}'
+    finally:
+        child.kill()
+        child.wait()
+
+
+async def test_clean_close_sends_final_messages_and_no_will(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    status = topics.agent_status("polite")
+    will = WillMessage(status, b"will", retain=True)
+    async with Transport(config(mosquitto.url)) as watcher:
+        sub = await watcher.subscribe(status)
+        await watcher.wait_connected(5)
+        leaving = Transport(config(mosquitto.url), will=will)
+        leaving.start()
+        await leaving.wait_connected(5)
+        await leaving.close(final=[(status, b"bye", True)])
+        assert (await sub.get(timeout=5)).payload == b"bye"
+        with pytest.raises(asyncio.TimeoutError):
+            await sub.get(timeout=0.5)
+
+
+async def test_fails_over_to_the_next_broker(mosquitto: MosquittoProcess) -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    async with Transport(config(dead, mosquitto.url)) as t:
+        await t.wait_connected(10)
+        assert t.endpoint_in_use == BrokerEndpoint.parse(mosquitto.url)
+        assert t.stats.connection_failures >= 1
+
+
+async def test_falls_back_to_mqtt311_on_the_embedded_broker(topics: Topics) -> None:
+    from amqtt.broker import Broker
+
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        url = f"mqtt://127.0.0.1:{port}"
+        async with Transport(config(url)) as tx, Transport(config(url)) as rx:
+            await tx.wait_connected(10)
+            await rx.wait_connected(10)
+            assert tx.protocol_in_use == "3.1.1"
+            sub = await rx.subscribe(topics.job_model("j"))
+            payload = model(400_000).to_msgpack()  # 1.6 MB: four chunks
+            await tx.publish(topics.job_model("j"), payload, timeout=30)
+            assert bytes((await sub.get(timeout=30)).payload) == payload
+    finally:
+        await broker.shutdown()
+
+
+async def test_a_full_queue_drops_are_counted_and_logged(
+    pair: tuple[Transport, Transport], topics: Topics
+) -> None:
+    publisher, subscriber = pair
+    sub = await subscriber.subscribe(topics.job_metrics("j"), max_messages=3)
+    with capture_logs() as logs:
+        for i in range(10):
+            await publisher.publish(topics.job_metrics("j"), f'{{"i":{i}}}')
+        await eventually(lambda: subscriber.stats.messages_in == 10)
+    assert len(sub) == 3
+    assert sub.dropped == 7
+    assert subscriber.stats.dropped_full_queue == 7
+    drops = [e for e in logs if e["event"] == "subscription_queue_full"]
+    assert len(drops) == 7
+    assert drops[-1]["dropped_total"] == 7
+    assert [m.payload for m in [sub.get_nowait(), sub.get_nowait(), sub.get_nowait()] if m] == [
+        b'{"i":0}',
+        b'{"i":1}',
+        b'{"i":2}',
+    ]
+
+
+async def test_queue_bound_by_bytes(pair: tuple[Transport, Transport], topics: Topics) -> None:
+    publisher, subscriber = pair
+    sub = await subscriber.subscribe(topics.job_metrics("j"), max_bytes=2500)
+    for _ in range(4):
+        await publisher.publish(topics.job_metrics("j"), b"x" * 1000)
+    await eventually(lambda: subscriber.stats.messages_in == 4)
+    assert (len(sub), sub.dropped) == (2, 2)
+
+
+async def test_corrupt_chunks_are_rejected_and_good_ones_still_arrive(
+    pair: tuple[Transport, Transport], mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    _, subscriber = pair
+    sub = await subscriber.subscribe(topics.job_model("j"))
+    payload = bytes(range(256)) * 400
+    frames = split(payload, 10_000)
+    bad = bytearray(frames[1])
+    bad[-1] ^= 0x55
+    with capture_logs() as logs:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as raw:
+            await raw.publish(topics.job_model("j"), bytes(bad), qos=1)
+            await raw.publish(topics.job_model("j"), frames[1][:50], qos=1)
+            for frame in frames:
+                await raw.publish(topics.job_model("j"), frame, qos=1)
+        got = await sub.get(timeout=5)
+    assert bytes(got.payload) == payload
+    assert subscriber.stats.chunks_rejected == 2
+    reasons = [e["reason"] for e in logs if e["event"] == "chunk_rejected"]
+    assert any("CRC-32 mismatch" in r for r in reasons)
+    assert any("shorter than its 76-byte header" in r for r in reasons)
+
+
+async def test_qos0_while_offline_is_dropped_and_counted() -> None:
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    async with Transport(config(dead)) as t:
+        await t.publish("ember/v1/agents/x/telemetry", b"{}", qos=0)
+        assert t.stats.dropped_qos0_offline == 1
+
+
+async def test_no_broker_gives_a_clear_error_in_time() -> None:
+    port = free_port()
+    async with Transport(config(f"mqtt://127.0.0.1:{port}")) as t:
+        with pytest.raises(
+            NotConnectedError,
+            match=f"no broker reachable within 0.3 s \\(tried mqtt://127.0.0.1:{port}\\)",
+        ):
+            await t.wait_connected(0.3)
+        with pytest.raises(NotConnectedError, match="no broker connection within 0.2 s"):
+            await t.publish("ember/v1/x", b"{}", timeout=0.2)
+
+
+async def test_size_checks_happen_before_sending(pair: tuple[Transport, Transport]) -> None:
+    publisher, _ = pair
+    small = Transport(config("mqtt://127.0.0.1:1", max_message_bytes=1000))
+    with pytest.raises(PayloadTooLarge, match="1001 bytes"):
+        await small.publish("ember/v1/x", b"x" * 1001)
+    with pytest.raises(ValueError, match="retained message must fit one chunk"):
+        await publisher.publish("ember/v1/x", b"x" * (600 * 1024), retain=True)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://broker.local", BrokerEndpoint("broker.local", 1883, tls=False)),
+        ("mqtts://broker.local", BrokerEndpoint("broker.local", 8883, tls=True)),
+        ("10.0.0.2:1884", BrokerEndpoint("10.0.0.2", 1884, tls=False)),
+        (
+            "mqtt://pi%40x:s%3Acret@h:1",
+            BrokerEndpoint("h", 1, tls=False, username="pi@x", password="s:cret"),
+        ),
+    ],
+)
+def test_broker_urls(url: str, expected: BrokerEndpoint) -> None:
+    assert BrokerEndpoint.parse(url) == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"urls": ("http://x",)}, "scheme must be mqtt:// or mqtts://"),
+        ({"urls": ()}, "at least one url"),
+        ({"chunk_size": 10}, "chunk_size: must be ≥ 1024, got 10"),
+        ({"session_expiry": 60}, "needs a client_id"),
+        ({"urls": ("mqtt://h:99999",)}, "bad port"),
+    ],
+)
+def test_bad_broker_config_is_refused(options: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        BrokerConfig(**options)
