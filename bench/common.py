@@ -32,7 +32,7 @@ def median(values: list[float]) -> float:
 
 
 def write_results(name: str, figures: dict[str, float | int | str]) -> Path:
-    """``bench/results/<name>.json``: a flat JSON object of the figures, plus where they came from."""
+    """``bench/results/<name>.json``: a flat JSON object of the figures and their provenance."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     flat = {
