@@ -271,3 +271,39 @@ def test_split_rejects_bad_arguments() -> None:
         split(b"x", 0)
     with pytest.raises(ValueError, match="16 bytes"):
         split(b"x", 1, message_id=b"short")
+
+
+def test_a_duplicate_before_completion_is_counted_and_changes_nothing() -> None:
+    frames = split(b"abcdefghij", 4)
+    r = Reassembler()
+    assert r.add("t", frames[0]) is None
+    assert r.add("t", frames[0]) is None
+    assert r.stats.duplicates == 1
+    assert r.pending_messages == 1
+    assert feed(r, frames[1:]) == [bytearray(b"abcdefghij")]
+
+
+def test_forged_frames_with_valid_crc_are_still_checked() -> None:
+    """A frame can carry a correct CRC and still lie about where it belongs."""
+    mid, digest = b"\x05" * 16, b"\0" * 32
+    with pytest.raises(ChunkError, match="index 3 is not below count 3"):
+        Reassembler().add("t", build_frame(mid, 3, 3, 10, 4, digest, b"ab"))
+    with pytest.raises(ChunkError, match=r"7 data bytes, expected 4 \(truncated or padded\)"):
+        Reassembler().add("t", build_frame(mid, 0, 3, 10, 4, digest, b"abcdefg"))
+    with pytest.raises(ChunkError, match=r"1 data bytes, expected 2"):
+        Reassembler().add("t", build_frame(mid, 2, 3, 10, 4, digest, b"a"))
+
+
+def test_the_number_of_incomplete_messages_is_bounded_too() -> None:
+    r = Reassembler(max_pending_messages=5)
+    for n in range(10):
+        r.add(f"s{n}", split(bytes(600), 500)[0])
+    assert r.pending_messages == 5
+    assert r.stats.evicted == 5
+
+
+def test_a_frame_without_the_magic_is_named_as_such() -> None:
+    frame = bytearray(split(b"x" * 10, 4)[0])
+    frame[1:4] = b"XYZ"
+    with pytest.raises(ChunkError, match="not a chunk frame"):
+        parse_frame(bytes(frame))
