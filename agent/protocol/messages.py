@@ -26,7 +26,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 from agent.protocol.codec import TensorMap, tensors_from_wire, tensors_to_wire
 from agent.protocol.errors import PayloadTooLarge, ProtocolError, preview
 from agent.protocol.limits import DEFAULT_LIMITS, ProtocolLimits
-from agent.protocol.msgpack_view import Buffer, pack, unpack
+from agent.protocol.msgpack_view import Buffer, materialize, pack, unpack
 from agent.protocol.topics import check_segment
 
 PROTOCOL_VERSION = 1
@@ -369,7 +369,7 @@ def _convert(value: Any, hint: Any, where: str, limits: ProtocolLimits) -> Any:
             _check_constraint(value, meta, where)
         return value
     if hint is Any:
-        return _plain(value)
+        return materialize(value)
     if origin in (Union, types.UnionType):
         for option in typing.get_args(hint):
             try:
@@ -438,17 +438,6 @@ def _check_constraint(value: Any, meta: Any, where: str) -> None:
             check_segment(value, where)
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
-
-
-def _plain(value: Any) -> Any:
-    """A free-form value (``Any`` fields): binary views become bytes so nothing pins the payload."""
-    if isinstance(value, memoryview):
-        return value.tobytes()
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 def _num(x: float) -> str:

@@ -263,3 +263,15 @@ class _Reader:
                 raise ProtocolError(f"msgpack: duplicate map key {key!r} at byte {key_at}")
             out[key] = self.read(depth + 1)
         return out
+
+
+def materialize(value: Any) -> Any:
+    """``value`` with every binary view copied into ``bytes``, for values kept long after the
+    payload they came from (free-form maps), so they do not pin the whole received buffer."""
+    if isinstance(value, memoryview):
+        return value.tobytes()
+    if isinstance(value, list):
+        return [materialize(v) for v in value]
+    if isinstance(value, dict):
+        return {k: materialize(v) for k, v in value.items()}
+    return value

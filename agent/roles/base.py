@@ -1,0 +1,84 @@
+"""The contract between the agent's role runtime and the roles it hosts.
+
+A role is asynchronous code that talks to the broker only through its :class:`RoleContext`
+(declare subscriptions, publish) and pushes CPU-bound work (training, aggregation math) off the
+event loop with :meth:`RoleContext.run_cpu`, so presence, telemetry and watchdog pings never
+stall. The runtime owns the lifecycle: it starts :meth:`Role.run`, cancels it on a ``cancel_role``
+command, and reports a crash without letting it take the daemon down.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from agent.protocol.bundle import RoleBundle
+from agent.protocol.topics import Topics
+from agent.transport import Transport
+
+T = TypeVar("T")
+
+
+class LocalDataset(Protocol):
+    """A dataset held on this device: features ``x`` and labels ``y`` (never leave the device)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def x(self) -> npt.NDArray[np.generic]: ...
+
+    @property
+    def y(self) -> npt.NDArray[np.generic]: ...
+
+
+@dataclass
+class RoleContext:
+    """What a running role may use: its bundle, the transport, topics, its own state directory,
+    the local datasets, a way to run CPU-bound work off the event loop, and a progress reporter."""
+
+    agent_id: str
+    bundle: RoleBundle
+    transport: Transport
+    topics: Topics
+    state_dir: Path
+    """A directory of this role's own, kept across restarts of the agent."""
+    datasets: Mapping[str, LocalDataset]
+    run_cpu: Callable[..., Awaitable[Any]]
+    """``await ctx.run_cpu(fn, *args)``: ``fn(*args)`` off the event loop; returns its result."""
+    report: Callable[[Mapping[str, Any]], Awaitable[None]]
+    """Publish a progress/metrics event for this role (JSON on the job's metrics topic)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Role(abc.ABC):
+    """Base of every role. Subclasses set ``kind`` and implement :meth:`run`."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, ctx: RoleContext) -> None:
+        self.ctx = ctx
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Do the role's work; return when it is finished. Cancellation stops it."""
+
+
+ROLE_TYPES: dict[str, type[Role]] = {}
+"""Role classes by the ``role`` name bundles use."""
+
+R = TypeVar("R", bound=type[Role])
+
+
+def register_role(cls: R) -> R:
+    """Class decorator adding a role class to :data:`ROLE_TYPES` under its ``kind``."""
+    if cls.kind in ROLE_TYPES:
+        raise TypeError(f"role {cls.kind!r} is registered twice")
+    ROLE_TYPES[cls.kind] = cls
+    return cls
