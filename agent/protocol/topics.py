@@ -57,6 +57,11 @@ class Topics:
         """msgpack commands from the coordinator (assign, cancel, ping)."""
         return self.agent(agent, "inbox")
 
+    def agent_roles(self, agent: str) -> str:
+        """Retained JSON: the roles this agent runs and how each is doing (running, finished,
+        failed, refused, cancelled, with a reason), read by the coordinator and dashboards."""
+        return self.agent(agent, "roles")
+
     def all_agents(self, leaf: str) -> str:
         """Filter for one leaf of every agent (``status``, ``info``, ``telemetry``)."""
         return f"{self.prefix}/agents/+/{leaf}"

@@ -14,6 +14,7 @@ def test_design_topics_under_the_default_prefix() -> None:
     assert t.agent_info("pi-1") == "ember/v1/agents/pi-1/info"
     assert t.agent_telemetry("pi-1") == "ember/v1/agents/pi-1/telemetry"
     assert t.agent_inbox("pi-1") == "ember/v1/agents/pi-1/inbox"
+    assert t.agent_roles("pi-1") == "ember/v1/agents/pi-1/roles"
     assert t.all_agents("status") == "ember/v1/agents/+/status"
     assert t.job_state("j") == "ember/v1/jobs/j/state"
     assert t.job_model("j") == "ember/v1/jobs/j/model/global"
