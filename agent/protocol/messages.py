@@ -195,13 +195,31 @@ class ModelUpdate(Message):
 
 @dataclass(frozen=True, kw_only=True)
 class ModelVersion(Message):
-    """A global model version published by an aggregator."""
+    """A global model version published by an aggregator.
+
+    In synchronous FedAvg rounds (McMahan et al. 2017) ``participants`` names the trainers
+    sampled for the round that trains on this version; empty means every trainer (FedBuff).
+    ``final`` marks the last version of a job: trainers stop after it.
+    """
 
     TYPE: ClassVar[str] = "model_version"
     job: Name
     version: Count
     tensors: Tensors
     metrics: dict[str, float] = field(default_factory=dict)
+    participants: list[Name] = field(default_factory=list)
+    final: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRequest(Message):
+    """A trainer without a current model asks the aggregator to publish its latest version
+    (model versions are chunked, so they cannot be retained on the broker)."""
+
+    TYPE: ClassVar[str] = "model_request"
+    job: Name
+    agent: Name
+    have_version: Annotated[int, Range(min=-1)] = -1
 
 
 # -- request/response between the CLI and the coordinator ----------------------------------------

@@ -13,6 +13,7 @@ from agent.protocol import (
     AssignRole,
     CancelRole,
     Message,
+    ModelRequest,
     ModelUpdate,
     ModelVersion,
     PayloadTooLarge,
@@ -48,7 +49,13 @@ EXAMPLES: list[Message] = [
     AssignRole(job="digits", role="trainer", bundle=b"\x00signed bundle"),
     CancelRole(job="digits", role="trainer", reason="job cancelled"),
     update(),
-    ModelVersion(job="digits", version=7, tensors={"w": np.arange(3, dtype=np.float64)}),
+    ModelVersion(
+        job="digits",
+        version=7,
+        tensors={"w": np.arange(3, dtype=np.float64)},
+        participants=["pi-1"],
+    ),
+    ModelRequest(job="digits", agent="pi-1"),
     RpcRequest(
         method="jobs.list", reply_to="ember/v1/coordinator/rpc/replies/cli", params={"all": True}
     ),
