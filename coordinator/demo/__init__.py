@@ -1,0 +1,1 @@
+"""`ember demo`: a whole federation on one machine, from nothing to a trained model."""
