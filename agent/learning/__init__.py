@@ -1,0 +1,1 @@
+"""Federated learning on the agent: training backends, aggregation and server optimizers."""
