@@ -152,3 +152,7 @@ def datasets_check(config_path: str) -> None:
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()
