@@ -215,9 +215,10 @@ def _load(config: DatasetConfig) -> tuple[Array, Array]:
 def _load_npz(name: str, path: Path) -> tuple[Array, Array]:
     if path.is_dir():
         raise DatasetError(f"{name}: {path} is a directory, not an .npz file")
-    with np.load(path, allow_pickle=False) as archive:
-        if not hasattr(archive, "files"):
-            raise DatasetError(f"{name}: {path} holds a single array, not an .npz archive")
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{name}: {path} holds a single array, not an .npz archive of x and y")
+    with loaded as archive:
         present = sorted(archive.files)
         missing = [k for k in ("x", "y") if k not in present]
         if missing:
@@ -274,7 +275,7 @@ def _load_csv(config: DatasetConfig) -> tuple[Array, Array]:
     if not rows:
         raise DatasetError(f"{name}: {path} is empty")
     header: list[str] | None = None
-    if not all(_is_number(cell) for cell in rows[0][1]):
+    if not any(_is_number(cell) for cell in rows[0][1]):  # a header names every column
         header = [cell.strip() for cell in rows[0][1]]
         rows = rows[1:]
     if not rows:
@@ -283,7 +284,7 @@ def _load_csv(config: DatasetConfig) -> tuple[Array, Array]:
     if width < 2:
         raise DatasetError(f"{name}: {path} has {width} column; need features and a label")
     label = _label_index(config, header, width)
-    columns = header or [str(i) for i in range(width)]
+    columns = [repr(h) for h in header] if header else [str(i + 1) for i in range(width)]
     data = np.empty((len(rows), width), dtype=np.float64)
     for i, (line, row) in enumerate(rows):
         if len(row) != width:
@@ -295,7 +296,7 @@ def _load_csv(config: DatasetConfig) -> tuple[Array, Array]:
                 data[i, j] = float(cell)
             except ValueError:
                 raise DatasetError(
-                    f"{name}: {path} line {line}, column {columns[j]!r}: {cell.strip()!r} is not "
+                    f"{name}: {path} line {line}, column {columns[j]}: {cell.strip()!r} is not "
                     "a number"
                     + (
                         " (labels must be numbers: encode classes as integers)"
