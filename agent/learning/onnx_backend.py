@@ -1,0 +1,139 @@
+"""Local training with onnxruntime and numpy alone: what a device without torch runs.
+
+The train-step graph exported by :mod:`coordinator.export` does one SGD step of the local
+objective ``L(w) + (mu/2)·‖w − anchor‖² − ⟨correction, w⟩`` (FedProx, Li et al. 2020; FedDyn's
+client objective, Acar et al. 2021) with momentum and weight decay as ``torch.optim.SGD``. This
+module feeds it: seeded batches drawn with numpy, the parameters and momentum buffers of one
+step fed back into the next. Nothing here, or in what it imports, imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.learning.backend import (
+    ANCHOR,
+    CORRECTION,
+    MOMENTUM_BUFFER,
+    PARAM,
+    Array,
+    EvalResult,
+    ExportedModel,
+    HyperParams,
+    ModelSpec,
+    TrainResult,
+    as_param_map,
+    batch_indices,
+    prepare_data,
+)
+from agent.protocol.codec import TensorMap
+
+__all__ = ["OnnxBackend"]
+
+
+def _scalar(value: float) -> Array:
+    return np.array(value, dtype=np.float32)
+
+
+class OnnxBackend:
+    """:class:`~agent.learning.backend.TrainingBackend` on onnxruntime's CPU provider.
+
+    ``intra_op_threads`` defaults to 1, so a Raspberry Pi's other cores stay free for the
+    agent's event loop and the device's own work. Sessions are made once and are safe to use
+    from the worker thread the role runtime trains in.
+    """
+
+    def __init__(
+        self,
+        model: ExportedModel,
+        *,
+        intra_op_threads: int = 1,
+        providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.model = model
+        self.spec: ModelSpec = model.spec
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._train = ort.InferenceSession(model.train_step, options, providers=list(providers))
+        self._eval = ort.InferenceSession(model.eval_step, options, providers=list(providers))
+        names = self.spec.names
+        n = len(names)
+        self._outputs = [o.name for o in self._train.get_outputs()]
+        expected = 1 + 2 * n
+        if len(self._outputs) != expected:
+            raise ValueError(
+                f"train-step graph: {len(self._outputs)} outputs, expected {expected} "
+                f"(loss, {n} parameters, {n} momentum buffers)"
+            )
+        self._param_keys = [PARAM + k for k in names]
+        self._buffer_keys = [MOMENTUM_BUFFER + k for k in names]
+
+    def train(
+        self,
+        params: Mapping[str, Array],
+        x: Array,
+        y: Array,
+        hyper: HyperParams,
+        *,
+        anchor: Mapping[str, Array] | None = None,
+        correction: Mapping[str, Array] | None = None,
+    ) -> TrainResult:
+        spec = self.spec
+        start = as_param_map(spec, params, "params")
+        xs, ys = prepare_data(spec, x, y)
+        centre = start if anchor is None else as_param_map(spec, anchor, "anchor")
+        zeros = {k: np.zeros_like(v) for k, v in start.items()}
+        h = zeros if correction is None else as_param_map(spec, correction, "correction")
+        feeds: dict[str, Any] = {
+            "lr": _scalar(hyper.lr),
+            "momentum": _scalar(hyper.momentum),
+            "weight_decay": _scalar(hyper.weight_decay),
+            "mu": _scalar(hyper.mu),
+        }
+        for name in spec.names:
+            feeds[PARAM + name] = start[name]
+            feeds[MOMENTUM_BUFFER + name] = zeros[name]
+            feeds[ANCHOR + name] = centre[name]
+            feeds[CORRECTION + name] = h[name]
+        n = len(spec.names)
+        losses: list[Array] = []
+        samples = 0
+        for idx in batch_indices(len(xs), hyper):
+            feeds["x"] = xs[idx]
+            feeds["y"] = ys[idx]
+            out = self._train.run(self._outputs, feeds)
+            losses.append(out[0])
+            feeds.update(zip(self._param_keys, out[1 : 1 + n], strict=True))
+            feeds.update(zip(self._buffer_keys, out[1 + n :], strict=True))
+            samples += len(idx)
+        new: TensorMap = {name: feeds[PARAM + name] for name in spec.names}
+        return TrainResult(
+            params=new, loss=float(np.mean(losses)), steps=len(losses), samples=samples
+        )
+
+    def evaluate(
+        self, params: Mapping[str, Array], x: Array, y: Array, *, batch_size: int = 1024
+    ) -> EvalResult:
+        spec = self.spec
+        weights = as_param_map(spec, params, "params")
+        xs, ys = prepare_data(spec, x, y)
+        feeds: dict[str, Any] = {PARAM + k: v for k, v in weights.items()}
+        loss_sum = 0.0
+        correct = 0
+        for begin in range(0, len(xs), batch_size):
+            feeds["x"] = xs[begin : begin + batch_size]
+            feeds["y"] = ys[begin : begin + batch_size]
+            batch_loss, batch_correct = self._eval.run(["loss_sum", "correct"], feeds)
+            loss_sum += float(batch_loss)
+            correct += int(batch_correct)
+        n = len(xs)
+        if n == 0:
+            raise ValueError("evaluation needs at least one sample")
+        accuracy = correct / n if spec.loss == "cross_entropy" else None
+        return EvalResult(loss=loss_sum / n, accuracy=accuracy, samples=n)
