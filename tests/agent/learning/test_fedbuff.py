@@ -33,7 +33,7 @@ def model(seed: int = 0, dtype: type = np.float32) -> dict[str, Arr]:
 def deltas(n: int, seed: int = 1, dtype: type = np.float32) -> list[dict[str, Arr]]:
     rng = np.random.default_rng(seed)
     return [
-        {k: (rng.normal(size=v.shape) * 0.1).astype(dtype) for k, v in model().items()}
+        {k: np.asarray(rng.normal(size=v.shape) * 0.1).astype(dtype) for k, v in model().items()}
         for _ in range(n)
     ]
 

@@ -21,6 +21,7 @@ from agent.learning.optimizers import (
     ServerOptimizer,
     make_server_optimizer,
 )
+from agent.learning.optimizers.adaptive import AdaptiveServerOptimizer
 from agent.protocol.codec import decode_tensors, encode_tensors
 
 Arr = np.ndarray[Any, Any]
@@ -59,9 +60,12 @@ def problem(
     dtype: type, steps: int = 5, seed: int = 0
 ) -> tuple[dict[str, Arr], list[dict[str, Arr]]]:
     rng = np.random.default_rng(seed)
-    weights = {"w": rng.normal(size=(4, 3)).astype(dtype), "b": rng.normal(size=3).astype(dtype)}
-    deltas = [
-        {k: (rng.normal(size=v.shape) * 0.1).astype(dtype) for k, v in weights.items()}
+    weights: dict[str, Arr] = {
+        "w": rng.normal(size=(4, 3)).astype(dtype),
+        "b": rng.normal(size=3).astype(dtype),
+    }
+    deltas: list[dict[str, Arr]] = [
+        {k: np.asarray(rng.normal(size=v.shape) * 0.1).astype(dtype) for k, v in weights.items()}
         for _ in range(steps)
     ]
     return weights, deltas
@@ -144,7 +148,7 @@ def test_fedyogi_sign_rule_by_hand() -> None:
 
 
 @pytest.mark.parametrize("cls", [FedAdam, FedYogi, FedAdagrad])
-def test_second_moment_starts_at_tau_squared(cls: type[ServerOptimizer]) -> None:
+def test_second_moment_starts_at_tau_squared(cls: type[AdaptiveServerOptimizer]) -> None:
     opt = cls(tau=0.05)
     # A zero delta leaves Yogi's and Adagrad's v at v₀ and scales Adam's by β2.
     opt.step({"x": np.zeros(3)}, {"x": np.zeros(3)})
