@@ -6,6 +6,11 @@ import click
 
 from agent import __version__
 from agent.logs import configure_logging
+from coordinator.cli._common import connection_options
+from coordinator.cli.agents import agents
+from coordinator.cli.jobs import jobs
+from coordinator.cli.keys import keys
+from coordinator.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,9 +21,16 @@ from agent.logs import configure_logging
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
 )
-def cli(log_level: str) -> None:
+@connection_options
+def cli(log_level: str, broker: str | None, prefix: str | None) -> None:
     """Ember: federated learning for fleets of edge devices, over MQTT."""
     configure_logging(log_level)
+
+
+cli.add_command(serve)
+cli.add_command(keys)
+cli.add_command(jobs)
+cli.add_command(agents)
 
 
 def main() -> None:

@@ -1,0 +1,440 @@
+"""``ember jobs``: plan, submit, list, show, watch and cancel jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from coordinator.cli._common import (
+    Connection,
+    connection,
+    connection_options,
+    console,
+    coordinator_client,
+    fail,
+    print_json,
+    run,
+    stderr,
+)
+
+TERMINAL = ("completed", "failed", "cancelled")
+PHASE_STYLE = {
+    "planned": "yellow",
+    "dispatching": "cyan",
+    "running": "green",
+    "completed": "bold green",
+    "failed": "bold red",
+    "cancelled": "magenta",
+}
+
+timeout_option = click.option(
+    "--timeout",
+    type=float,
+    default=5.0,
+    show_default=True,
+    help="Seconds to wait for the coordinator's answer.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def load_job_file(path: Path) -> Any:
+    """The validated spec of a job file; a bad one ends the command with one line, exit 2."""
+    from coordinator.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except SpecError as exc:
+        fail(f"{path}: {exc}")
+
+
+@click.group()
+def jobs() -> None:
+    """Federated learning jobs."""
+
+
+# -- plan ----------------------------------------------------------------------------------------
+
+
+@jobs.command("plan")
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@connection_options
+@timeout_option
+@json_option
+def jobs_plan(
+    job_file: Path, broker: str | None, prefix: str | None, timeout: float, as_json: bool
+) -> None:
+    """Show which agents would take part in JOB_FILE's job, and why every other would not."""
+    spec = load_job_file(job_file)
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            return await client.call("jobs.plan", {"spec": spec.to_dict()}, timeout=timeout)
+
+    result = run(go)
+    if as_json:
+        print_json(result)
+        return
+    print_plan(result)
+
+
+def print_plan(plan: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    out = console()
+    verdict = "[green]can start[/]" if plan.get("feasible") else "[yellow]cannot start yet[/]"
+    out.print(f"[bold]{plan.get('job')}[/] ({plan.get('mode')}): {verdict}")
+    for problem in plan.get("problems", []):
+        out.print(f"  [yellow]•[/] {problem}")
+    selected = Table(title="Selected", title_justify="left", box=None, pad_edge=False)
+    for column in ("AGENT", "ROLE", "DATASET", "SAMPLES", ""):
+        selected.add_column(column)
+    for s in plan.get("selected", []):
+        selected.add_row(
+            s["agent"],
+            s["role"],
+            s.get("dataset") or "",
+            "" if s.get("samples") is None else str(s["samples"]),
+            "standby" if s.get("standby") else "",
+        )
+    out.print(selected if plan.get("selected") else "[dim]no agent selected[/]")
+    rejected = Table(title="Not taking part", title_justify="left", box=None, pad_edge=False)
+    rejected.add_column("AGENT")
+    rejected.add_column("REASON", overflow="fold")
+    for r in plan.get("rejected", []):
+        rejected.add_row(r["agent"], r["reason"])
+    if plan.get("rejected"):
+        out.print(rejected)
+
+
+# -- submit --------------------------------------------------------------------------------------
+
+
+@jobs.command("submit")
+@click.argument("job_file", type=click.Path(dir_okay=False, path_type=Path))
+@connection_options
+@timeout_option
+@json_option
+@click.option("--watch", "then_watch", is_flag=True, help="Watch the job after submitting it.")
+def jobs_submit(
+    job_file: Path,
+    broker: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+    then_watch: bool,
+) -> None:
+    """Submit JOB_FILE's job; the coordinator places it as soon as the fleet can take it.
+
+    A torch model is exported to ONNX here, on this machine, before it is sent.
+    """
+    from coordinator.bundles import model_artifacts
+
+    spec = load_job_file(job_file)
+    base_dir = job_file.resolve().parent
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            shape = None
+            if spec.model.torch is not None and spec.model.input_shape is None:
+                shape = await _feature_shape(client, spec, timeout)
+            if spec.model.torch is not None:
+                stderr(f"exporting {spec.model.torch} to ONNX ...")
+            built = await asyncio.to_thread(model_artifacts, spec, base_dir, input_shape=shape)
+            size = sum(len(v) for v in built.artifacts.values())
+            return await client.call(
+                "jobs.submit",
+                {"spec": spec.to_dict(), "artifacts": built.artifacts, "code": built.code},
+                timeout=max(timeout, 30.0 + size / 1e6),
+            )
+
+    summary = run(go)
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"submitted {summary['job']} ({summary['phase']})")
+        if summary.get("reason"):
+            stderr(summary["reason"])
+        if not then_watch:
+            stderr(f"follow it with: ember jobs watch {summary['job']}")
+    if then_watch:
+        watch_job(conn, summary["job"], timeout)
+
+
+async def _feature_shape(client: Any, spec: Any, timeout: float) -> list[int] | None:
+    """The feature shape the matching datasets agree on (for exporting a torch model)."""
+    plan = await client.call("jobs.plan", {"spec": spec.to_dict()}, timeout=timeout)
+    shapes = {tuple(s["feature_shape"]) for s in plan.get("selected", []) if s.get("feature_shape")}
+    return list(shapes.pop()) if len(shapes) == 1 else None
+
+
+# -- ls / show -----------------------------------------------------------------------------------
+
+
+def _age(ts: float | None) -> str:
+    if not ts:
+        return ""
+    seconds = max(0, int(time.time() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _metric(metrics: dict[str, Any], name: str) -> str:
+    value = metrics.get(name)
+    return f"{value:.4f}" if isinstance(value, (int, float)) else ""
+
+
+def _trainers(counts: dict[str, int]) -> str:
+    total = sum(n for state, n in counts.items() if state not in ("standby",))
+    return f"{counts.get('running', 0)}/{total}" if total else "0"
+
+
+@jobs.command("ls")
+@connection_options
+@timeout_option
+@json_option
+def jobs_ls(broker: str | None, prefix: str | None, timeout: float, as_json: bool) -> None:
+    """List jobs, oldest first."""
+    from rich.table import Table
+
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            return await client.call("jobs.ls", timeout=timeout)
+
+    rows = run(go)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo("no jobs (ember jobs submit job.yaml starts one)")
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in ("JOB", "PHASE", "VERSION", "UPDATES", "ACCURACY", "TRAINERS", "AGE", "NOTE"):
+        table.add_column(column, overflow="fold" if column == "NOTE" else "ellipsis")
+    for job in rows:
+        style = PHASE_STYLE.get(job["phase"], "")
+        table.add_row(
+            job["job"],
+            f"[{style}]{job['phase']}[/]" if style else job["phase"],
+            str(job["model_version"]),
+            str(job["updates_applied"]),
+            _metric(job.get("metrics") or {}, "accuracy"),
+            _trainers(job.get("trainers") or {}),
+            _age(job.get("submitted")),
+            job.get("reason") or "",
+        )
+    console().print(table)
+
+
+@jobs.command("show")
+@click.argument("job")
+@connection_options
+@timeout_option
+@json_option
+def jobs_show(
+    job: str, broker: str | None, prefix: str | None, timeout: float, as_json: bool
+) -> None:
+    """Show one job: phase, progress, metrics, its agents and its latest events."""
+    from rich.table import Table
+
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            return await client.call("jobs.show", {"job": job}, timeout=timeout)
+
+    detail = run(go)
+    if as_json:
+        print_json(detail)
+        return
+    out = console()
+    style = PHASE_STYLE.get(detail["phase"], "")
+    out.print(
+        f"[bold]{detail['job']}[/]  [{style}]{detail['phase']}[/]  {detail.get('reason', '')}"
+    )
+    spec = detail.get("spec", {})
+    algo = spec.get("algorithm", {})
+    out.print(
+        f"  mode {algo.get('mode')}, buffer {algo.get('buffer_size')}, "
+        f"concurrency {algo.get('concurrency')}, backend {spec.get('backend')}, "
+        f"data {json.dumps(spec.get('data'))}"
+    )
+    out.print(
+        f"  model version {detail['model_version']}, updates applied "
+        f"{detail['updates_applied']}, progress {detail.get('progress', 0) * 100:.0f}%"
+    )
+    if detail.get("metrics"):
+        text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(detail["metrics"].items()))
+        out.print(f"  metrics: {text}")
+    stamps = [
+        (label, detail.get(key))
+        for label, key in (
+            ("submitted", "submitted"),
+            ("started", "started"),
+            ("ended", "finished"),
+        )
+    ]
+    out.print(
+        "  "
+        + ", ".join(
+            f"{label} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}"
+            for label, ts in stamps
+            if ts
+        )
+    )
+    table = Table(title="Agents", title_justify="left", box=None, pad_edge=False)
+    for column in ("AGENT", "ROLE", "STATE", "DATASET", "SAMPLES", "REASON"):
+        table.add_column(column, overflow="fold" if column == "REASON" else "ellipsis")
+    for a in detail.get("assignments", []):
+        table.add_row(
+            a["agent"],
+            a["role"],
+            a["state"],
+            a.get("dataset") or "",
+            "" if a.get("samples") is None else str(a["samples"]),
+            a.get("reason") or "",
+        )
+    out.print(table)
+    events = detail.get("events", [])[-15:]
+    if events:
+        out.print("[bold]Events[/]")
+        for e in events:
+            extra = {k: v for k, v in e.items() if k not in ("seq", "job", "ts", "kind")}
+            brief = ", ".join(
+                f"{k}={v}" for k, v in extra.items() if not isinstance(v, (list, dict))
+            )
+            clock = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
+            out.print(f"  {clock} {e['kind']} {brief}")
+
+
+# -- watch ---------------------------------------------------------------------------------------
+
+
+@jobs.command("watch")
+@click.argument("job")
+@connection_options
+@timeout_option
+def jobs_watch(job: str, broker: str | None, prefix: str | None, timeout: float) -> None:
+    """Follow a job live (progress bar and latest metrics) until it ends.
+
+    Exit status: 0 when it completed, 1 when it failed or was cancelled.
+    """
+    watch_job(connection(broker, prefix), job, timeout)
+
+
+def _line(state: dict[str, Any]) -> str:
+    metrics = state.get("metrics") or {}
+    parts = [
+        f"{state.get('phase')}",
+        f"{state.get('progress', 0) * 100:5.1f}%",
+        f"version {state.get('model_version', 0)}",
+        f"updates {state.get('updates_applied', 0)}",
+    ]
+    parts += [f"{k} {metrics[k]:.4f}" for k in ("accuracy", "loss") if k in metrics]
+    trainers = state.get("trainers") or {}
+    parts.append(f"trainers {_trainers(trainers)}")
+    if state.get("reason"):
+        parts.append(f"({state['reason']})")
+    return "  ".join(parts)
+
+
+def watch_job(conn: Connection, job: str, timeout: float) -> None:
+    from agent.transport import SubscriptionClosed
+
+    async def go() -> dict[str, Any]:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            detail = await client.call("jobs.show", {"job": job}, timeout=timeout)
+            job_id = detail["job"]
+            sub = await client.transport.subscribe(conn.topics.job_state(job_id), 1)
+            out = console()
+            state: dict[str, Any] = detail
+            if not out.is_terminal:
+                click.echo(f"{job_id}  {_line(state)}")
+                last = _line(state)
+                while state.get("phase") not in TERMINAL:
+                    state = await _next_state(sub, state)
+                    line = _line(state)
+                    if line != last:
+                        click.echo(f"{job_id}  {line}")
+                        last = line
+                return state
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>5.1f}%"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=out,
+            ) as bar:
+                task = bar.add_task(job_id, total=1.0, info="")
+                while True:
+                    info = _line(state).split("  ", 2)[-1]
+                    bar.update(
+                        task,
+                        completed=float(state.get("progress", 0.0)),
+                        description=f"{job_id} {state.get('phase')}",
+                        info=info,
+                    )
+                    if state.get("phase") in TERMINAL:
+                        break
+                    try:
+                        state = await _next_state(sub, state)
+                    except SubscriptionClosed:
+                        break
+            return state
+
+    final = run(go)
+    phase = final.get("phase")
+    reason = f": {final['reason']}" if final.get("reason") else ""
+    click.echo(f"{final.get('job')} {phase}{reason}")
+    if phase != "completed":
+        raise SystemExit(1)
+
+
+async def _next_state(sub: Any, current: dict[str, Any]) -> dict[str, Any]:
+    while True:
+        message = await sub.get()
+        try:
+            state = json.loads(bytes(message.payload))
+        except ValueError:
+            continue
+        if isinstance(state, dict) and state.get("job") == current.get("job"):
+            return state
+
+
+# -- cancel --------------------------------------------------------------------------------------
+
+
+@jobs.command("cancel")
+@click.argument("job")
+@connection_options
+@timeout_option
+@json_option
+@click.option("--reason", default="", help="Why (kept in the job's events).")
+def jobs_cancel(
+    job: str, broker: str | None, prefix: str | None, timeout: float, as_json: bool, reason: str
+) -> None:
+    """Cancel a job: its roles are stopped on every agent."""
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            return await client.call("jobs.cancel", {"job": job, "reason": reason}, timeout=timeout)
+
+    summary = run(go)
+    if as_json:
+        print_json(summary)
+    else:
+        click.echo(f"{summary['job']} {summary['phase']}")

@@ -1,0 +1,86 @@
+"""``ember serve``: run the coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from coordinator.cli._common import connection, connection_options, fail, stderr
+from coordinator.cli.keys import state_dir_option
+
+
+@click.command()
+@connection_options
+@state_dir_option
+@click.option(
+    "--embedded-agent/--no-embedded-agent",
+    default=True,
+    show_default=True,
+    help="Start a local agent that hosts the aggregator role.",
+)
+@click.option(
+    "--zeroconf/--no-zeroconf",
+    default=True,
+    show_default=True,
+    help="Browse the LAN for agents (mDNS/DNS-SD).",
+)
+@click.option(
+    "--zeroconf-interface",
+    "zeroconf_interfaces",
+    multiple=True,
+    metavar="IP",
+    help="Browse only on the interface with this address (repeatable).",
+)
+@click.option(
+    "--agent-id", default=None, help="The embedded agent's id [default: coordinator-<hostname>]."
+)
+@click.option("--settle", type=float, default=1.5, hidden=True)
+@click.option("--tick", type=float, default=1.0, hidden=True)
+@click.option("--dispatch-timeout", type=float, default=20.0, hidden=True)
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    broker: str | None,
+    prefix: str | None,
+    state_dir: Path,
+    embedded_agent: bool,
+    zeroconf: bool,
+    zeroconf_interfaces: tuple[str, ...],
+    agent_id: str | None,
+    settle: float,
+    tick: float,
+    dispatch_timeout: float,
+) -> None:
+    """Run the coordinator beside an MQTT broker until SIGTERM or Ctrl-C.
+
+    It keeps jobs in STATE_DIR/state.db (SQLite, WAL) and answers `ember` commands over MQTT.
+    """
+    from agent.logs import configure_logging
+    from coordinator.dispatcher import Timings
+    from coordinator.service import ServiceConfig, ServiceError
+    from coordinator.service import serve as run_service
+    from coordinator.store import StoreError
+
+    root = ctx.find_root()
+    if root.get_parameter_source("log_level") == click.core.ParameterSource.DEFAULT:
+        configure_logging("info")
+    conn = connection(broker, prefix)
+    config = ServiceConfig(
+        broker=conn.broker_config(backoff_max=5.0),
+        state_dir=state_dir,
+        prefix=conn.topics.prefix,
+        embedded_agent=embedded_agent,
+        zeroconf=zeroconf,
+        zeroconf_interfaces=zeroconf_interfaces,
+        agent_id=agent_id,
+        timings=Timings(settle=settle, tick=tick, dispatch_timeout=dispatch_timeout),
+    )
+    stderr(f"ember serve: broker {conn.broker}, prefix {conn.prefix}, state {state_dir}")
+    try:
+        asyncio.run(run_service(config))
+    except (ServiceError, StoreError, OSError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        pass

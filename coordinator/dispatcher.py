@@ -1,0 +1,945 @@
+"""Following jobs from submission to the end: placement, dispatch, watching, replacing, stopping.
+
+The lifecycle (Flame's job/role model, run on our agents)::
+
+    submit → planned → dispatching → running → completed | failed | cancelled
+
+* **planned**: the job is stored; it waits here, re-planned whenever the fleet changes, until
+  the planner finds an aggregator and at least ``min_trainers`` trainers.
+* **dispatching**: every chosen role gets a signed :class:`~agent.protocol.bundle.RoleBundle`
+  in an ``assign_role`` command on its agent's inbox (chunked by the transport when large). An
+  agent that does not report the role in its retained ``agents/<id>/roles`` document within the
+  dispatch timeout is asked again, then given up on and replaced.
+* **running**: the aggregator and ``min_trainers`` trainers report ``running``. Trainers that go
+  offline are replaced from the standby agents in ``async`` mode (FedBuff keeps ``concurrency``
+  clients busy) and dropped from the next round in ``sync`` mode (FedAvg rounds). Trainers
+  that refuse or fail are replaced and never asked again for this job. Metric events from the
+  roles on ``jobs/<id>/metrics`` are folded into the job (model version, updates applied,
+  latest accuracy and loss) and the stop rules are checked.
+* The end: the aggregator finishes or says ``completed``, a stop rule is met, the aggregator
+  fails, or the operator cancels; remaining roles get ``cancel_role``.
+
+Every change is written to SQLite (:class:`~coordinator.store.Store`) *before* it is announced
+(commands sent, retained ``jobs/<id>/state`` published), so after a crash ``ember serve``
+reloads the jobs, re-publishes their states and resumes following them: a role is dispatched
+again only when its agent's roles document says it is not running.
+
+All decisions run under one lock, in :meth:`Dispatcher.reconcile`, which compares what the
+store says should run with what the agents report, so every event (a document, a tick, a
+restart) leads to the same place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.protocol.messages import AssignRole, CancelRole, new_message_id
+from agent.protocol.topics import Topics
+from agent.transport import Inbound, NotConnectedError, Subscription, Transport
+from coordinator import planner
+from coordinator.bundles import build_bundle, check_artifacts, sign
+from coordinator.registry import AgentView, Registry, RoleState
+from coordinator.spec import JobSpec, SpecError, parse_spec
+from coordinator.store import AssignmentRecord, JobRecord, Store
+
+log = structlog.get_logger("ember.dispatcher")
+
+JOB_STATE_VERSION = 1
+ACTIVE = frozenset({"pending", "running"})
+"""Assignment states of a role that is (or is about to be) at work."""
+GIVEN_UP = frozenset({"failed", "refused", "finished"})
+"""Trainer assignment states after which the agent is not asked again for this job."""
+CODE_PREFIX = "code:"
+"""Artifact-name prefix under which Python sources are kept in the job's blobs."""
+
+
+Command = tuple[str, bytes] | AssignmentRecord
+"""An inbox message to send (topic, payload), or an assignment whose bundle is to be sent."""
+
+
+class JobError(ValueError):
+    """An operation on a job that cannot be done (unknown id, already finished, ...)."""
+
+
+@dataclass(frozen=True)
+class Timings:
+    """How patient the dispatcher is. Tests shrink these; the defaults suit a real fleet."""
+
+    settle: float = 1.5
+    """After (re)start, wait this long for the retained agent documents before acting."""
+    tick: float = 1.0
+    """Re-check every job at least this often (timeouts, stop rules)."""
+    dispatch_timeout: float = 20.0
+    """Ask an agent again when it has not reported an assigned role within this time."""
+    max_attempts: int = 3
+    """Give up on an agent after this many unanswered assignments."""
+
+
+@dataclass
+class _Job:
+    record: JobRecord
+    spec: JobSpec
+    assignments: dict[tuple[str, str], AssignmentRecord] = field(default_factory=dict)
+    bundles: dict[tuple[str, str | None], tuple[str, bytes]] = field(default_factory=dict)
+    """(role, dataset) → (content digest, signed bundle bytes), built once per job run."""
+
+
+def _now() -> float:
+    return time.time()
+
+
+class Dispatcher:
+    """Jobs and their role assignments, kept in the store and matched against the fleet."""
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        topics: Topics,
+        store: Store,
+        registry: Registry,
+        key: Ed25519PrivateKey,
+        timings: Timings | None = None,
+        prefer_aggregator: str | None = None,
+        clock: Callable[[], float] = _now,
+    ) -> None:
+        self.transport = transport
+        self.topics = topics
+        self.store = store
+        self.registry = registry
+        self.key = key
+        self.timings = timings or Timings()
+        self.prefer_aggregator = prefer_aggregator
+        self.clock = clock
+        self.jobs: dict[str, _Job] = {}
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._settled = False
+        self._outbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._metrics: Subscription | None = None
+
+    # lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Reload every job from the store, re-publish their states, start following them."""
+        records = await self.store.load_jobs()
+        assignments = await self.store.load_assignments()
+        for record in records:
+            try:
+                spec = parse_spec(record.spec)
+            except SpecError as exc:  # stored by an older version with other rules
+                log.error("stored_spec_invalid", job=record.id, error=str(exc))
+                continue
+            self.jobs[record.id] = _Job(record=record, spec=spec)
+        for a in assignments:
+            job = self.jobs.get(a.job)
+            if job is not None:
+                job.assignments[(a.agent, a.role)] = a
+        self._dirty.update(self.jobs)
+        self._dirty_event.set()
+        self.registry.listen(lambda agent, leaf: self._wake.set())
+        self.transport.on_connect(self._on_connect)
+        self._metrics = await self.transport.subscribe(
+            f"{self.topics.prefix}/jobs/+/metrics", 0, max_messages=100_000
+        )
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="dispatcher-follow"),
+            asyncio.create_task(self._publish_states(), name="dispatcher-states"),
+            asyncio.create_task(self._send_commands(), name="dispatcher-outbox"),
+            asyncio.create_task(self._read_metrics(self._metrics), name="dispatcher-metrics"),
+        ]
+        active = sum(1 for j in self.jobs.values() if not j.record.terminal)
+        log.info("jobs_loaded", jobs=len(self.jobs), active=active)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._metrics is not None:
+            await self._metrics.close()
+            self._metrics = None
+
+    async def _on_connect(self, _session: int) -> None:
+        # Retained states may be gone (a broker restarted without persistence): publish all.
+        self._dirty.update(self.jobs)
+        self._dirty_event.set()
+
+    async def _follow(self) -> None:
+        await asyncio.sleep(self.timings.settle)
+        self._settled = True
+        log.info("dispatcher_settled", agents=len(self.registry))
+        while True:
+            async with self._lock:
+                for job in list(self.jobs.values()):
+                    try:
+                        await self._reconcile(job)
+                    except Exception:
+                        log.exception("reconcile_failed", job=job.record.id)
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.timings.tick)
+
+    # queries -----------------------------------------------------------------------------------
+    def find(self, job_id: str) -> _Job:
+        """A job by id or unique id prefix (or unique name)."""
+        job = self.jobs.get(job_id)
+        if job is not None:
+            return job
+        matches = [j for j in self.jobs.values() if j.record.id.startswith(job_id)]
+        if not matches:
+            matches = [j for j in self.jobs.values() if j.record.name == job_id]
+            live = [j for j in matches if not j.record.terminal]
+            matches = live if len(live) == 1 else matches
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise JobError(f"no job {job_id!r}")
+        ids = ", ".join(sorted(j.record.id for j in matches)[:5])
+        raise JobError(f"{job_id!r} matches several jobs: {ids}")
+
+    def plan(self, spec: JobSpec) -> planner.Plan:
+        return planner.plan(
+            self.registry.snapshot(), spec, prefer_aggregator=self.prefer_aggregator
+        )
+
+    def summary(self, job: _Job) -> dict[str, Any]:
+        r = job.record
+        trainers = [a for a in job.assignments.values() if a.role == "trainer"]
+        return {
+            "job": r.id,
+            "name": r.name,
+            "phase": r.phase,
+            "reason": r.reason,
+            "mode": job.spec.algorithm.mode,
+            "model_version": r.model_version,
+            "updates_applied": r.updates_applied,
+            "metrics": dict(r.metrics),
+            "progress": progress(job.spec, r, self.clock()),
+            "trainers": _count(a.state for a in trainers),
+            "submitted": r.submitted_at,
+            "started": r.started_at,
+            "finished": r.finished_at,
+        }
+
+    def state_document(self, job: _Job) -> dict[str, Any]:
+        """The retained ``jobs/<id>/state`` JSON, for dashboards and ``ember jobs watch``."""
+        agents: dict[str, dict[str, Any]] = {}
+        for a in sorted(job.assignments.values(), key=lambda a: (a.agent, a.role)):
+            agents.setdefault(a.agent, {})[a.role] = {
+                "state": a.state,
+                "reason": a.reason,
+                "dataset": a.dataset,
+                "samples": a.samples,
+            }
+        return {
+            "v": JOB_STATE_VERSION,
+            **self.summary(job),
+            "stop": {k: v for k, v in vars(job.spec.stop).items() if v is not None},
+            "agents": agents,
+            "ts": round(self.clock(), 3),
+        }
+
+    async def detail(self, job: _Job) -> dict[str, Any]:
+        events = await self.store.events(job.record.id, limit=40)
+        versions = await self.store.model_versions(job.record.id)
+        return {
+            **self.state_document(job),
+            "spec": job.record.spec,
+            "assignments": [
+                {
+                    "agent": a.agent,
+                    "role": a.role,
+                    "state": a.state,
+                    "reason": a.reason,
+                    "dataset": a.dataset,
+                    "samples": a.samples,
+                    "bundle": a.bundle,
+                    "attempts": a.attempts,
+                    "updated": a.updated_at,
+                }
+                for a in sorted(job.assignments.values(), key=lambda a: (a.role, a.agent))
+            ],
+            "events": [e.to_dict() for e in events],
+            "model_versions": versions[-20:],
+        }
+
+    # operations --------------------------------------------------------------------------------
+    async def submit(
+        self,
+        spec: JobSpec,
+        artifacts: Mapping[str, bytes],
+        *,
+        code: Mapping[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> _Job:
+        """Store a new job (phase ``planned``) and try to place it at once."""
+        check_artifacts(artifacts)
+        if request_id is not None:
+            existing = await self.store.job_for_request(request_id)
+            if existing is not None and existing in self.jobs:
+                return self.jobs[existing]
+        digests: dict[str, str] = {}
+        for name, data in sorted(artifacts.items()):
+            digests[name] = await self.store.put_blob(bytes(data))
+        for name, source in sorted((code or {}).items()):
+            digests[CODE_PREFIX + name] = await self.store.put_blob(source.encode())
+        async with self._lock:
+            job_id = self._new_id(spec.name)
+            now = self.clock()
+            record = JobRecord(
+                id=job_id,
+                name=spec.name,
+                spec=json.loads(json.dumps(spec.to_dict(), sort_keys=True)),
+                phase="planned",
+                artifacts=digests,
+                request_id=request_id,
+                submitted_at=now,
+                updated_at=now,
+            )
+            job = _Job(record=record, spec=spec)
+            await self.store.save(
+                jobs=[record], events=[(job_id, "submitted", {"name": spec.name})]
+            )
+            self.jobs[job_id] = job
+            self._announce(job)
+            log.info("job_submitted", job=job_id, name=spec.name)
+            if self._settled:
+                await self._reconcile(job)
+        return job
+
+    async def cancel(self, job_id: str, reason: str = "") -> _Job:
+        async with self._lock:
+            job = self.find(job_id)
+            if job.record.terminal:
+                raise JobError(f"job {job.record.id} is already {job.record.phase}")
+            await self._finish(job, "cancelled", reason or "cancelled by the operator")
+        return job
+
+    def _new_id(self, name: str) -> str:
+        while True:
+            job_id = f"{name}-{secrets.token_hex(3)}"
+            if job_id not in self.jobs:
+                return job_id
+
+    # reconciliation ----------------------------------------------------------------------------
+    async def reconcile(self) -> None:
+        """Bring every job up to date now (the follow loop does this on every change)."""
+        async with self._lock:
+            for job in list(self.jobs.values()):
+                await self._reconcile(job)
+
+    async def _reconcile(self, job: _Job) -> None:
+        record = job.record
+        if record.terminal:
+            await self._cancel_surplus(job)
+            return
+        if record.phase == "planned":
+            await self._place(job)
+            return
+        now = self.clock()
+        changed: list[AssignmentRecord] = []
+        events: list[tuple[str | None, str, Mapping[str, Any]]] = []
+        commands: list[Command] = []
+        for a in list(job.assignments.values()):
+            agent = self.registry.get(a.agent)
+            observed = self._observed(job, a, agent)
+            before = (a.state, a.reason)
+            self._follow_assignment(job, a, agent, observed, now, commands)
+            if (a.state, a.reason) != before or a.updated_at == now:
+                a.updated_at = now
+                changed.append(a)
+                if (a.state, a.reason) != before:
+                    events.append(
+                        (
+                            record.id,
+                            "assignment",
+                            {
+                                "agent": a.agent,
+                                "role": a.role,
+                                "state": a.state,
+                                "reason": a.reason,
+                            },
+                        )
+                    )
+        if changed:
+            await self.store.save(assignments=changed, events=events)
+            self._announce(job)
+        await self._send_all(commands)
+        # The aggregator decides the job's fate.
+        agg = self._aggregator(job)
+        if agg is not None and agg.state in ("finished", "failed", "refused", "cancelled"):
+            if agg.state == "finished":
+                await self._finish(job, "completed", record.reason or "the aggregator finished")
+            else:
+                where = f"aggregator on {agg.agent} {agg.state}"
+                await self._finish(job, "failed", f"{where}: {agg.reason}" if agg.reason else where)
+            return
+        await self._fill_trainers(job)
+        await self._cancel_surplus(job)
+        await self._advance(job)
+
+    def _observed(
+        self, job: _Job, a: AssignmentRecord, agent: AgentView | None
+    ) -> RoleState | None:
+        """What the agent reports about this assignment's role, if it is about this bundle."""
+        if agent is None:
+            return None
+        state = agent.roles.get(f"{job.record.id}/{a.role}")
+        if state is None:
+            return None
+        if a.bundle and state.bundle and state.bundle != a.bundle:
+            return None  # about an older bundle of this role
+        return state
+
+    def _follow_assignment(
+        self,
+        job: _Job,
+        a: AssignmentRecord,
+        agent: AgentView | None,
+        observed: RoleState | None,
+        now: float,
+        commands: list[Command],
+    ) -> None:
+        online = agent is not None and agent.online
+        mode = job.spec.algorithm.mode
+        if a.state in ACTIVE:
+            if observed is not None and observed.state in ("running", "starting"):
+                if a.state != "running":
+                    a.state, a.reason = "running", ""
+            elif observed is not None and observed.state in (
+                "finished",
+                "failed",
+                "refused",
+                "cancelled",
+            ):
+                a.state, a.reason = observed.state, observed.reason
+                return
+            if not online:
+                if a.role == "trainer":
+                    a.state = "replaced" if mode == "async" else "dropped"
+                    a.reason = "agent offline"
+                    commands.append(self._cancel_command(job, a, "replaced while offline"))
+                return
+            if a.state == "running" and observed is None:
+                # The agent is online and does not list the role: it lost it (restarted
+                # without its state, or never got it before we crashed). Send it again.
+                a.state, a.reason = "pending", "agent does not report the role; sending again"
+                a.attempts = 0
+                a.dispatched_at = None
+            if a.state == "pending" and observed is None:
+                waited = now - (a.dispatched_at or 0.0)
+                if a.dispatched_at is None or waited >= self.timings.dispatch_timeout:
+                    if a.attempts >= self.timings.max_attempts:
+                        a.state = "failed"
+                        a.reason = f"no answer from the agent after {a.attempts} assignments"
+                        return
+                    self._mark_dispatched(a, now)
+                    commands.append(a)
+        elif a.state == "dropped" and online:
+            # Sync mode: a dropped trainer that comes back takes part again.
+            if observed is not None and observed.state in ("running", "starting"):
+                a.state, a.reason = "running", "back online"
+            elif observed is None or observed.state not in GIVEN_UP:
+                a.state, a.reason = "pending", "back online"
+                a.attempts = 0
+                a.dispatched_at = None
+
+    def _mark_dispatched(self, a: AssignmentRecord, now: float) -> None:
+        a.attempts += 1
+        a.dispatched_at = now
+        a.updated_at = now
+        a.message_id = new_message_id()
+
+    def _cancel_command(self, job: _Job, a: AssignmentRecord, reason: str) -> tuple[str, bytes]:
+        message = CancelRole(job=job.record.id, role=a.role, reason=reason)
+        return (self.topics.agent_inbox(a.agent), message.to_msgpack())
+
+    async def _send_all(self, commands: list[Command]) -> None:
+        """Queue commands for the outbox; assignments become signed ``assign_role`` messages."""
+        for command in commands:
+            if not isinstance(command, AssignmentRecord):
+                self._outbox.put_nowait(command)
+                continue
+            a = command
+            job = self.jobs.get(a.job)
+            if job is None:
+                continue
+            try:
+                signed = await self._bundle(job, a)
+            except Exception as exc:
+                log.exception("bundle_failed", job=a.job, agent=a.agent, role=a.role)
+                a.state, a.reason = "failed", f"cannot build the bundle: {exc}"
+                await self.store.save(assignments=[a])
+                continue
+            message = AssignRole(
+                id=a.message_id or new_message_id(), job=a.job, role=a.role, bundle=signed
+            )
+            log.info(
+                "role_dispatched",
+                job=a.job,
+                agent=a.agent,
+                role=a.role,
+                attempt=a.attempts,
+                bundle=(a.bundle or "")[:12],
+                bytes=len(signed),
+            )
+            self._outbox.put_nowait((self.topics.agent_inbox(a.agent), message.to_msgpack()))
+
+    async def _bundle(self, job: _Job, a: AssignmentRecord) -> bytes:
+        """The signed bundle for one assignment (built once per role and dataset)."""
+        key = (a.role, a.dataset if a.role == "trainer" else None)
+        cached = job.bundles.get(key)
+        if cached is None:
+            artifacts: dict[str, bytes] = {}
+            code: dict[str, str] = {}
+            for name, digest in job.record.artifacts.items():
+                data = await self.store.get_blob(digest)
+                if name.startswith(CODE_PREFIX):
+                    code[name[len(CODE_PREFIX) :]] = data.decode()
+                else:
+                    artifacts[name] = data
+            bundle = build_bundle(
+                job=job.record.id,
+                role=a.role,
+                spec=job.record.spec,
+                artifacts=artifacts,
+                code=code,
+                dataset=key[1],
+                prefix=self.topics.prefix,
+                created=job.record.submitted_at,
+            )
+            signed = sign(bundle, self.key)
+            cached = (signed.digest, signed.to_bytes())
+            job.bundles[key] = cached
+        digest, data = cached
+        if a.bundle != digest:
+            a.bundle = digest
+            await self.store.save(assignments=[a])
+        return data
+
+    def _aggregator(self, job: _Job) -> AssignmentRecord | None:
+        found = [a for a in job.assignments.values() if a.role == "aggregator"]
+        live = [a for a in found if a.state in ACTIVE]
+        return (live or found)[-1] if found else None
+
+    # placement ---------------------------------------------------------------------------------
+    def _excluded(self, job: _Job) -> set[str]:
+        return {
+            a.agent for a in job.assignments.values() if a.role == "trainer" and a.state in GIVEN_UP
+        }
+
+    async def _place(self, job: _Job) -> None:
+        """planned → dispatching once the fleet can take the job."""
+        record = job.record
+        result = planner.plan(
+            self.registry.snapshot(),
+            job.spec,
+            prefer_aggregator=self.prefer_aggregator,
+            exclude=self._excluded(job),
+        )
+        if not result.feasible:
+            reason = "waiting: " + "; ".join(result.problems)
+            if record.reason != reason:
+                record.reason = reason
+                record.updated_at = self.clock()
+                await self.store.save(
+                    jobs=[record], events=[(record.id, "waiting", {"reason": reason})]
+                )
+                self._announce(job)
+            return
+        now = self.clock()
+        new: list[AssignmentRecord] = []
+        commands: list[Command] = []
+        for chosen in result.selected:
+            a = AssignmentRecord(
+                job=record.id,
+                agent=chosen.agent,
+                role=chosen.role,
+                state="standby" if chosen.standby else "pending",
+                dataset=chosen.dataset,
+                samples=chosen.samples,
+                created_at=now,
+                updated_at=now,
+            )
+            if not chosen.standby:
+                self._mark_dispatched(a, now)
+                commands.append(a)
+            job.assignments[(a.agent, a.role)] = a
+            new.append(a)
+        record.phase, record.reason, record.updated_at = "dispatching", "", now
+        plan_event = {
+            "selected": [s.to_dict() for s in result.selected],
+            "rejected": [r.to_dict() for r in result.rejected],
+        }
+        await self.store.save(
+            jobs=[record], assignments=new, events=[(record.id, "planned", plan_event)]
+        )
+        self._announce(job)
+        log.info(
+            "job_placed",
+            job=record.id,
+            aggregator=result.aggregator.agent if result.aggregator else None,
+            trainers=[s.agent for s in result.trainers if not s.standby],
+            standby=[s.agent for s in result.trainers if s.standby],
+        )
+        await self._send_all(commands)
+
+    async def _fill_trainers(self, job: _Job) -> None:
+        """Keep ``concurrency`` trainers at work (async) or every eligible agent (sync).
+
+        A trainer replaced while offline that comes back still running its role is taken back
+        first, if there is room; then new agents are dispatched, biggest datasets first."""
+        spec = job.spec
+        trainers = {a.agent: a for a in job.assignments.values() if a.role == "trainer"}
+        active = {agent for agent, a in trainers.items() if a.state in ACTIVE}
+        target = spec.algorithm.concurrency if spec.algorithm.mode == "async" else math.inf
+        if len(active) >= target:
+            return
+        now = self.clock()
+        changed: list[AssignmentRecord] = []
+        commands: list[Command] = []
+        for agent_id, a in sorted(trainers.items()):
+            if len(active) >= target:
+                break
+            agent = self.registry.get(agent_id)
+            observed = self._observed(job, a, agent)
+            if (
+                a.state == "replaced"
+                and agent is not None
+                and agent.online
+                and observed is not None
+                and observed.state in ("running", "starting")
+            ):
+                a.state, a.reason, a.updated_at = "running", "back online", now
+                active.add(agent_id)
+                changed.append(a)
+        if len(active) < target:
+            agg = self._aggregator(job)
+            result = planner.plan(
+                self.registry.snapshot(),
+                spec,
+                prefer_aggregator=self.prefer_aggregator,
+                exclude=self._excluded(job),
+                aggregator=agg.agent if agg else None,
+            )
+            candidates = [
+                s
+                for s in result.trainers
+                if s.agent not in active
+                and (s.agent not in trainers or trainers[s.agent].state in ("standby", "replaced"))
+            ]
+            room = len(candidates) if target is math.inf else int(target) - len(active)
+            for chosen in candidates[:room]:
+                a = trainers.get(chosen.agent) or AssignmentRecord(
+                    job=job.record.id,
+                    agent=chosen.agent,
+                    role="trainer",
+                    state="standby",
+                    created_at=now,
+                )
+                a.state = "pending"
+                a.reason = "replacement" if job.record.phase == "running" else ""
+                a.dataset, a.samples = chosen.dataset, chosen.samples
+                a.attempts = 0
+                self._mark_dispatched(a, now)
+                job.assignments[(a.agent, a.role)] = a
+                active.add(a.agent)
+                changed.append(a)
+                commands.append(a)
+        if not changed:
+            return
+        events: list[tuple[str | None, str, Mapping[str, Any]]] = [
+            (
+                job.record.id,
+                "assignment",
+                {"agent": a.agent, "role": a.role, "state": a.state, "reason": a.reason},
+            )
+            for a in changed
+        ]
+        await self.store.save(assignments=changed, events=events)
+        self._announce(job)
+        await self._send_all(commands)
+
+    async def _cancel_surplus(self, job: _Job) -> None:
+        """Roles an agent still runs though their assignment ended (replaced, cancelled)."""
+        now = self.clock()
+        commands: list[Command] = []
+        touched: list[AssignmentRecord] = []
+        for a in job.assignments.values():
+            if a.state in ACTIVE or a.state in ("standby", "dropped"):
+                continue
+            agent = self.registry.get(a.agent)
+            if agent is None or not agent.online:
+                continue
+            observed = agent.roles.get(f"{job.record.id}/{a.role}")
+            if observed is None or observed.state not in ("running", "starting"):
+                continue
+            if now - (a.dispatched_at or 0.0) >= self.timings.dispatch_timeout:
+                a.dispatched_at = now
+                touched.append(a)
+                reason = f"job {job.record.phase}" if job.record.terminal else a.reason
+                commands.append(self._cancel_command(job, a, reason or "no longer assigned"))
+        if touched:
+            await self.store.save(assignments=touched)
+            await self._send_all(commands)
+
+    async def _advance(self, job: _Job) -> None:
+        """dispatching → running, stop rules, and failing a job nobody can train."""
+        record = job.record
+        now = self.clock()
+        trainers = [a for a in job.assignments.values() if a.role == "trainer"]
+        running = [a for a in trainers if a.state == "running"]
+        agg = self._aggregator(job)
+        if record.phase == "dispatching":
+            if (
+                agg is not None
+                and agg.state == "running"
+                and (len(running) >= job.spec.algorithm.min_trainers)
+            ):
+                record.phase, record.reason = "running", ""
+                record.started_at = record.started_at or now
+                record.updated_at = now
+                await self.store.save(jobs=[record], events=[(record.id, "running", {})])
+                self._announce(job)
+                log.info("job_running", job=record.id, trainers=len(running))
+                return
+            pending = [a for a in trainers if a.state in ACTIVE]
+            given_up = [a for a in trainers if a.state in ("failed", "refused")]
+            if not pending and given_up and not self._has_candidates(job):
+                last = given_up[-1]
+                await self._finish(
+                    job,
+                    "failed",
+                    f"no trainer could run the job (last: {last.agent} {last.state}"
+                    + (f": {last.reason})" if last.reason else ")"),
+                )
+                return
+        if agg is not None and agg.state in ACTIVE:
+            agent = self.registry.get(agg.agent)
+            note = "" if agent is not None and agent.online else f"aggregator {agg.agent} offline"
+            if record.phase == "running" and record.reason != note:
+                record.reason = note
+                record.updated_at = now
+                await self.store.save(jobs=[record])
+                self._announce(job)
+        stop = job.spec.stop
+        started = record.started_at
+        if (
+            stop.max_minutes is not None
+            and started is not None
+            and (now - started >= stop.max_minutes * 60)
+        ):
+            await self._finish(job, "completed", f"max_minutes reached ({stop.max_minutes:g})")
+
+    def _has_candidates(self, job: _Job) -> bool:
+        agg = self._aggregator(job)
+        result = planner.plan(
+            self.registry.snapshot(),
+            job.spec,
+            exclude=self._excluded(job),
+            aggregator=agg.agent if agg else None,
+        )
+        return bool(result.trainers)
+
+    # the end -----------------------------------------------------------------------------------
+    async def _finish(self, job: _Job, phase: str, reason: str) -> None:
+        record = job.record
+        now = self.clock()
+        record.phase, record.reason = phase, reason
+        record.finished_at = now
+        record.updated_at = now
+        changed: list[AssignmentRecord] = []
+        commands: list[Command] = []
+        for a in job.assignments.values():
+            if a.state in ACTIVE or a.state in ("standby", "dropped"):
+                was_active = a.state in ACTIVE
+                a.state = "cancelled" if was_active else a.state
+                a.reason = f"job {phase}"
+                a.updated_at = now
+                a.dispatched_at = now
+                changed.append(a)
+                if was_active:
+                    commands.append(self._cancel_command(job, a, f"job {phase}: {reason}"))
+        await self.store.save(
+            jobs=[record], assignments=changed, events=[(record.id, phase, {"reason": reason})]
+        )
+        self._announce(job)
+        log.info("job_finished", job=record.id, phase=phase, reason=reason)
+        await self._send_all(commands)
+
+    # metrics -----------------------------------------------------------------------------------
+    async def _read_metrics(self, sub: Subscription) -> None:
+        async for message in sub:
+            try:
+                await self.apply_metrics(message)
+            except Exception:
+                log.exception("metrics_event_failed", topic=message.topic)
+
+    async def apply_metrics(self, message: Inbound) -> None:
+        """Fold one metric event from ``jobs/<id>/metrics`` into its job."""
+        job_id = self.topics.job_of(message.topic)
+        job = self.jobs.get(job_id or "")
+        if job is None or job.record.terminal:
+            return
+        try:
+            event = json.loads(bytes(message.payload))
+        except (UnicodeDecodeError, ValueError):
+            log.warning("metrics_event_invalid", job=job_id)
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("event")
+        async with self._lock:
+            if job.record.terminal:
+                return
+            if kind == "model_version":
+                await self._model_version(job, event)
+            elif kind == "completed":
+                await self._finish(job, "completed", _text(event.get("reason")) or "completed")
+            elif kind == "failed":
+                await self._finish(
+                    job, "failed", _text(event.get("reason")) or "the aggregator failed"
+                )
+
+    async def _model_version(self, job: _Job, event: Mapping[str, Any]) -> None:
+        record = job.record
+        version = event.get("version")
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or version < record.model_version
+        ):
+            return
+        updates = event.get("updates_applied")
+        metrics = {
+            k: v
+            for k, v in event.items()
+            if k not in ("event", "version", "updates_applied", "ts", "v", "agent", "job", "role")
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+        }
+        record.model_version = version
+        if isinstance(updates, int) and not isinstance(updates, bool):
+            record.updates_applied = max(record.updates_applied, updates)
+        record.metrics = {**record.metrics, **metrics}
+        record.updated_at = self.clock()
+        if record.phase == "dispatching" and record.started_at is None:
+            record.started_at = record.updated_at
+        await self.store.save(
+            jobs=[record],
+            model_version=(record.id, version, record.updates_applied, metrics),
+        )
+        self._announce(job)
+        reason = stop_reason(job.spec, record)
+        if reason:
+            await self._finish(job, "completed", reason)
+
+    # announcing --------------------------------------------------------------------------------
+    def _announce(self, job: _Job) -> None:
+        self._dirty.add(job.record.id)
+        self._dirty_event.set()
+
+    async def _publish_states(self) -> None:
+        """Publish the retained state of every job that changed, coalescing bursts."""
+        while True:
+            await self._dirty_event.wait()
+            self._dirty_event.clear()
+            while self._dirty:
+                job_id = self._dirty.pop()
+                job = self.jobs.get(job_id)
+                if job is None:
+                    continue
+                payload = json.dumps(self.state_document(job), separators=(",", ":"))
+                try:
+                    await self.transport.publish(
+                        self.topics.job_state(job_id), payload, qos=1, retain=True, timeout=None
+                    )
+                except Exception as exc:
+                    log.warning("job_state_publish_failed", job=job_id, error=str(exc))
+                    self._dirty.add(job_id)
+                    await asyncio.sleep(1.0)
+
+    async def _send_commands(self) -> None:
+        while True:
+            topic, payload = await self._outbox.get()
+            try:
+                await self.transport.publish(topic, payload, qos=1, timeout=60)
+            except NotConnectedError as exc:
+                # The dispatch timeout sends it again; nothing is lost by dropping it here.
+                log.warning("command_not_sent", topic=topic, error=str(exc))
+            except Exception:
+                log.exception("command_failed", topic=topic)
+            finally:
+                self._outbox.task_done()
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Wait until queued commands and states are out (for a clean stop)."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._outbox.join(), timeout)
+
+
+# -- pure helpers --------------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value[:1024] if isinstance(value, str) else ""
+
+
+def _count(states: Iterable[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for state in states:
+        out[state] = out.get(state, 0) + 1
+    return out
+
+
+def stop_reason(spec: JobSpec, record: JobRecord) -> str:
+    """The stop rule a job's progress has met, or ``""``."""
+    stop = spec.stop
+    accuracy = record.metrics.get("accuracy")
+    if (
+        stop.target_accuracy is not None
+        and isinstance(accuracy, (int, float))
+        and accuracy >= stop.target_accuracy
+    ):
+        return f"target_accuracy reached ({accuracy:.4g} ≥ {stop.target_accuracy:g})"
+    if stop.max_updates is not None and record.updates_applied >= stop.max_updates:
+        return f"max_updates reached ({record.updates_applied})"
+    if stop.max_versions is not None and record.model_version >= stop.max_versions:
+        return f"max_versions reached ({record.model_version})"
+    return ""
+
+
+def progress(spec: JobSpec, record: JobRecord, now: float) -> float:
+    """How far the job is towards its nearest stop rule, in [0, 1]."""
+    if record.phase == "completed":
+        return 1.0
+    stop = spec.stop
+    parts = [0.0]
+    if stop.max_updates:
+        parts.append(record.updates_applied / stop.max_updates)
+    if stop.max_versions:
+        parts.append(record.model_version / stop.max_versions)
+    if stop.max_minutes and record.started_at is not None:
+        end = record.finished_at or now
+        parts.append((end - record.started_at) / (stop.max_minutes * 60))
+    accuracy = record.metrics.get("accuracy")
+    if stop.target_accuracy and isinstance(accuracy, (int, float)):
+        parts.append(accuracy / stop.target_accuracy)
+    return round(min(1.0, max(parts)), 4)

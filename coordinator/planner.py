@@ -1,0 +1,275 @@
+"""Placement: which agents take which role of a job, and why every other agent does not.
+
+A pure function of a registry snapshot and a job spec (Flame's idea of defining a job apart
+from where it runs: the job names the data and compute it needs, the planner finds agents).
+
+* One **aggregator**, on an online agent carrying the spec's aggregator labels (by default
+  ``role=aggregator``: the coordinator's embedded agent or a gateway), the preferred agent first,
+  then the least busy one.
+* **Trainers**: online agents holding a dataset that matches by name and/or tags with at least
+  ``min_samples`` samples, enough memory, an accepted CPU architecture, the runtime the backend
+  needs and the required labels. Biggest datasets first. In ``async`` mode (FedBuff) the first
+  ``concurrency`` are active and the rest stand by as replacements; in ``sync`` mode every
+  eligible agent takes part and each round samples from them.
+
+Every other agent is rejected with a reason code and a sentence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.registry import AgentView, DatasetInfo
+from coordinator.spec import JobSpec
+
+# Reason codes, in the order they are checked.
+OFFLINE = "offline"
+NO_INFO = "no_info"
+LABELS = "labels"
+WRONG_ARCH = "wrong_arch"
+TOO_LITTLE_MEMORY = "too_little_memory"
+RUNTIME_MISSING = "runtime_missing"
+CODE_NOT_ALLOWED = "code_not_allowed"
+NO_DATASET = "no_dataset"
+TOO_FEW_SAMPLES = "too_few_samples"
+EXCLUDED = "excluded"
+
+
+@dataclass(frozen=True)
+class Selected:
+    """An agent chosen for a role; ``standby`` trainers replace active ones that go away."""
+
+    agent: str
+    role: str
+    dataset: str | None = None
+    samples: int | None = None
+    standby: bool = False
+    feature_shape: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "agent": self.agent,
+            "role": self.role,
+            "dataset": self.dataset,
+            "samples": self.samples,
+            "standby": self.standby,
+            "feature_shape": None if self.feature_shape is None else list(self.feature_shape),
+        }
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An agent that takes no part, with a reason code and a sentence."""
+
+    agent: str
+    code: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"agent": self.agent, "code": self.code, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The outcome of placement; feasible when an aggregator and enough trainers were found."""
+
+    selected: tuple[Selected, ...] = ()
+    rejected: tuple[Rejected, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    @property
+    def aggregator(self) -> Selected | None:
+        return next((s for s in self.selected if s.role == "aggregator"), None)
+
+    @property
+    def trainers(self) -> list[Selected]:
+        return [s for s in self.selected if s.role == "trainer"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "feasible": self.feasible,
+            "problems": list(self.problems),
+            "selected": [s.to_dict() for s in self.selected],
+            "rejected": [r.to_dict() for r in self.rejected],
+        }
+
+
+@dataclass(frozen=True)
+class Eligibility:
+    """Whether one agent can train for a spec, and on which of its datasets."""
+
+    dataset: DatasetInfo | None = None
+    problems: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def offline_reason(agent: AgentView) -> str:
+    if agent.status is None:
+        return (
+            "offline: seen on the LAN but not connected to the broker"
+            if agent.lan
+            else "offline: no status published"
+        )
+    text = "offline"
+    if agent.since:
+        text += f" since {_clock(agent.since)}"
+    if agent.offline_reason:
+        text += f" ({agent.offline_reason})"
+    return text
+
+
+def trainer_eligibility(agent: AgentView, spec: JobSpec) -> Eligibility:
+    """Check one online agent's capabilities against a spec (everything but presence)."""
+    info = agent.info
+    if info is None:
+        return Eligibility(problems=((NO_INFO, "no info published"),))
+    problems: list[tuple[str, str]] = []
+    missing = {k: v for k, v in spec.compute.labels.items() if info.labels.get(k) != v}
+    if missing:
+        text = ", ".join(f"{k}={v}" for k, v in missing.items())
+        problems.append((LABELS, f"missing label {text}"))
+    if spec.compute.arch:
+        wanted = ", ".join(spec.compute.arch)
+        if info.arch is None:
+            problems.append((WRONG_ARCH, f"arch unknown (job needs {wanted})"))
+        elif info.arch not in spec.compute.arch:
+            problems.append((WRONG_ARCH, f"wrong arch {info.arch} (job needs {wanted})"))
+    need_mb = spec.compute.min_memory_mb
+    if need_mb:
+        if info.memory_mb is None:
+            problems.append((TOO_LITTLE_MEMORY, f"memory unknown (job needs {need_mb} MB)"))
+        elif info.memory_mb < need_mb:
+            problems.append(
+                (TOO_LITTLE_MEMORY, f"too little memory: {info.memory_mb} MB < {need_mb} MB")
+            )
+    runtime = spec.backend
+    version = info.onnxruntime if runtime == "onnxruntime" else info.torch
+    if version is None:
+        error = info.runtime_errors.get(runtime)
+        problems.append(
+            (
+                RUNTIME_MISSING,
+                f"runtime missing: {runtime} failed to load ({error})"
+                if error
+                else f"runtime missing: no {runtime}",
+            )
+        )
+    elif runtime == "torch" and info.allow_code is False:
+        problems.append(
+            (CODE_NOT_ALLOWED, "torch backend sends model code and this agent has allow_code off")
+        )
+    matching = [d for d in info.datasets if spec.data.matches(d.name, d.tags)]
+    best: DatasetInfo | None = None
+    if not matching:
+        held = ", ".join(d.name for d in info.datasets) or "none"
+        problems.append(
+            (NO_DATASET, f"no matching dataset (job needs {spec.data.describe()}; has {held})")
+        )
+    else:
+        enough = [d for d in matching if (d.samples or 0) >= spec.data.min_samples]
+        if not enough:
+            most = max(matching, key=lambda d: d.samples or 0)
+            count = "an unknown number" if most.samples is None else str(most.samples)
+            problems.append(
+                (
+                    TOO_FEW_SAMPLES,
+                    f"too few samples: {most.name} has {count}, "
+                    f"job needs ≥ {spec.data.min_samples}",
+                )
+            )
+        else:
+            best = max(enough, key=lambda d: (d.samples or 0, d.name))
+    return Eligibility(dataset=best, problems=tuple(problems))
+
+
+def plan(
+    agents: Iterable[AgentView],
+    spec: JobSpec,
+    *,
+    prefer_aggregator: str | None = None,
+    exclude: Collection[str] = (),
+    aggregator: str | None = None,
+) -> Plan:
+    """Place ``spec`` on ``agents``.
+
+    ``exclude`` names agents not to take as trainers (they refused or failed this job before);
+    ``aggregator``, when given, keeps the aggregator where it already runs.
+    """
+    fleet = sorted(agents, key=lambda a: a.id)
+    selected: list[Selected] = []
+    rejected: list[Rejected] = []
+    problems: list[str] = []
+
+    # The aggregator.
+    agg_id = aggregator
+    if agg_id is None:
+        wanted = spec.aggregator.labels
+        hosts = [
+            a
+            for a in fleet
+            if a.online
+            and a.info is not None
+            and all(a.info.labels.get(k) == v for k, v in wanted.items())
+        ]
+        if hosts:
+            hosts.sort(key=lambda a: (a.id != prefer_aggregator, len(a.running_roles()), a.id))
+            agg_id = hosts[0].id
+        else:
+            labels = ", ".join(f"{k}={v}" for k, v in wanted.items())
+            problems.append(
+                f"no online agent can host the aggregator (needs labels {labels}; "
+                "'ember serve' starts one unless --no-embedded-agent)"
+            )
+    if agg_id is not None:
+        selected.append(Selected(agent=agg_id, role="aggregator"))
+
+    # The trainers.
+    eligible: list[tuple[AgentView, DatasetInfo]] = []
+    for agent in fleet:
+        if not agent.online:
+            if agent.id != agg_id:
+                rejected.append(Rejected(agent.id, OFFLINE, offline_reason(agent)))
+            continue
+        if agent.id in exclude:
+            if agent.id != agg_id:
+                rejected.append(Rejected(agent.id, EXCLUDED, "refused or failed this job before"))
+            continue
+        check = trainer_eligibility(agent, spec)
+        if check.ok and check.dataset is not None:
+            eligible.append((agent, check.dataset))
+        elif agent.id != agg_id:
+            code = check.problems[0][0]
+            rejected.append(Rejected(agent.id, code, "; ".join(t for _, t in check.problems)))
+    eligible.sort(key=lambda pair: (-(pair[1].samples or 0), pair[0].id))
+    active = spec.algorithm.concurrency if spec.algorithm.mode == "async" else len(eligible)
+    for i, (agent, dataset) in enumerate(eligible):
+        selected.append(
+            Selected(
+                agent=agent.id,
+                role="trainer",
+                dataset=dataset.name,
+                samples=dataset.samples,
+                standby=i >= active,
+                feature_shape=dataset.feature_shape,
+            )
+        )
+    if len(eligible) < spec.algorithm.min_trainers:
+        problems.append(
+            f"needs at least {spec.algorithm.min_trainers} trainer(s), found {len(eligible)} "
+            f"(agents with {spec.data.describe()} and ≥ {spec.data.min_samples} samples)"
+        )
+    return Plan(selected=tuple(selected), rejected=tuple(rejected), problems=tuple(problems))
