@@ -61,7 +61,8 @@ class Status(str, enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The verdict on one offered update."""
+    """The verdict on one offered update (FedBuff, Nguyen et al. 2022, or a synchronous
+    FedAvg round, McMahan et al. 2017)."""
 
     status: Status
     update_id: str
@@ -84,7 +85,8 @@ class Outcome:
 
 @dataclass(slots=True)
 class Counters:
-    """Totals since the aggregator was created (kept across checkpoints). Every offer counts in
+    """Totals since the aggregator was created (kept across checkpoints): FedBuff's "drop and
+    count" of stale updates (Nguyen et al. 2022) and the rest. Every offer counts in
     ``received`` and in exactly one of the other five update counters."""
 
     received: int = 0
@@ -238,7 +240,9 @@ def id_problem(update_id: object) -> str | None:
 
 
 class AppliedIds:
-    """The ids of applied updates, so a redelivered one (MQTT QoS 1) is applied at most once.
+    """The ids of applied updates, so a redelivered one (MQTT QoS 1) is applied at most once
+    (DESIGN.md: every state-changing message carries an id; FedBuff, Nguyen et al. 2022, and
+    FedAvg, McMahan et al. 2017, both assume each client update counts once).
 
     Bounded: beyond ``capacity`` ids the oldest are forgotten first. Size it above the number of
     updates that can still be redelivered; with a max staleness, an update old enough to have
@@ -281,7 +285,8 @@ class AppliedIds:
 
 
 class DeltaBuffer:
-    """Preallocated per-tensor sums of weighted deltas, accumulated in place.
+    """Preallocated per-tensor sums of weighted deltas, accumulated in place: FedBuff's buffer
+    of s(τ)·Δ_i (Nguyen et al., AISTATS 2022) or a round's Σ n_k·Δ_k (McMahan et al. 2017).
 
     Adding a delta allocates nothing of model size (see :func:`~agent.learning.arrays.scaled_add`).
     The sums are in ``dtype`` (float32 by default; float64 for more headroom), promoted to the
@@ -464,7 +469,7 @@ class BaseAggregator:
 
     # -- the shared path of an update
 
-    def _screen(self, update_id: str, num_samples: int) -> Outcome | None:
+    def _screen(self, update_id: str, base_version: int, num_samples: int) -> Outcome | None:
         """Count the offer; a rejection or duplicate verdict, or ``None`` to go on."""
         self._counters.received += 1
         reason = id_problem(update_id)
@@ -481,6 +486,8 @@ class BaseAggregator:
             return self._reject(
                 update_id, f"num_samples must be an integer ≥ 1, got {num_samples!r}"
             )
+        if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)):
+            return self._reject(update_id, f"base version must be an integer, got {base_version!r}")
         return None
 
     def _check(self, update_id: str, delta: Weights) -> Outcome | None:

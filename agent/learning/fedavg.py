@@ -57,7 +57,7 @@ class SyncRound:
 
 @dataclass(frozen=True)
 class RoundResult:
-    """How a round ended."""
+    """How a synchronous FedAvg round (McMahan et al. 2017) ended."""
 
     round: int
     """The round's number (the version it trained from)."""
@@ -165,11 +165,9 @@ class SyncFedAvg(BaseAggregator):
         open: rejected), the client (sampled, first report), the delta against the model. The
         last participant's update closes the round: the outcome's ``version`` is the new one.
         """
-        verdict = self._screen(update_id, num_samples)
+        verdict = self._screen(update_id, base_version, num_samples)
         if verdict is not None:
             return verdict
-        if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)):
-            return self._reject(update_id, f"base version must be an integer, got {base_version!r}")
         if base_version < self._version:
             self._counters.late += 1
             return Outcome(

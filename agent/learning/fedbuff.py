@@ -98,11 +98,9 @@ class FedBuffAggregator(BaseAggregator):
         buffer += s(τ)·Δ_i; the K-th update makes a new version, reported in the outcome's
         ``version`` with the mean ``metrics`` of its updates. ``delta`` is only read.
         """
-        verdict = self._screen(update_id, num_samples)
+        verdict = self._screen(update_id, base_version, num_samples)
         if verdict is not None:
             return verdict
-        if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)):
-            return self._reject(update_id, f"base version must be an integer, got {base_version!r}")
         tau = self._version - int(base_version)
         if tau < 0:
             return self._reject(

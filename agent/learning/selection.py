@@ -80,7 +80,7 @@ def statistical_utility(losses: npt.ArrayLike) -> float:
 
 @dataclass
 class ClientRecord:
-    """What Oort knows of an explored client."""
+    """What Oort (Lai et al., OSDI 2021) knows of an explored client."""
 
     utility: float
     """Statistical utility of its last round, |B_i|·sqrt(mean loss²)."""
