@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PARTS = {
     "codec": "bench.codec",
+    "agent_footprint": "bench.agent_footprint",
 }
 
 
