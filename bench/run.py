@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PARTS = {
     "codec": "bench.codec",
     "agent_footprint": "bench.agent_footprint",
+    "train_step": "bench.train_step",
 }
 
 

@@ -225,7 +225,7 @@ def torch_step(
         if momentum
         else {}
     )
-    return Step(float(data), params_of(model), new_buffers), grads
+    return Step(float(data.detach()), params_of(model), new_buffers), grads
 
 
 def assert_close(actual: Arrays, expected: Arrays, what: str) -> None:

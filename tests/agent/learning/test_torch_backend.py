@@ -14,7 +14,7 @@ from agent.learning.assets import load_demo_model  # noqa: E402
 from agent.learning.backend import ExportedModel, HyperParams, ModelFormatError  # noqa: E402
 from agent.learning.onnx_backend import OnnxBackend  # noqa: E402
 from agent.learning.torch_backend import TorchBackend, torch_available  # noqa: E402
-from coordinator.export import export_model  # noqa: E402
+from coordinator.export import export_eval, export_train_step, model_spec  # noqa: E402
 from examples.digits.model import Net, SmallCNN  # noqa: E402
 
 # Twenty steps of float32 SGD with momentum in two runtimes: observed gaps are ~1e-7.
@@ -25,10 +25,15 @@ ATOL = 1e-5
 def models() -> dict[str, tuple[Any, ExportedModel]]:
     torch.manual_seed(1)
     cnn = SmallCNN()
-    return {
-        "mlp": (Net(), load_demo_model()),
-        "cnn": (cnn, export_model(cnn, (1, 8, 8))),
-    }
+    spec = model_spec(cnn, (1, 8, 8), "cross_entropy")
+    exported = ExportedModel(  # no inference graph: trainers do without one
+        spec=spec,
+        train_step=export_train_step(cnn, spec),
+        eval_step=export_eval(cnn, spec),
+        inference=None,
+        initial_params={k: v.detach().numpy().copy() for k, v in cnn.named_parameters()},
+    )
+    return {"mlp": (Net(), load_demo_model()), "cnn": (cnn, exported)}
 
 
 @pytest.fixture(scope="module")
