@@ -146,11 +146,12 @@ class AgentDaemon:
         transport.on_connect(self._on_connect)
         await runtime.start()
         transport.start()
-        self.notifier.send("READY=1", f"STATUS=connecting to {broker.urls[0]}")
+        brokers = [str(e) for e in broker.endpoints()]  # without credentials
+        self.notifier.send("READY=1", f"STATUS=connecting to {brokers[0]}")
         log.info(
             "agent_started",
             agent=self.agent_id,
-            brokers=list(broker.urls),
+            brokers=brokers,
             datasets=sorted(datasets),
             state_dir=str(config.state_dir),
             watchdog=watchdog_interval(),
