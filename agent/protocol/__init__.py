@@ -25,6 +25,7 @@ from agent.protocol.messages import (
     Pong,
     RpcRequest,
     RpcResponse,
+    UpdateAck,
     decode_message,
     new_message_id,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "RpcResponse",
     "TensorMap",
     "Topics",
+    "UpdateAck",
     "check_segment",
     "decode_message",
     "decode_tensors",

@@ -212,6 +212,23 @@ class ModelVersion(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class UpdateAck(Message):
+    """The aggregator's receipt for trainers' updates: the id of the last update it processed
+    from each agent (applied, stale, duplicate or rejected alike), with the current version.
+
+    A trainer keeps at most one update in flight and starts its next local run from the newest
+    version once its update is acknowledged: FedBuff's "report, then pull the current model"
+    (Nguyen et al. 2022), and the flow control that keeps fast trainers from queueing work an
+    aggregator cannot keep up with.
+    """
+
+    TYPE: ClassVar[str] = "update_ack"
+    job: Name
+    version: Count
+    acks: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelRequest(Message):
     """A trainer without a current model asks the aggregator to publish its latest version
     (model versions are chunked, so they cannot be retained on the broker)."""

@@ -23,6 +23,7 @@ from agent.protocol import (
     ProtocolLimits,
     RpcRequest,
     RpcResponse,
+    UpdateAck,
     decode_message,
 )
 from agent.protocol.messages import message_types
@@ -56,6 +57,7 @@ EXAMPLES: list[Message] = [
         participants=["pi-1"],
     ),
     ModelRequest(job="digits", agent="pi-1"),
+    UpdateAck(job="digits", version=3, acks={"pi-1": "abc"}),
     RpcRequest(
         method="jobs.list", reply_to="ember/v1/coordinator/rpc/replies/cli", params={"all": True}
     ),

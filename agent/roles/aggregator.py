@@ -1,0 +1,408 @@
+"""The aggregator role: turns trainers' deltas into new global model versions.
+
+Asynchronous mode is FedBuff (Nguyen et al., AISTATS 2022): every accepted delta enters a
+staleness-weighted buffer and every K of them make a new version through the server optimizer
+(FedAvg, FedAvgM, FedAdam, FedYogi, FedAdaGrad; Reddi et al., ICLR 2021). Synchronous mode is
+FedAvg rounds (McMahan et al., AISTATS 2017) over sampled trainers with a round timeout, FedDyn's
+server correction (Acar et al., ICLR 2021) where the job asks for it.
+
+Each version is evaluated on the held-out dataset bound to this role (if any), checkpointed in
+the role's state directory before it is announced (a restarted aggregator resumes from its last
+version, its buffer and the ids of every update it applied, so none is applied twice), published
+on the job's model topic, and summarised as a JSON event on the job's metrics topic, which the
+coordinator folds into the job's state. The stop rules end the job with a final version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.learning.aggregation import Outcome, Status
+from agent.learning.backend import EvalResult, TrainingBackend
+from agent.learning.fedavg import SyncFedAvg
+from agent.learning.fedbuff import FedBuffAggregator
+from agent.learning.feddyn import FedDynServer
+from agent.learning.loader import exported_model, make_backend
+from agent.learning.optimizers import ServerOptimizer, make_server_optimizer
+from agent.learning.plan import TrainingPlan
+from agent.learning.staleness import make_staleness
+from agent.protocol import (
+    ModelRequest,
+    ModelUpdate,
+    ModelVersion,
+    ProtocolError,
+    UpdateAck,
+    decode_message,
+)
+from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
+from agent.roles.base import Role, RoleContext, register_role
+from agent.roles.trainer import RoleError
+
+log = structlog.get_logger("ember.aggregator")
+
+REPUBLISH_INTERVAL = 0.5
+"""Model requests within this many seconds of a publish are answered by that publish."""
+KEEP_CHECKPOINTS = 3
+
+
+@register_role
+class Aggregator(Role):
+    """Builds model versions from deltas: FedBuff (async) or FedAvg rounds (sync)."""
+
+    kind = "aggregator"
+
+    def __init__(self, ctx: RoleContext) -> None:
+        super().__init__(ctx)
+        self.plan = TrainingPlan.from_config(ctx.bundle.config)
+        self.checkpoints = Checkpoints(ctx.state_dir / "checkpoints")
+        self.trainers: set[str] = set()
+        self.history: list[dict[str, Any]] = []
+        self.started_at = time.time()
+        self.rng = random.Random(0)
+        self._last_publish = 0.0
+        self._republish: asyncio.Task[None] | None = None
+        self._round_opened = 0.0
+        self._eval_result: EvalResult | None = None
+        self._acks: dict[str, str] = {}
+        self._acks_pending = False
+
+    # -- set-up --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        ctx = self.ctx
+        bundle = ctx.bundle
+        model = exported_model(bundle)
+        name = str(bundle.dataset.get("name", ""))
+        holdout = ctx.datasets.get(name) if name else None
+        if name and holdout is None:
+            raise RoleError(f"evaluation dataset {name!r} is not on this agent")
+        self.evaluator: TrainingBackend | None = None
+        if holdout is not None:
+            # Evaluation needs only the eval graph: onnxruntime, whatever the trainers use.
+            self.evaluator = await ctx.run_cpu(make_backend, bundle, model, backend="onnxruntime")
+        self.holdout = holdout
+        self.algo = self._make_algorithm(model.initial_params)
+        resumed = await ctx.run_cpu(self.checkpoints.load_latest)
+        if resumed is not None:
+            state, meta = resumed
+            self.algo.load_state_dict(state)
+            self.history = list(meta.get("history", []))
+            self.started_at = float(meta.get("started_at", self.started_at))
+            self.trainers = set(meta.get("trainers", []))
+            log.info("aggregator_resumed", job=bundle.job, version=self.algo.version)
+        updates = await ctx.transport.subscribe(
+            ctx.topics.all_job_updates(bundle.job), max_messages=100_000
+        )
+        try:
+            if resumed is None:
+                await self._evaluate_and_record(metrics={})
+            await self._open_round_if_ready()
+            await self._publish()
+            await self._serve(updates)
+        finally:
+            if self._republish is not None:
+                self._republish.cancel()
+            await updates.close()
+
+    def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
+        plan = self.plan
+        params = dict(plan.server_optimizer)
+        name = str(params.pop("name", "fedavg"))
+        optimizer: ServerOptimizer
+        if name == "feddyn":
+            alpha = float(params.pop("alpha", plan.feddyn_alpha or 0.01))
+            optimizer = FedDynServer(alpha=alpha, num_devices=int(params.pop("num_devices", 1)))
+        else:
+            optimizer = make_server_optimizer(name, **params)
+        if plan.mode == "sync":
+            return SyncFedAvg(initial, optimizer=optimizer, max_norm=plan.max_norm)
+        return FedBuffAggregator(
+            initial,
+            buffer_size=plan.buffer_size,
+            optimizer=optimizer,
+            staleness=make_staleness(plan.staleness_weight, max_staleness=plan.staleness_max),
+            max_norm=plan.max_norm,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def _serve(self, updates: Any) -> None:
+        while True:
+            stop = self._stop_reason()
+            if stop is not None:
+                await self._finish(stop)
+                return
+            try:
+                message = await updates.get(timeout=self._wait_budget())
+            except asyncio.TimeoutError:
+                await self._on_timer()
+                continue
+            try:
+                decoded = decode_message(message.payload, expect=(ModelUpdate, ModelRequest))
+            except ProtocolError as exc:
+                log.warning("update_rejected", topic=message.topic, reason=str(exc))
+                await self.ctx.report(
+                    {"event": "update_rejected", "topic": message.topic, "reason": str(exc)}
+                )
+                continue
+            if isinstance(decoded, ModelRequest) and decoded.job == self.ctx.bundle.job:
+                await self._on_request(decoded)
+            elif isinstance(decoded, ModelUpdate) and decoded.job == self.ctx.bundle.job:
+                await self._on_update(decoded)
+                self._acks[decoded.agent] = decoded.id
+                self._acks_pending = True
+            if self._acks_pending and not len(updates):
+                await self._send_acks()
+
+    async def _send_acks(self) -> None:
+        """Receipts for every update processed since the last ones, in one small message."""
+        ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=dict(self._acks))
+        self._acks_pending = False
+        await self.ctx.transport.publish(
+            self.ctx.topics.job_model(self.ctx.bundle.job), ack.to_msgpack()
+        )
+
+    def _wait_budget(self) -> float:
+        if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
+            left = self._round_opened + self.plan.round_timeout - time.monotonic()
+            return max(0.05, min(left, 5.0))
+        return 1.0 if self.plan.mode == "sync" else 5.0
+
+    async def _on_timer(self) -> None:
+        if isinstance(self.algo, SyncFedAvg):
+            current = self.algo.current_round
+            if current is None:
+                await self._open_round_if_ready(publish=True)
+            elif time.monotonic() - self._round_opened >= self.plan.round_timeout:
+                result = await self.ctx.run_cpu(self.algo.close, "timeout")
+                log.info(
+                    "round_timeout",
+                    job=self.ctx.bundle.job,
+                    round=result.round,
+                    missing=sorted(result.missing),
+                )
+                await self._new_version(result.metrics)
+
+    async def _on_request(self, request: ModelRequest) -> None:
+        joined = request.agent not in self.trainers
+        self.trainers.add(request.agent)
+        no_round = isinstance(self.algo, SyncFedAvg) and self.algo.current_round is None
+        if no_round and await self._open_round_if_ready(publish=True):
+            return
+        if joined or request.have_version < self.algo.version:
+            self._schedule_republish()
+
+    async def _on_update(self, update: ModelUpdate) -> None:
+        self.trainers.add(update.agent)
+        algo = self.algo
+        if isinstance(algo, SyncFedAvg):
+            outcome: Outcome = await self.ctx.run_cpu(
+                algo.offer,
+                update.id,
+                update.base_version,
+                update.tensors,
+                update.num_samples,
+                update.metrics,
+                client=update.agent,
+            )
+        else:
+            outcome = await self.ctx.run_cpu(
+                algo.offer,
+                update.id,
+                update.base_version,
+                update.tensors,
+                update.num_samples,
+                update.metrics,
+            )
+        if outcome.status is not Status.APPLIED:
+            log.info(
+                "update_not_applied",
+                job=update.job,
+                agent=update.agent,
+                status=outcome.status.value,
+                reason=outcome.reason,
+            )
+            await self.ctx.report(
+                {
+                    "event": f"update_{outcome.status.value}",
+                    "agent": update.agent,
+                    "update": update.id,
+                    "reason": outcome.reason,
+                }
+            )
+            return
+        if outcome.version is not None:
+            await self._new_version(outcome.metrics)
+
+    async def _new_version(self, train_metrics: Mapping[str, float]) -> None:
+        await self._evaluate_and_record(metrics=train_metrics)
+        if self._stop_reason() is None:
+            await self._open_round_if_ready()
+            await self._publish()
+
+    # -- sync rounds ---------------------------------------------------------------------------
+    async def _open_round_if_ready(self, publish: bool = False) -> bool:
+        """Sample the next round's participants (sync mode) once enough trainers are known."""
+        algo = self.algo
+        if not isinstance(algo, SyncFedAvg) or algo.current_round is not None:
+            return False
+        if len(self.trainers) < self.plan.min_trainers:
+            return False
+        count = self.plan.clients_per_round or min(len(self.trainers), self.plan.concurrency)
+        chosen = self.rng.sample(sorted(self.trainers), min(count, len(self.trainers)))
+        algo.start_round(chosen)
+        self._round_opened = time.monotonic()
+        if publish:
+            await self._publish()
+        return True
+
+    # -- versions ------------------------------------------------------------------------------
+    async def _evaluate_and_record(self, metrics: Mapping[str, float]) -> None:
+        version = self.algo.version
+        result = None
+        if (
+            self.evaluator is not None
+            and self.holdout is not None
+            and version % self.plan.eval_every == 0
+        ):
+            result = await self.ctx.run_cpu(
+                self.evaluator.evaluate, self.algo.weights, self.holdout.x, self.holdout.y
+            )
+            self._eval_result = result
+        counters = self.algo.counters.as_dict()
+        event: dict[str, Any] = {
+            "event": "model_version",
+            "version": version,
+            "updates_applied": counters["applied"],
+            "elapsed": round(time.time() - self.started_at, 3),
+            "counters": counters,
+            "trainers": len(self.trainers),
+        }
+        if result is not None:
+            event["loss"] = result.loss
+            if result.accuracy is not None:
+                event["accuracy"] = result.accuracy
+        if "loss" in metrics:
+            event["train_loss"] = metrics["loss"]
+        self.history.append(
+            {
+                k: event[k]
+                for k in ("version", "elapsed", "updates_applied", "accuracy", "loss")
+                if k in event
+            }
+        )
+        state = encode_tensors(self.algo.state_dict())
+        meta = {
+            "history": self.history,
+            "started_at": self.started_at,
+            "trainers": sorted(self.trainers),
+        }
+        await self.ctx.run_cpu(self.checkpoints.save, version, state, meta)
+        await self.ctx.report(event)
+        log.info(
+            "model_version",
+            job=self.ctx.bundle.job,
+            version=version,
+            accuracy=event.get("accuracy"),
+            updates=counters["applied"],
+        )
+
+    def _stop_reason(self) -> str | None:
+        accuracy = self._eval_result.accuracy if self._eval_result is not None else None
+        return self.plan.stop.reason(
+            accuracy=accuracy,
+            updates=self.algo.counters.applied,
+            versions=self.algo.version,
+            minutes=(time.time() - self.started_at) / 60.0,
+        )
+
+    async def _finish(self, reason: str) -> None:
+        await self._publish(final=True)
+        last = self.history[-1] if self.history else {}
+        await self.ctx.report(
+            {
+                "event": "completed",
+                "reason": reason,
+                "version": self.algo.version,
+                **{k: v for k, v in last.items() if k != "version"},
+            }
+        )
+        log.info("job_completed", job=self.ctx.bundle.job, reason=reason, version=self.algo.version)
+
+    async def _publish(self, final: bool = False) -> None:
+        algo = self.algo
+        participants: list[str] = []
+        if isinstance(algo, SyncFedAvg) and algo.current_round is not None and not final:
+            participants = sorted(algo.current_round.participants)
+        metrics = {}
+        if self._eval_result is not None:
+            metrics["loss"] = self._eval_result.loss
+            if self._eval_result.accuracy is not None:
+                metrics["accuracy"] = self._eval_result.accuracy
+        message = ModelVersion(
+            job=self.ctx.bundle.job,
+            version=algo.version,
+            tensors=dict(algo.weights),
+            metrics=metrics,
+            participants=participants,
+            final=final,
+        )
+        payload = await self.ctx.run_cpu(message.to_msgpack)
+        await self.ctx.transport.publish(self.ctx.topics.job_model(self.ctx.bundle.job), payload)
+        self._last_publish = time.monotonic()
+
+    def _schedule_republish(self) -> None:
+        if self._republish is not None and not self._republish.done():
+            return
+        delay = max(0.0, self._last_publish + REPUBLISH_INTERVAL - time.monotonic())
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await self._publish()
+
+        self._republish = asyncio.create_task(later())
+
+
+class Checkpoints:
+    """Model versions on disk: the aggregator's full state (tensor codec, never pickle) and a
+    small JSON with history, written atomically; the newest few are kept."""
+
+    def __init__(self, directory: Path, keep: int = KEEP_CHECKPOINTS) -> None:
+        self.directory = directory
+        self.keep = keep
+
+    def save(self, version: int, state: bytes, meta: Mapping[str, Any]) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"v{version:08d}.tensors"
+        _atomic_write(path, state)
+        _atomic_write(
+            self.directory / "latest.json",
+            json.dumps({**meta, "version": version, "file": path.name}).encode(),
+        )
+        for old in sorted(self.directory.glob("v*.tensors"))[: -self.keep]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        pointer = self.directory / "latest.json"
+        if not pointer.exists():
+            return None
+        meta = json.loads(pointer.read_text())
+        state = decode_tensors((self.directory / meta["file"]).read_bytes(), require_finite=False)
+        return dict(state), meta
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)

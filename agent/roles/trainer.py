@@ -1,0 +1,209 @@
+"""The trainer role: local training on data that never leaves the device.
+
+FedBuff's client (Nguyen et al., AISTATS 2022): pull the newest global model version t_i, run
+the local SGD steps on the bound dataset, and send Δ = y_Q − y_0 against the model it started
+from, with t_i, the local sample count and training metrics. In asynchronous mode it then trains
+again from the newest version it has; in synchronous FedAvg rounds (McMahan et al. 2017) it
+trains once per version, and only on versions whose round names it. FedProx (Li et al. 2020)
+and FedDyn (Acar et al. 2021) change only the local objective, inside the train-step graph;
+FedDyn's client state is kept in the role's state directory across restarts.
+
+Training runs through ``ctx.run_cpu`` so the agent's event loop keeps answering pings, sending
+telemetry and watchdog pings while a step runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from agent.learning.backend import Array, TrainingBackend
+from agent.learning.feddyn import client_state_update, initial_client_state
+from agent.learning.loader import exported_model, make_backend
+from agent.learning.plan import TrainingPlan
+from agent.protocol import (
+    ModelRequest,
+    ModelUpdate,
+    ModelVersion,
+    ProtocolError,
+    UpdateAck,
+    decode_message,
+)
+from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
+from agent.roles.base import Role, RoleContext, register_role
+from agent.transport import Subscription
+
+log = structlog.get_logger("ember.trainer")
+
+MODEL_REQUEST_INTERVAL = 2.0
+"""Seconds between requests for the current model while none has arrived."""
+ACK_TIMEOUT = 5.0
+"""Seconds to wait for the aggregator's receipt of an update before training on regardless:
+receipts take milliseconds, but an aggregator that restarted never saw (and never acknowledges)
+an update sent while it was down."""
+
+
+class RoleError(RuntimeError):
+    """The role cannot run as assigned; the runtime reports the message as the failure reason."""
+
+
+@register_role
+class Trainer(Role):
+    """Trains on the bound local dataset and streams deltas (FedBuff client; FedAvg client)."""
+
+    kind = "trainer"
+
+    def __init__(self, ctx: RoleContext) -> None:
+        super().__init__(ctx)
+        self.plan = TrainingPlan.from_config(ctx.bundle.config)
+        self._latest: ModelVersion | None = None
+        self._arrived = asyncio.Event()
+        self._acked: str | None = None
+        self._ack = asyncio.Event()
+        self.updates_sent = 0
+
+    async def run(self) -> None:
+        ctx = self.ctx
+        bundle = ctx.bundle
+        name = str(bundle.dataset.get("name", ""))
+        dataset = ctx.datasets.get(name)
+        if dataset is None:
+            raise RoleError(f"dataset {name!r} is not on this agent (has {sorted(ctx.datasets)})")
+        model = exported_model(bundle)
+        backend: TrainingBackend = await ctx.run_cpu(make_backend, bundle, model)
+        x, y = dataset.x, dataset.y
+        topic = ctx.topics.job_updates(bundle.job, ctx.agent_id)
+        models = await ctx.transport.subscribe(ctx.topics.job_model(bundle.job), max_messages=64)
+        follower = asyncio.create_task(self._follow(models), name=f"{bundle.job}-models")
+        state_path = ctx.state_dir / "feddyn_state.tensors"
+        correction = self._load_state(state_path)
+        try:
+            await self._request_model(topic, have=-1)
+            trained_on = -1
+            while True:
+                version = await self._next_version(trained_on, topic)
+                if version.final:
+                    log.info("job_final_version", job=bundle.job, version=version.version)
+                    return
+                trained_on = version.version
+                start = version.tensors
+                if self.plan.feddyn_alpha and correction is None:
+                    correction = initial_client_state(start)
+                began = time.monotonic()
+                seed = zlib.crc32(f"{ctx.agent_id}/{version.version}/{self.updates_sent}".encode())
+                hyper = dataclasses.replace(self.plan.client, seed=seed)
+                result = await ctx.run_cpu(
+                    backend.train, start, x, y, hyper, anchor=start, correction=correction
+                )
+                delta = await ctx.run_cpu(_delta, result.params, start)
+                if self.plan.feddyn_alpha and correction is not None:
+                    correction = client_state_update(
+                        correction, result.params, start, alpha=self.plan.feddyn_alpha
+                    )
+                    await ctx.run_cpu(state_path.write_bytes, encode_tensors(correction))
+                update = ModelUpdate(
+                    job=bundle.job,
+                    agent=ctx.agent_id,
+                    base_version=version.version,
+                    num_samples=len(y),
+                    tensors=delta,
+                    metrics={
+                        "loss": result.loss,
+                        "steps": float(result.steps),
+                        "train_seconds": time.monotonic() - began,
+                    },
+                )
+                await ctx.transport.publish(topic, update.to_msgpack())
+                self.updates_sent += 1
+                log.debug("update_sent", job=bundle.job, base=version.version, loss=result.loss)
+                await self._wait_ack(update.id)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await models.close()
+
+    async def _follow(self, models: Subscription) -> None:
+        """Keep the newest model version (older ones are useless to a trainer) and the
+        aggregator's receipts for this agent's updates."""
+        job, me = self.ctx.bundle.job, self.ctx.agent_id
+        async for message in models:
+            try:
+                decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
+            except ProtocolError as exc:
+                log.warning("model_message_rejected", topic=message.topic, reason=str(exc))
+                continue
+            if isinstance(decoded, UpdateAck):
+                if decoded.job == job and me in decoded.acks:
+                    self._acked = decoded.acks[me]
+                    self._ack.set()
+                continue
+            if not isinstance(decoded, ModelVersion) or decoded.job != job:
+                continue
+            latest = self._latest
+            if latest is None or decoded.version > latest.version or decoded.final:
+                self._latest = decoded
+                self._arrived.set()
+
+    async def _wait_ack(self, update_id: str) -> None:
+        """At most one update in flight: wait for its receipt (or a final version)."""
+        deadline = asyncio.get_running_loop().time() + ACK_TIMEOUT
+        while self._acked != update_id and not (self._latest and self._latest.final):
+            self._ack.clear()
+            self._arrived.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("update_not_acknowledged", job=self.ctx.bundle.job, update=update_id)
+                return
+            waiters = [asyncio.ensure_future(e.wait()) for e in (self._ack, self._arrived)]
+            try:
+                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+
+    async def _next_version(self, trained_on: int, topic: str) -> ModelVersion:
+        """The version to train on next: newer than ``trained_on`` in sync mode, and naming
+        this agent when the round names participants; any newest in async mode."""
+        while True:
+            latest = self._latest
+            if latest is not None and (latest.final or self._usable(latest, trained_on)):
+                return latest
+            self._arrived.clear()
+            patience = MODEL_REQUEST_INTERVAL if latest is None else MODEL_REQUEST_INTERVAL * 5
+            try:
+                await asyncio.wait_for(self._arrived.wait(), patience)
+            except asyncio.TimeoutError:
+                # Nothing (new) yet: the aggregator may have started after us, restarted, or
+                # published while we were away. Asking again costs one small message.
+                await self._request_model(topic, have=trained_on)
+
+    def _usable(self, version: ModelVersion, trained_on: int) -> bool:
+        if version.participants and self.ctx.agent_id not in version.participants:
+            return False
+        return self.plan.mode == "async" or version.version > trained_on
+
+    async def _request_model(self, topic: str, have: int) -> None:
+        """Ask the aggregator to publish its current version (versions are not retained)."""
+        request = ModelRequest(job=self.ctx.bundle.job, agent=self.ctx.agent_id, have_version=have)
+        await self.ctx.transport.publish(topic, request.to_msgpack())
+
+    def _load_state(self, path: Path) -> TensorMap | None:
+        if not self.plan.feddyn_alpha or not path.exists():
+            return None
+        try:
+            return {k: np.array(v) for k, v in decode_tensors(path.read_bytes()).items()}
+        except ProtocolError as exc:
+            log.warning("feddyn_state_unreadable", path=str(path), reason=str(exc))
+            return None
+
+
+def _delta(new: TensorMap, start: TensorMap) -> dict[str, Array]:
+    return {name: np.subtract(new[name], start[name]) for name in start}

@@ -1,0 +1,236 @@
+"""Trainer and aggregator roles federating over a real mosquitto, in one process.
+
+Each simulated agent has its own MQTT connection, role context and state directory; the model
+is the digits demo's shipped ONNX graphs (no torch). The agent daemon's runtime is tested on its
+own (tests/agent/test_runtime.py); here the roles' protocol and algorithms are under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from agent.learning.assets import load_demo_model
+from agent.protocol import ModelVersion, Topics, UpdateAck, decode_message
+from agent.protocol.bundle import RoleBundle
+from agent.roles.aggregator import Aggregator
+from agent.roles.base import RoleContext
+from agent.roles.trainer import RoleError, Trainer
+from agent.transport import BrokerConfig, Transport
+from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
+from coordinator.mosquitto import MosquittoProcess
+
+
+@dataclass
+class Data:
+    name: str
+    x: npt.NDArray[np.generic]
+    y: npt.NDArray[np.generic]
+
+
+@dataclass
+class Federation:
+    broker: MosquittoProcess
+    topics: Topics
+    root: Path
+    transports: list[Transport] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: any(predicate(e) for e in self.events))
+
+    async def context(
+        self, agent: str, bundle: RoleBundle, datasets: Mapping[str, Data]
+    ) -> RoleContext:
+        transport = Transport(BrokerConfig(urls=(self.broker.url,), backoff_initial=0.05))
+        transport.start()
+        await transport.wait_connected(5)
+        self.transports.append(transport)
+        loop = asyncio.get_running_loop()
+
+        async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+        async def report(event: Mapping[str, Any]) -> None:
+            self.events.append({"agent": agent, **event})
+            async with self.changed:
+                self.changed.notify_all()
+            await transport.publish(self.topics.job_metrics(bundle.job), json.dumps(event), qos=0)
+
+        state = self.root / agent / bundle.job / bundle.role
+        state.mkdir(parents=True, exist_ok=True)
+        return RoleContext(
+            agent_id=agent,
+            bundle=bundle,
+            transport=transport,
+            topics=self.topics,
+            state_dir=state,
+            datasets=datasets,
+            run_cpu=run_cpu,
+            report=report,
+        )
+
+    def versions(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "model_version"]
+
+
+@pytest.fixture
+async def federation(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> AsyncIterator[Federation]:
+    fed = Federation(mosquitto, topics, tmp_path)
+    yield fed
+    for transport in fed.transports:
+        await transport.close()
+
+
+@functools.cache
+def digits(clients: int) -> tuple[list[Data], Data]:
+    x, y = load_digits_scaled()
+    train, test = holdout_split(x, y, 0.2, seed=0)
+    shards = dirichlet_shards(train, clients, alpha=0.5, seed=0)
+    return [Data("digits", s.x, s.y) for s in shards], Data("digits-holdout", test.x, test.y)
+
+
+def bundle(role: str, config: dict[str, Any], dataset: str) -> RoleBundle:
+    artifacts = load_demo_model().to_artifacts()
+    if role == "trainer":
+        artifacts.pop("inference.onnx", None)
+    return RoleBundle(
+        job="digits", role=role, config=config, dataset={"name": dataset}, artifacts=artifacts
+    )
+
+
+def config(**algorithm: Any) -> dict[str, Any]:
+    stop = algorithm.pop("stop", {"target_accuracy": 0.9, "max_versions": 60})
+    return {
+        "name": "digits",
+        "algorithm": {
+            "mode": "async",
+            "buffer_size": 3,
+            "server_optimizer": {"name": "fedavg", "lr": 1.0},
+            "client": {"local_steps": 20, "batch_size": 32, "lr": 0.1},
+            **algorithm,
+        },
+        "stop": stop,
+    }
+
+
+async def start_federation(
+    fed: Federation, cfg: dict[str, Any], clients: int
+) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
+    shards, holdout = digits(clients)
+    aggregator = Aggregator(
+        await fed.context(
+            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+        )
+    )
+    agg_task = asyncio.create_task(aggregator.run())
+    trainers = []
+    for i, shard in enumerate(shards):
+        ctx = await fed.context(f"pi-{i}", bundle("trainer", cfg, "digits"), {"digits": shard})
+        trainers.append(asyncio.create_task(Trainer(ctx).run()))
+    return agg_task, trainers
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_federation_reaches_target_accuracy(federation: Federation, mode: str) -> None:
+    cfg = config(mode=mode, round_timeout=20)
+    agg, trainers = await start_federation(federation, cfg, clients=4)
+    await asyncio.wait_for(agg, 90)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)  # every trainer saw the final version
+    versions = federation.versions()
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert len(completed) == 1
+    assert "target accuracy 0.9 reached" in completed[0]["reason"]
+    assert versions[0]["version"] == 0
+    assert versions[-1]["accuracy"] >= 0.9 > versions[0]["accuracy"]
+    if mode == "async":
+        # FedBuff: K = 3 updates per version, each applied once.
+        assert versions[-1]["updates_applied"] == 3 * versions[-1]["version"]
+    else:
+        assert versions[-1]["counters"]["late"] >= 0
+
+
+async def test_aggregator_resumes_from_its_checkpoint(federation: Federation) -> None:
+    cfg = config(stop={"max_versions": 6})
+    agg, trainers = await start_federation(federation, cfg, clients=3)
+    await asyncio.wait_for(
+        federation.wait_for(lambda e: e["event"] == "model_version" and e["version"] >= 2), 30
+    )
+    agg.cancel()  # the aggregator's agent dies
+    with pytest.raises(asyncio.CancelledError):
+        await agg
+    before = max(e["version"] for e in federation.versions())
+    _, holdout = digits(3)
+    ctx = await federation.context(
+        "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+    )
+    resumed = Aggregator(ctx)
+    await asyncio.wait_for(resumed.run(), 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    after = [e for e in federation.versions() if e["agent"] == "agg"]
+    assert after[-1]["version"] == 6
+    # Versions continue from the checkpoint instead of restarting at 0.
+    restarted = [e["version"] for e in after if e["version"] <= before]
+    assert restarted.count(0) == 1
+    assert resumed.algo.counters.applied == 3 * 6
+
+
+async def test_final_version_stops_trainers(federation: Federation) -> None:
+    cfg = config(stop={"max_versions": 1})
+    agg, trainers = await start_federation(federation, cfg, clients=2)
+    await asyncio.wait_for(agg, 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    assert all(t.done() and t.exception() is None for t in trainers)
+
+
+async def test_trainer_without_its_dataset_fails_with_the_reason(federation: Federation) -> None:
+    ctx = await federation.context("pi-x", bundle("trainer", config(), "digits"), {})
+    with pytest.raises(RoleError, match="dataset 'digits' is not on this agent"):
+        await Trainer(ctx).run()
+
+
+async def test_garbage_on_the_update_topic_is_rejected_and_reported(federation: Federation) -> None:
+    cfg = config(stop={"max_versions": 2})
+    agg, trainers = await start_federation(federation, cfg, clients=2)
+    await federation.transports[0].publish(
+        federation.topics.job_updates("digits", "evil"), b"\x93junk"
+    )
+    await asyncio.wait_for(agg, 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    rejected = [e for e in federation.events if e["event"] == "update_rejected"]
+    assert rejected
+    assert "neither a JSON object nor a msgpack map" in rejected[0]["reason"]
+
+
+async def test_published_versions_decode_as_model_versions(federation: Federation) -> None:
+    cfg = config(stop={"max_versions": 1})
+    watcher = federation.transports
+    listener = Transport(BrokerConfig(urls=(federation.broker.url,)))
+    listener.start()
+    await listener.wait_connected(5)
+    watcher.append(listener)
+    sub = await listener.subscribe(federation.topics.job_model("digits"))
+    agg, trainers = await start_federation(federation, cfg, clients=2)
+    await asyncio.wait_for(agg, 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    versions, acks = [], []
+    while (message := sub.get_nowait()) is not None:
+        decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
+        (versions if isinstance(decoded, ModelVersion) else acks).append(decoded)
+    assert acks  # every update got a receipt on the same topic
+    assert versions[-1].final
+    assert versions[-1].version == 1
+    assert set(versions[-1].tensors) == set(load_demo_model().spec.names)
