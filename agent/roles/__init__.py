@@ -1,9 +1,20 @@
-"""Roles an agent can run: trainer, aggregator, middle aggregator (Flame's role abstraction).
+"""Roles an agent can run: trainer, aggregator (Flame's role abstraction).
 
 Each role is a :class:`~agent.roles.base.Role` subclass registered by its bundle name; the role
-runtime (:mod:`agent.runtime`) instantiates one per verified bundle.
+runtime (:mod:`agent.runtime`) instantiates one per verified bundle. Importing this package
+registers the built-in roles (it happens when the first role is assigned, not at start-up).
 """
 
+from agent.roles.aggregator import Aggregator  # registers "aggregator"
 from agent.roles.base import ROLE_TYPES, LocalDataset, Role, RoleContext, register_role
+from agent.roles.trainer import Trainer  # registers "trainer"
 
-__all__ = ["ROLE_TYPES", "LocalDataset", "Role", "RoleContext", "register_role"]
+__all__ = [
+    "ROLE_TYPES",
+    "Aggregator",
+    "LocalDataset",
+    "Role",
+    "RoleContext",
+    "Trainer",
+    "register_role",
+]
