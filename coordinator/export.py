@@ -415,7 +415,18 @@ def _trace_and_export(
             verbose=False,
         )
     assert program is not None  # dynamo=True always returns the program
-    return _with_metadata(program.model_proto, spec, kind)
+    proto = program.model_proto
+    got = [i.name for i in proto.graph.input]
+    if got != list(input_names):
+        raise RuntimeError(f"{kind} graph: inputs {got}, expected {list(input_names)}")
+    used = {name for node in proto.graph.node for name in node.input}
+    used |= {o.name for o in proto.graph.output}
+    unused = [name for name in got if name not in used]
+    if unused:
+        # Example tensors that alias one another are traced as one input, leaving the others
+        # dangling: a momentum buffer read from the correction's place, say.
+        raise RuntimeError(f"{kind} graph: inputs {unused} are not used")
+    return _with_metadata(proto, spec, kind)
 
 
 def _with_metadata(proto: Any, spec: ModelSpec, kind: GraphKind) -> bytes:

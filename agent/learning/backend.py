@@ -110,6 +110,9 @@ class ModelSpec:
     def names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.params)
 
+    def dtype_of(self, name: str) -> np.dtype[Any]:
+        return np.dtype(self.params[self.names.index(name)].dtype)
+
     @property
     def num_parameters(self) -> int:
         return sum(p.size for p in self.params)
@@ -388,11 +391,21 @@ def prepare_data(spec: ModelSpec, x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[A
     if spec.loss == "cross_entropy" and not np.issubdtype(ya.dtype, np.integer):
         raise ValueError(f"y: cross-entropy needs integer class labels, got {ya.dtype}")
     ya = np.ascontiguousarray(ya.reshape(n, *spec.label_shape), dtype=spec.label_dtype)
+    if spec.loss == "cross_entropy" and n and (ya.min() < 0 or ya.max() >= spec.output_shape[0]):
+        raise ValueError(
+            f"y: class labels must be in [0, {spec.output_shape[0]}), got {ya.min()}..{ya.max()}"
+        )
     return xa, ya
 
 
 def as_param_map(spec: ModelSpec, params: Mapping[str, npt.ArrayLike], what: str) -> TensorMap:
-    """``params`` in spec order, checked against the spec (names, shapes, dtypes)."""
-    arrays = {name: np.asarray(value) for name, value in params.items()}
+    """``params`` in spec order, checked against the spec's names and shapes; floating arrays
+    of another precision (an aggregator's float64 state) are cast to the spec's dtype."""
+    arrays = {}
+    for name, value in params.items():
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(spec.dtype_of(name) if name in spec.names else arr.dtype, copy=False)
+        arrays[name] = arr
     spec.check_params(arrays, what)
     return {name: arrays[name] for name in spec.names}

@@ -19,11 +19,14 @@ from agent.learning.backend import (
     ANCHOR,
     CORRECTION,
     MOMENTUM_BUFFER,
+    NEW_MOMENTUM_BUFFER,
+    NEW_PARAM,
     PARAM,
     Array,
     EvalResult,
     ExportedModel,
     HyperParams,
+    ModelFormatError,
     ModelSpec,
     TrainResult,
     as_param_map,
@@ -63,14 +66,18 @@ class OnnxBackend:
         self._train = ort.InferenceSession(model.train_step, options, providers=list(providers))
         self._eval = ort.InferenceSession(model.eval_step, options, providers=list(providers))
         names = self.spec.names
-        n = len(names)
-        self._outputs = [o.name for o in self._train.get_outputs()]
-        expected = 1 + 2 * n
-        if len(self._outputs) != expected:
-            raise ValueError(
-                f"train-step graph: {len(self._outputs)} outputs, expected {expected} "
-                f"(loss, {n} parameters, {n} momentum buffers)"
-            )
+        self._outputs = [
+            "loss",
+            *(NEW_PARAM + k for k in names),
+            *(NEW_MOMENTUM_BUFFER + k for k in names),
+        ]
+        for session, wanted in (
+            (self._train, self._outputs),
+            (self._eval, ["loss_sum", "correct"]),
+        ):
+            missing = set(wanted) - {o.name for o in session.get_outputs()}
+            if missing:
+                raise ModelFormatError(f"graph without the outputs {sorted(missing)}")
         self._param_keys = [PARAM + k for k in names]
         self._buffer_keys = [MOMENTUM_BUFFER + k for k in names]
 
@@ -123,6 +130,8 @@ class OnnxBackend:
         spec = self.spec
         weights = as_param_map(spec, params, "params")
         xs, ys = prepare_data(spec, x, y)
+        if len(xs) == 0:
+            raise ValueError("evaluation needs at least one sample")
         feeds: dict[str, Any] = {PARAM + k: v for k, v in weights.items()}
         loss_sum = 0.0
         correct = 0
@@ -133,7 +142,5 @@ class OnnxBackend:
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
         n = len(xs)
-        if n == 0:
-            raise ValueError("evaluation needs at least one sample")
         accuracy = correct / n if spec.loss == "cross_entropy" else None
         return EvalResult(loss=loss_sum / n, accuracy=accuracy, samples=n)

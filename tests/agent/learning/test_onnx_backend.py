@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,11 @@ def test_read_only_decoded_params_and_threads(model: ExportedModel, digits: tupl
     result = backend.train(params, digits[0][:64], digits[1][:64], HyperParams(local_steps=2))
     assert result.steps == 2
     assert np.isfinite(result.loss)
+    # An aggregator's float64 weights are cast, not refused.
+    wide = {k: v.astype(np.float64) for k, v in params.items()}
+    again = backend.train(wide, digits[0][:64], digits[1][:64], HyperParams(local_steps=2))
+    for k in params:
+        np.testing.assert_array_equal(again.params[k], result.params[k])
 
 
 def test_mismatched_inputs_are_refused(backend: OnnxBackend, model: ExportedModel) -> None:
@@ -204,8 +210,12 @@ def test_mismatched_inputs_are_refused(backend: OnnxBackend, model: ExportedMode
         backend.train(p | {"fc1.bias": np.zeros(3, np.float32)}, x, y, HyperParams())
     with pytest.raises(ModelFormatError, match=r"missing \['fc2.bias'\]"):
         backend.train({k: v for k, v in p.items() if k != "fc2.bias"}, x, y, HyperParams())
+    with pytest.raises(ModelFormatError, match=r"fc2.bias: expected float32\[10\], got int64"):
+        backend.train(p | {"fc2.bias": np.zeros(10, np.int64)}, x, y, HyperParams())
     with pytest.raises(ValueError, match=r"x: expected \(n, 64\)"):
         backend.train(p, np.zeros((4, 63), np.float32), y, HyperParams())
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\), got 0..10"):
+        backend.train(p, x, np.array([0, 1, 2, 10]), HyperParams())
     with pytest.raises(ValueError, match="integer class labels"):
         backend.train(p, x, y.astype(np.float32), HyperParams())
     with pytest.raises(ValueError, match="hyper-parameter lr"):
@@ -243,3 +253,13 @@ def test_spec_metadata_roundtrip(model: ExportedModel) -> None:
         ModelSpec.from_metadata(meta | {"ember.format": "99"})
     with pytest.raises(ModelFormatError, match="unknown loss"):
         ModelSpec.from_metadata(meta | {"ember.loss": "hinge"})
+
+
+def test_the_wheel_ships_the_demo_model(tmp_path: Path) -> None:
+    """``ember demo`` on a pip-installed agent finds its graphs: hatchling packs them."""
+    wheel = pytest.importorskip("hatchling.builders.wheel")
+    (path,) = wheel.WheelBuilder(str(ROOT)).build(directory=str(tmp_path), versions=["standard"])
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+    for artifact in ARTIFACTS.values():
+        assert f"agent/learning/assets/digits/{artifact}" in names
