@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -222,9 +223,7 @@ def parse_info(raw: Any) -> AgentInfo:
     accelerators = raw.get("accelerators")
     return AgentInfo(
         version=_str_or_none(raw.get("version")),
-        os=_str_or_none(raw.get("os"))
-        if not isinstance(raw.get("os"), Mapping)
-        else (_str_or_none(raw["os"].get("name")) or _str_or_none(raw["os"].get("system"))),
+        os=_os_name(raw.get("os")),
         arch=normalise_arch(arch) if arch else None,
         cpu_model=cpu_model,
         cpu_cores=cpu_cores,
@@ -498,10 +497,18 @@ class LanBrowser:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        from zeroconf import InterfaceChoice, ServiceStateChange
+        from zeroconf import InterfaceChoice, IPVersion, ServiceStateChange
         from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
-        self._zc = AsyncZeroconf(interfaces=self.interfaces or InterfaceChoice.All)
+        ip_version = IPVersion.V4Only
+        if self.interfaces:
+            versions = {ipaddress.ip_address(i.split("%")[0]).version for i in self.interfaces}
+            ip_version = {frozenset({4}): IPVersion.V4Only, frozenset({6}): IPVersion.V6Only}.get(
+                frozenset(versions), IPVersion.All
+            )
+        self._zc = AsyncZeroconf(
+            interfaces=self.interfaces or InterfaceChoice.All, ip_version=ip_version
+        )
 
         def on_change(
             zeroconf: Any, service_type: str, name: str, state_change: ServiceStateChange

@@ -158,19 +158,31 @@ _SELECT_JOBS = (
     "SELECT id, name, spec, phase, reason, model_version, updates_applied, metrics, artifacts, "
     "request_id, submitted_at, started_at, finished_at, updated_at FROM jobs"
 )
+# Upserts, never INSERT OR REPLACE: a replace deletes the row first, and the delete would
+# cascade to the job's assignments and model versions.
 _UPSERT_JOB = (
-    "INSERT OR REPLACE INTO jobs (id, name, spec, phase, reason, model_version, updates_applied, "
+    "INSERT INTO jobs (id, name, spec, phase, reason, model_version, updates_applied, "
     "metrics, artifacts, request_id, submitted_at, started_at, finished_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+    "name = excluded.name, spec = excluded.spec, phase = excluded.phase, "
+    "reason = excluded.reason, model_version = excluded.model_version, "
+    "updates_applied = excluded.updates_applied, metrics = excluded.metrics, "
+    "artifacts = excluded.artifacts, request_id = excluded.request_id, "
+    "submitted_at = excluded.submitted_at, started_at = excluded.started_at, "
+    "finished_at = excluded.finished_at, updated_at = excluded.updated_at"
 )
 _SELECT_ASSIGNMENTS = (
     "SELECT job, agent, role, state, reason, dataset, samples, bundle, message_id, attempts, "
     "dispatched_at, created_at, updated_at FROM assignments"
 )
 _UPSERT_ASSIGNMENT = (
-    "INSERT OR REPLACE INTO assignments (job, agent, role, state, reason, dataset, samples, "
+    "INSERT INTO assignments (job, agent, role, state, reason, dataset, samples, "
     "bundle, message_id, attempts, dispatched_at, created_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, agent, role) DO UPDATE SET "
+    "state = excluded.state, reason = excluded.reason, dataset = excluded.dataset, "
+    "samples = excluded.samples, bundle = excluded.bundle, message_id = excluded.message_id, "
+    "attempts = excluded.attempts, dispatched_at = excluded.dispatched_at, "
+    "created_at = excluded.created_at, updated_at = excluded.updated_at"
 )
 
 

@@ -84,11 +84,23 @@ class Connection:
 
 
 def connection(broker: str | None, prefix: str | None) -> Connection:
-    """The command's own options, else the group's, else the environment, else defaults."""
-    root = click.get_current_context().find_root().params
+    """The command line wins (the command's option, then the group's), then the environment,
+    then the defaults."""
+    ctx = click.get_current_context()
+    root = ctx.find_root()
+
+    def pick(name: str, own: str | None, default: str) -> str:
+        given = click.core.ParameterSource.COMMANDLINE
+        if own is not None and ctx.get_parameter_source(name) == given:
+            return own
+        group = root.params.get(name)
+        if group is not None and root.get_parameter_source(name) == given:
+            return str(group)
+        return own or group or default
+
     return Connection(
-        broker=broker or root.get("broker") or DEFAULT_BROKER,
-        prefix=prefix or root.get("prefix") or DEFAULT_PREFIX,
+        broker=pick("broker", broker, DEFAULT_BROKER),
+        prefix=pick("prefix", prefix, DEFAULT_PREFIX),
     )
 
 

@@ -1,0 +1,328 @@
+"""Following jobs against fake agents on a real mosquitto: dispatch, replacement, metrics,
+stop rules, cancel and recovery after a crash."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.protocol import Topics
+from agent.protocol.messages import CancelRole
+from agent.transport import Transport
+from coordinator.mosquitto import MosquittoProcess
+from coordinator.spec import JobSpec, parse_spec
+from tests.coordinator.conftest import (
+    Core,
+    FakeAgent,
+    agent_info,
+    artifacts,
+    eventually,
+    start_core,
+)
+
+
+def job_spec(**algorithm: Any) -> JobSpec:
+    return parse_spec(
+        {
+            "name": "digits",
+            "model": {"onnx": "m/train_step.onnx"},
+            "data": {"dataset": "digits", "min_samples": 50},
+            "algorithm": {"mode": "async", "concurrency": 2, **algorithm},
+            "stop": {"max_updates": 100, "target_accuracy": 0.9},
+        }
+    )
+
+
+async def fleet(
+    transport: Transport, topics: Topics, names: dict[str, int], *, aggregator: str = "gw"
+) -> dict[str, FakeAgent]:
+    agents = {
+        aggregator: await FakeAgent(
+            aggregator, transport, topics, agent_info(aggregator, labels={"role": "aggregator"})
+        ).start()
+    }
+    for name, samples in names.items():
+        info = agent_info(name, datasets=[{"name": "digits", "tags": [], "samples": samples}])
+        agents[name] = await FakeAgent(name, transport, topics, info).start()
+    return agents
+
+
+@pytest.fixture
+async def core(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path, coordinator_key: Ed25519PrivateKey
+) -> AsyncIterator[Core]:
+    started = await start_core(mosquitto.url, topics, tmp_path / "state", coordinator_key)
+    try:
+        yield started
+    finally:
+        await started.stop()
+
+
+async def retained_state(
+    transport: Transport, topics: Topics, job: str, phase: str, **counts: int
+) -> dict[str, Any]:
+    """The job's retained state once it shows ``phase`` (and these trainer counts)."""
+    sub = await transport.subscribe(topics.job_state(job))
+    try:
+        while True:
+            state = json.loads(bytes((await sub.get(5)).payload))
+            assert isinstance(state, dict)
+            if state["phase"] == phase and all(
+                state["trainers"].get(k) == n for k, n in counts.items()
+            ):
+                return state
+    finally:
+        await sub.close()
+
+
+async def test_dispatch_run_and_complete(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200, "c": 100})
+    key = core.key
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    job_id = job.record.id
+    await eventually(lambda: job.record.phase == "dispatching", what="dispatching")
+
+    agg_bundle = await agents["gw"].accept(key)
+    assert agg_bundle.role == "aggregator"
+    assert agg_bundle.job == job_id
+    assert set(agg_bundle.artifacts) == set(artifacts())
+    assert agg_bundle.config["algorithm"]["concurrency"] == 2
+    assert agg_bundle.prefix == topics.prefix
+    trainer = await agents["a"].accept(key)
+    assert trainer.role == "trainer"
+    assert trainer.dataset == {"name": "digits"}
+    assert "inference.onnx" not in trainer.artifacts
+    assert trainer.config == job.record.spec
+    await agents["b"].accept(key)
+    assert agents["c"].idle()
+
+    await eventually(lambda: job.record.phase == "running", what="running")
+    state = await retained_state(agents_transport, topics, job_id, "running", running=2)
+    assert state["agents"]["gw"]["aggregator"]["state"] == "running"
+    assert state["agents"]["a"]["trainer"] == {
+        "state": "running",
+        "reason": "",
+        "dataset": "digits",
+        "samples": 300,
+    }
+    assert state["agents"]["c"]["trainer"]["state"] == "standby"
+    assert state["trainers"] == {"running": 2, "standby": 1}
+
+    # The aggregator's progress events are folded into the job; a stale one is ignored.
+    metrics = topics.job_metrics(job_id)
+    event = {
+        "event": "model_version",
+        "version": 3,
+        "updates_applied": 30,
+        "accuracy": 0.5,
+        "loss": 1.2,
+    }
+    await agents_transport.publish(metrics, json.dumps(event))
+    await eventually(lambda: job.record.model_version == 3, what="version 3")
+    await agents_transport.publish(metrics, json.dumps({**event, "version": 2, "accuracy": 0.1}))
+    await agents_transport.publish(metrics, b"not json")
+    event = {
+        "event": "model_version",
+        "version": 4,
+        "updates_applied": 40,
+        "accuracy": 0.95,
+        "loss": 0.3,
+    }
+    await agents_transport.publish(metrics, json.dumps(event))
+    await eventually(lambda: job.record.phase == "completed", what="completed")
+    assert job.record.metrics == {"accuracy": 0.95, "loss": 0.3}
+    assert job.record.updates_applied == 40
+    assert job.record.reason == "target_accuracy reached (0.95 ≥ 0.9)"
+    for name in ("gw", "a", "b"):
+        cancel = await agents[name].cancellation()
+        assert cancel.job == job_id
+        assert cancel.reason.startswith("job completed")
+    state = await retained_state(agents_transport, topics, job_id, "completed")
+    assert state["progress"] == 1.0
+    versions = await core.store.model_versions(job_id)
+    assert [v["version"] for v in versions] == [3, 4]
+
+
+async def test_offline_trainers_are_replaced_in_async_mode(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200, "c": 100})
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    for name in ("gw", "a", "b"):
+        await agents[name].accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+    await agents["a"].go_offline()
+    bundle = await agents["c"].accept(core.key)
+    assert bundle.role == "trainer"
+    assignments = job.assignments
+    await eventually(lambda: assignments[("c", "trainer")].state == "running")
+    assert assignments[("a", "trainer")].state == "replaced"
+    assert assignments[("a", "trainer")].reason == "agent offline"
+    # It comes back still running the role: there is no room, so it is told to stop.
+    await agents["a"].go_online()
+    cancel = await agents["a"].cancellation()
+    assert isinstance(cancel, CancelRole)
+    assert cancel.role == "trainer"
+
+
+async def test_offline_trainers_are_dropped_in_sync_mode(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200, "c": 100})
+    job = await core.dispatcher.submit(job_spec(mode="sync"), artifacts())
+    for name in ("gw", "a", "b", "c"):  # sync: every eligible agent takes part
+        await agents[name].accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+    await agents["b"].go_offline()
+    a = job.assignments[("b", "trainer")]
+    await eventually(lambda: a.state == "dropped")
+    await agents["b"].go_online()
+    await eventually(lambda: a.state == "running", what="back in the next round")
+
+
+async def test_refusals_are_replaced_and_a_job_nobody_can_run_fails(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200, "c": 100})
+    job = await core.dispatcher.submit(job_spec(concurrency=1), artifacts())
+    await agents["gw"].accept(core.key)
+    for name in ("a", "b", "c"):
+        _, bundle = await agents[name].assignment(core.key)
+        await agents[name].set_role(
+            bundle.job, "trainer", "refused", bundle=bundle.digest, reason="untrusted key"
+        )
+    await eventually(lambda: job.record.phase == "failed", what="failed")
+    assert job.record.reason == "no trainer could run the job (last: c refused: untrusted key)"
+    assert [job.assignments[(n, "trainer")].state for n in "abc"] == ["refused"] * 3
+
+
+async def test_unanswered_assignments_are_sent_again_then_given_up(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200})
+    job = await core.dispatcher.submit(job_spec(concurrency=1), artifacts())
+    await agents["gw"].accept(core.key)
+    first, _ = await agents["a"].assignment(core.key)
+    again, _ = await agents["a"].assignment(core.key)  # after dispatch_timeout
+    assert again.id != first.id
+    await agents["b"].accept(core.key)  # a never answered: replaced
+    a = job.assignments[("a", "trainer")]
+    assert a.state == "failed"
+    assert a.reason == "no answer from the agent after 2 assignments"
+    await eventually(lambda: job.record.phase == "running")
+
+
+async def test_waits_in_planned_until_the_fleet_can_take_it(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    trainer = await FakeAgent(
+        "a", agents_transport, topics, agent_info("a", datasets=[{"name": "digits", "samples": 80}])
+    ).start()
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    await eventually(lambda: job.record.reason.startswith("waiting: no online agent can host"))
+    assert job.record.phase == "planned"
+    gateway = await FakeAgent(
+        "gw", agents_transport, topics, agent_info("gw", labels={"role": "aggregator"})
+    ).start()
+    await gateway.accept(core.key)
+    await trainer.accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+
+
+async def test_aggregator_failure_fails_the_job_and_cancel_stops_roles(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300})
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    bundle = await agents["gw"].accept(core.key)
+    await agents["a"].accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+    await agents["gw"].set_role(
+        bundle.job, "aggregator", "failed", bundle=bundle.digest, reason="NaN loss"
+    )
+    await eventually(lambda: job.record.phase == "failed")
+    assert job.record.reason == "aggregator on gw failed: NaN loss"
+    assert (await agents["a"].cancellation()).reason.startswith("job failed")
+
+    second = await core.dispatcher.submit(job_spec(), artifacts())
+    await agents["gw"].accept(core.key)
+    await agents["a"].accept(core.key)
+    await eventually(lambda: second.record.phase == "running")
+    await core.dispatcher.cancel(second.record.id, "wrong data")
+    assert second.record.phase == "cancelled"
+    for name in ("gw", "a"):
+        cancel = await agents[name].cancellation()
+        assert cancel.job == second.record.id
+        assert cancel.reason == "job cancelled: wrong data"
+    with pytest.raises(ValueError, match="already cancelled"):
+        await core.dispatcher.cancel(second.record.id)
+
+
+async def test_completed_event_from_the_aggregator(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300})
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    await agents["gw"].accept(core.key)
+    await agents["a"].accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+    await agents_transport.publish(
+        topics.job_metrics(job.record.id), json.dumps({"event": "completed", "reason": "converged"})
+    )
+    await eventually(lambda: job.record.phase == "completed")
+    assert job.record.reason == "converged"
+
+
+async def test_large_bundles_are_chunked(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300})
+    big = artifacts(size=3_000_000)
+    await core.dispatcher.submit(job_spec(), big)
+    bundle = await agents["a"].accept(core.key)
+    assert bundle.artifacts["train_step.onnx"] == big["train_step.onnx"]
+    assert core.transport.stats.frames_out > core.transport.stats.messages_out
+
+
+async def test_a_crashed_coordinator_resumes(
+    mosquitto: MosquittoProcess,
+    agents_transport: Transport,
+    topics: Topics,
+    tmp_path: Path,
+    coordinator_key: Ed25519PrivateKey,
+) -> None:
+    state_dir = tmp_path / "state"
+    first = await start_core(mosquitto.url, topics, state_dir, coordinator_key)
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200})
+    job = await first.dispatcher.submit(job_spec(), artifacts())
+    job_id = job.record.id
+    bundles = {name: await agents[name].accept(first.key) for name in ("gw", "a", "b")}
+    await eventually(lambda: job.assignments[("b", "trainer")].state == "running")
+    await eventually(lambda: job.record.phase == "running")
+    await first.dispatcher.stop()  # the crash: nothing flushed, nothing closed cleanly
+    await first.registry.stop()
+    await first.transport.close()
+    await first.store.close()
+    await agents["b"].forget_roles()  # meanwhile b restarted and lost its roles
+
+    second = await start_core(mosquitto.url, topics, state_dir, coordinator_key)
+    try:
+        resumed = second.dispatcher.jobs[job_id]
+        assert resumed.record.phase == "running"
+        await retained_state(agents_transport, topics, job_id, "running")
+        # b does not report the role: it is sent again, with the same bundle; a and gw are not.
+        _, again = await agents["b"].assignment(second.key)
+        assert again.digest == bundles["b"].digest  # deterministic: same job, role, dataset
+        await agents["b"].set_role(job_id, "trainer", "running", bundle=again.digest)
+        await eventually(lambda: resumed.assignments[("b", "trainer")].state == "running")
+        for name in ("gw", "a"):
+            assert agents[name].idle()
+    finally:
+        await second.stop()

@@ -1,0 +1,173 @@
+"""Request/response between the CLI and the coordinator over real brokers (MQTT 5 and 3.1.1)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from agent.protocol import RpcRequest, RpcResponse, Topics, decode_message
+from agent.transport import BrokerConfig, Transport
+from coordinator.mosquitto import MosquittoProcess, free_port
+from coordinator.rpc import CoordinatorNotRunning, RpcClient, RpcError, RpcServer
+
+FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 3.0}
+
+
+def config(url: str, **options: Any) -> BrokerConfig:
+    return BrokerConfig(urls=(url,), **{**FAST, **options})
+
+
+class Calls:
+    def __init__(self) -> None:
+        self.count = 0
+
+
+def server_with_methods(transport: Transport, topics: Topics, calls: Calls) -> RpcServer:
+    server = RpcServer(transport, topics)
+
+    async def echo(params: Mapping[str, Any], request: RpcRequest) -> Any:
+        calls.count += 1
+        return {"echo": dict(params), "blob": b"\x00\x01" * 4}
+
+    async def boom(params: Mapping[str, Any], request: RpcRequest) -> Any:
+        raise RpcError("no job 'x'\nsecond line")
+
+    async def crash(params: Mapping[str, Any], request: RpcRequest) -> Any:
+        raise RuntimeError("bug")
+
+    async def slow(params: Mapping[str, Any], request: RpcRequest) -> Any:
+        await asyncio.sleep(0.3)
+        return "slow"
+
+    server.register("echo", echo)
+    server.register("boom", boom)
+    server.register("crash", crash)
+    server.register("slow", slow)
+    return server
+
+
+@pytest.fixture
+async def transports(mosquitto: MosquittoProcess) -> AsyncIterator[tuple[Transport, Transport]]:
+    async with Transport(config(mosquitto.url)) as a, Transport(config(mosquitto.url)) as b:
+        await a.wait_connected(5)
+        await b.wait_connected(5)
+        yield a, b
+
+
+async def test_request_and_answer(transports: tuple[Transport, Transport], topics: Topics) -> None:
+    server_side, client_side = transports
+    calls = Calls()
+    server = server_with_methods(server_side, topics, calls)
+    await server.start()
+    try:
+        async with RpcClient(client_side, topics) as client:
+            result = await client.call("echo", {"a": [1, 2], "b": b"bytes"})
+            assert result == {"echo": {"a": [1, 2], "b": b"bytes"}, "blob": b"\x00\x01" * 4}
+            with pytest.raises(RpcError, match=r"^no job 'x' second line$"):
+                await client.call("boom")
+            with pytest.raises(RpcError, match=r"^internal error in crash: bug$"):
+                await client.call("crash")
+            with pytest.raises(RpcError, match=r"^unknown method 'nope'$"):
+                await client.call("nope")
+            # Concurrent calls are answered independently and matched by correlation id.
+            got = await asyncio.gather(client.call("slow"), client.call("echo", {"n": 1}))
+            assert got[0] == "slow"
+            assert got[1]["echo"] == {"n": 1}
+    finally:
+        await server.stop()
+
+
+async def test_not_running_is_a_clear_error(
+    transports: tuple[Transport, Transport], topics: Topics, mosquitto: MosquittoProcess
+) -> None:
+    _, client_side = transports
+    loop = asyncio.get_running_loop()
+    async with RpcClient(client_side, topics, broker=mosquitto.url) as client:
+        started = loop.time()
+        with pytest.raises(CoordinatorNotRunning) as caught:
+            await client.call("ping", timeout=0.5)
+    assert str(caught.value) == (
+        f"no answer from the coordinator on {mosquitto.url} within 0.5 s "
+        "— is 'ember serve' running?"
+    )
+    assert loop.time() - started < 2
+
+
+async def test_a_redelivered_request_runs_once(
+    transports: tuple[Transport, Transport], topics: Topics
+) -> None:
+    server_side, client_side = transports
+    calls = Calls()
+    server = server_with_methods(server_side, topics, calls)
+    await server.start()
+    try:
+        replies = await client_side.subscribe(topics.rpc_replies("me"))
+        request = RpcRequest(method="echo", reply_to=topics.rpc_replies("me"), params={"x": 1})
+        for _ in range(3):  # what a QoS 1 redelivery looks like
+            await client_side.publish(topics.rpc_requests(), request.to_msgpack())
+        answers = [
+            decode_message((await replies.get(5)).payload, expect=RpcResponse) for _ in range(3)
+        ]
+        assert {a.correlation_id for a in answers} == {request.id}
+        assert all(a.ok and a.result["echo"] == {"x": 1} for a in answers)
+        assert calls.count == 1
+    finally:
+        await server.stop()
+
+
+async def test_answers_go_only_to_reply_topics(
+    transports: tuple[Transport, Transport], topics: Topics
+) -> None:
+    server_side, client_side = transports
+    calls = Calls()
+    server = server_with_methods(server_side, topics, calls)
+    await server.start()
+    try:
+        inbox = await client_side.subscribe(topics.agent_inbox("victim"))
+        replies = await client_side.subscribe(topics.rpc_replies("ok"))
+        bad = RpcRequest(method="echo", reply_to=topics.agent_inbox("victim"))
+        await client_side.publish(topics.rpc_requests(), bad.to_msgpack())
+        await client_side.publish(topics.rpc_requests(), b"not a request")
+        good = RpcRequest(method="echo", reply_to=topics.rpc_replies("ok"))
+        await client_side.publish(topics.rpc_requests(), good.to_msgpack())
+        await replies.get(5)  # requests are handled in order of arrival
+        assert calls.count == 1
+        assert inbox.get_nowait() is None
+    finally:
+        await server.stop()
+
+
+async def test_works_on_an_mqtt311_only_broker(topics: Topics) -> None:
+    from amqtt.broker import Broker
+
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        url = f"mqtt://127.0.0.1:{port}"
+        async with Transport(config(url)) as server_side, Transport(config(url)) as client_side:
+            await server_side.wait_connected(10)
+            await client_side.wait_connected(10)
+            assert server_side.protocol_in_use == client_side.protocol_in_use == "3.1.1"
+            calls = Calls()
+            server = server_with_methods(server_side, topics, calls)
+            await server.start()
+            try:
+                async with RpcClient(client_side, topics) as client:
+                    big = b"x" * 1_500_000  # chunked both ways
+                    result = await client.call("echo", {"big": big}, timeout=30)
+                    assert result["echo"]["big"] == big
+            finally:
+                await server.stop()
+    finally:
+        await broker.shutdown()
