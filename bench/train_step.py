@@ -66,7 +66,7 @@ def main() -> None:
         figures.update(figures_for(label, module, model))
     rows = [
         [
-            f"{label} ({int(figures[f'{label}_parameters']):,} params)",
+            f"{label} ({int(figures[f'{label}_parameters']):,})",
             f"{figures[f'{label}_onnxruntime_ms']:.3f}",
             f"{figures[f'{label}_torch_ms']:.3f}",
             f"{figures[f'{label}_speedup']:.2f}×",
@@ -75,8 +75,9 @@ def main() -> None:
         for label in ("mlp", "cnn")
     ]
     show(
-        f"train step, batch {BATCH}, 1 thread (ms per step, best of 5 runs of {STEPS} steps)",
-        ["model", "onnxruntime", "torch eager", "torch/onnxruntime", f"max |Δ| after {STEPS}"],
+        f"train step, batch {BATCH}, 1 thread: ms per step (best of 5 runs of {STEPS} steps); "
+        f"largest weight gap between the two after {STEPS} steps",
+        ["model (params)", "onnxruntime", "torch eager", "speed-up", "max |Δw|"],
         rows,
     )
     print(f"wrote {write_results('train_step', figures)}")
