@@ -60,6 +60,21 @@ ACTIVE = frozenset({"pending", "running"})
 """Assignment states of a role that is (or is about to be) at work."""
 GIVEN_UP = frozenset({"failed", "refused", "finished"})
 """Trainer assignment states after which the agent is not asked again for this job."""
+NOT_METRICS = frozenset(
+    {
+        "event",
+        "version",
+        "updates_applied",
+        "ts",
+        "v",
+        "agent",
+        "job",
+        "role",
+        "elapsed",
+        "trainers",
+    }
+)
+"""Numeric fields of a ``model_version`` event that are not model metrics."""
 CODE_PREFIX = "code:"
 """Artifact-name prefix under which Python sources are kept in the job's blobs."""
 
@@ -503,7 +518,7 @@ class Dispatcher:
 
     async def _bundle(self, job: _Job, a: AssignmentRecord) -> bytes:
         """The signed bundle for one assignment (built once per role and dataset)."""
-        key = (a.role, a.dataset if a.role == "trainer" else None)
+        key = (a.role, a.dataset)
         cached = job.bundles.get(key)
         if cached is None:
             artifacts: dict[str, bytes] = {}
@@ -811,13 +826,17 @@ class Dispatcher:
             if kind == "model_version":
                 await self._model_version(job, event)
             elif kind == "completed":
+                if isinstance(event.get("version"), int):
+                    await self._model_version(job, event, check_stop=False)
                 await self._finish(job, "completed", _text(event.get("reason")) or "completed")
             elif kind == "failed":
                 await self._finish(
                     job, "failed", _text(event.get("reason")) or "the aggregator failed"
                 )
 
-    async def _model_version(self, job: _Job, event: Mapping[str, Any]) -> None:
+    async def _model_version(
+        self, job: _Job, event: Mapping[str, Any], *, check_stop: bool = True
+    ) -> None:
         record = job.record
         version = event.get("version")
         if (
@@ -830,7 +849,7 @@ class Dispatcher:
         metrics = {
             k: v
             for k, v in event.items()
-            if k not in ("event", "version", "updates_applied", "ts", "v", "agent", "job", "role")
+            if k not in NOT_METRICS
             and isinstance(v, (int, float))
             and not isinstance(v, bool)
             and math.isfinite(v)
@@ -847,7 +866,7 @@ class Dispatcher:
             model_version=(record.id, version, record.updates_applied, metrics),
         )
         self._announce(job)
-        reason = stop_reason(job.spec, record)
+        reason = stop_reason(job.spec, record) if check_stop else ""
         if reason:
             await self._finish(job, "completed", reason)
 

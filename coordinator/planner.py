@@ -218,12 +218,14 @@ def plan(
     agg_id = aggregator
     if agg_id is None:
         wanted = spec.aggregator.labels
+        holdout = spec.data.eval_dataset
         hosts = [
             a
             for a in fleet
             if a.online
             and a.info is not None
             and all(a.info.labels.get(k) == v for k, v in wanted.items())
+            and (holdout is None or any(d.name == holdout for d in a.info.datasets))
         ]
         if hosts:
             hosts.sort(key=lambda a: (a.id != prefer_aggregator, len(a.running_roles()), a.id))
@@ -231,11 +233,12 @@ def plan(
         else:
             labels = ", ".join(f"{k}={v}" for k, v in wanted.items())
             problems.append(
-                f"no online agent can host the aggregator (needs labels {labels}; "
-                "'ember serve' starts one unless --no-embedded-agent)"
+                f"no online agent can host the aggregator (needs labels {labels}"
+                + (f" and dataset {holdout}" if holdout else "")
+                + "; 'ember serve' starts one unless --no-embedded-agent)"
             )
     if agg_id is not None:
-        selected.append(Selected(agent=agg_id, role="aggregator"))
+        selected.append(Selected(agent=agg_id, role="aggregator", dataset=spec.data.eval_dataset))
 
     # The trainers.
     eligible: list[tuple[AgentView, DatasetInfo]] = []

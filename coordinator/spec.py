@@ -89,6 +89,8 @@ class DataSpec:
     dataset: str | None = None
     tags: tuple[str, ...] = ()
     min_samples: int = 1
+    eval_dataset: str | None = None
+    """A held-out dataset on the aggregator's agent, to evaluate every model version on."""
 
     def matches(self, name: str, tags: tuple[str, ...] | list[str]) -> bool:
         return (self.dataset is None or name == self.dataset) and set(self.tags) <= set(tags)
@@ -212,6 +214,8 @@ class JobSpec:
             data["dataset"] = self.data.dataset
         if self.data.tags:
             data["tags"] = list(self.data.tags)
+        if self.data.eval_dataset is not None:
+            data["eval_dataset"] = self.data.eval_dataset
         stop = {k: v for k, v in vars(self.stop).items() if v is not None}
         return {
             "name": self.name,
@@ -524,10 +528,11 @@ def _data(value: Any, where: str) -> DataSpec:
     dataset = f.take("dataset", _str(_NAME, _NAME_TEXT), None)
     tags = f.take("tags", _str_list(_str()), _NO_STRINGS)
     min_samples = f.take("min_samples", _int(1), 1)
+    eval_dataset = f.take("eval_dataset", _str(_NAME, _NAME_TEXT), None)
     f.done()
     if dataset is None and not tags:
         raise SpecError(where, "needs a dataset name, tags, or both")
-    return DataSpec(dataset=dataset, tags=tags, min_samples=min_samples)
+    return DataSpec(dataset=dataset, tags=tags, min_samples=min_samples, eval_dataset=eval_dataset)
 
 
 def _arch(value: Any, where: str) -> str:

@@ -273,11 +273,19 @@ async def test_completed_event_from_the_aggregator(
     await agents["gw"].accept(core.key)
     await agents["a"].accept(core.key)
     await eventually(lambda: job.record.phase == "running")
-    await agents_transport.publish(
-        topics.job_metrics(job.record.id), json.dumps({"event": "completed", "reason": "converged"})
-    )
+    final = {
+        "event": "completed",
+        "reason": "converged",
+        "version": 5,
+        "updates_applied": 50,
+        "accuracy": 0.8,
+        "elapsed": 12.5,
+    }
+    await agents_transport.publish(topics.job_metrics(job.record.id), json.dumps(final))
     await eventually(lambda: job.record.phase == "completed")
     assert job.record.reason == "converged"
+    assert (job.record.model_version, job.record.updates_applied) == (5, 50)
+    assert job.record.metrics == {"accuracy": 0.8}
 
 
 async def test_large_bundles_are_chunked(

@@ -257,3 +257,21 @@ def test_exclude_and_fixed_aggregator() -> None:
 )
 def test_memory_shapes(memory: Any, mb: int) -> None:
     assert parse_info(info(memory=memory)).memory_mb == mb
+
+
+def test_an_eval_dataset_binds_the_aggregator_to_an_agent_that_holds_it() -> None:
+    plain = aggregator("gw-plain")
+    holdout = agent(
+        "gw-holdout",
+        labels={"role": "aggregator"},
+        datasets=[{"name": "digits-test", "samples": 300}],
+    )
+    s = spec(data={"dataset": "digits", "min_samples": 50, "eval_dataset": "digits-test"})
+    result = plan([plain, holdout, agent("a")], s, prefer_aggregator="gw-plain")
+    assert result.aggregator is not None
+    assert (result.aggregator.agent, result.aggregator.dataset) == ("gw-holdout", "digits-test")
+    alone = plan([plain, agent("a")], s)
+    assert alone.problems[0].startswith(
+        "no online agent can host the aggregator (needs labels role=aggregator and dataset "
+        "digits-test;"
+    )

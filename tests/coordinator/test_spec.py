@@ -60,7 +60,7 @@ def test_defaults_and_round_trip() -> None:
         {
             "name": "j",
             "model": {"onnx": "out/train_step.onnx"},
-            "data": {"tags": ["vision"]},
+            "data": {"tags": ["vision"], "eval_dataset": "holdout"},
             "stop": {"max_updates": 10},
         }
     )
@@ -69,6 +69,7 @@ def test_defaults_and_round_trip() -> None:
     assert spec.model.onnx.initial == "out/initial.tensors"
     assert spec.algorithm.server_optimizer.lr == 1.0
     assert spec.aggregator.labels == {"role": "aggregator"}
+    assert spec.data.eval_dataset == "holdout"
     assert parse_spec(spec.to_dict()) == spec
     full = parse_spec(example())
     assert parse_spec(full.to_dict()) == full
