@@ -946,7 +946,8 @@ def stop_reason(spec: JobSpec, record: JobRecord) -> str:
 
 
 def progress(spec: JobSpec, record: JobRecord, now: float) -> float:
-    """How far the job is towards its nearest stop rule, in [0, 1]."""
+    """How far the job is towards its nearest stop rule, in [0, 1] (accuracy counts only when
+    it is the only rule)."""
     if record.phase == "completed":
         return 1.0
     stop = spec.stop
@@ -959,6 +960,8 @@ def progress(spec: JobSpec, record: JobRecord, now: float) -> float:
         end = record.finished_at or now
         parts.append((end - record.started_at) / (stop.max_minutes * 60))
     accuracy = record.metrics.get("accuracy")
-    if stop.target_accuracy and isinstance(accuracy, (int, float)):
+    if len(parts) == 1 and stop.target_accuracy and isinstance(accuracy, (int, float)):
+        # Accuracy starts high and creeps: it says little about progress unless it is the
+        # only rule there is.
         parts.append(accuracy / stop.target_accuracy)
     return round(min(1.0, max(parts)), 4)

@@ -65,6 +65,8 @@ class ServiceConfig:
     timings: Timings = field(default_factory=Timings)
     agent_id: str | None = None
     """The embedded agent's id; ``coordinator-<hostname>`` by default."""
+    agent_datasets: tuple[tuple[str, Path], ...] = ()
+    """Datasets for the embedded agent (name, absolute path): a held-out set to evaluate on."""
 
 
 def embedded_agent_id(hostname: str | None = None) -> str:
@@ -77,9 +79,19 @@ def _toml_string(value: str) -> str:
 
 
 def embedded_agent_toml(
-    *, agent_id: str, state_dir: Path, prefix: str, broker_url: str, public_key: str
+    *,
+    agent_id: str,
+    state_dir: Path,
+    prefix: str,
+    broker_url: str,
+    public_key: str,
+    datasets: tuple[tuple[str, Path], ...] = (),
 ) -> str:
     """The embedded agent's configuration (``agent.config``'s format)."""
+    tables = [
+        f"[[datasets]]\nname = {_toml_string(name)}\npath = {_toml_string(str(path))}"
+        for name, path in datasets
+    ]
     return "\n".join(
         [
             "# Written by 'ember serve': the agent that hosts this coordinator's aggregator role.",
@@ -95,6 +107,7 @@ def embedded_agent_toml(
             f"coordinator_keys = [{_toml_string(public_key)}]",
             "[zeroconf]",
             "enabled = false",
+            *tables,
             "",
         ]
     )
@@ -305,6 +318,7 @@ class Coordinator:
             prefix=self.config.prefix,
             broker_url=self.config.broker.urls[0],
             public_key=self.public_key,
+            datasets=self.config.agent_datasets,
         )
 
         def write() -> None:

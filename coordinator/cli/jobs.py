@@ -311,7 +311,9 @@ def jobs_show(
         for e in events:
             extra = {k: v for k, v in e.items() if k not in ("seq", "job", "ts", "kind")}
             brief = ", ".join(
-                f"{k}={v}" for k, v in extra.items() if not isinstance(v, (list, dict))
+                f"{k}={len(v) if isinstance(v, (list, dict)) else v}"
+                for k, v in extra.items()
+                if v not in ("", None)
             )
             clock = time.strftime("%H:%M:%S", time.localtime(e["ts"]))
             out.print(f"  {clock} {e['kind']} {brief}")

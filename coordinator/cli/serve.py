@@ -36,6 +36,14 @@ from coordinator.cli.keys import state_dir_option
 @click.option(
     "--agent-id", default=None, help="The embedded agent's id [default: coordinator-<hostname>]."
 )
+@click.option(
+    "--agent-dataset",
+    "agent_datasets",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="A dataset for the embedded agent, e.g. a held-out set for data.eval_dataset "
+    "(repeatable).",
+)
 @click.option("--settle", type=float, default=1.5, hidden=True)
 @click.option("--tick", type=float, default=1.0, hidden=True)
 @click.option("--dispatch-timeout", type=float, default=20.0, hidden=True)
@@ -49,6 +57,7 @@ def serve(
     zeroconf: bool,
     zeroconf_interfaces: tuple[str, ...],
     agent_id: str | None,
+    agent_datasets: tuple[str, ...],
     settle: float,
     tick: float,
     dispatch_timeout: float,
@@ -67,6 +76,12 @@ def serve(
     if root.get_parameter_source("log_level") == click.core.ParameterSource.DEFAULT:
         configure_logging("info")
     conn = connection(broker, prefix)
+    datasets = []
+    for item in agent_datasets:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            fail(f"--agent-dataset: expected NAME=PATH, got {item!r}")
+        datasets.append((name, Path(path).expanduser().resolve()))
     config = ServiceConfig(
         broker=conn.broker_config(backoff_max=5.0),
         state_dir=state_dir,
@@ -75,6 +90,7 @@ def serve(
         zeroconf=zeroconf,
         zeroconf_interfaces=zeroconf_interfaces,
         agent_id=agent_id,
+        agent_datasets=tuple(datasets),
         timings=Timings(settle=settle, tick=tick, dispatch_timeout=dispatch_timeout),
     )
     stderr(f"ember serve: broker {conn.broker}, prefix {conn.prefix}, state {state_dir}")

@@ -27,6 +27,7 @@ from tests.coordinator.conftest import FakeAgent, agent_info, broker_config
 
 EMBER = Path(sys.executable).parent / "ember"
 COMMAND = [str(EMBER)] if EMBER.exists() else [sys.executable, "-m", "coordinator.cli"]
+DIGITS_ASSETS = Path(__file__).resolve().parents[2] / "agent" / "learning" / "assets" / "digits"
 
 
 @dataclass
@@ -402,3 +403,174 @@ async def test_jobs_survive_sigkill_and_can_be_watched_and_cancelled(
     final = json.loads(bytes((await retained.get(5)).payload))
     assert final["phase"] == "completed"
     assert final["reason"].startswith("target_accuracy")
+
+
+async def test_the_embedded_agent_hosts_the_aggregator(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """Default ``ember serve``: a real ``ember-agent run`` child labelled for the aggregator;
+    it goes when the coordinator goes, even by SIGKILL."""
+    env = environment(mosquitto, topics)
+    agent_id = "coordinator-test"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:  # a local file, opened once
+        process = await asyncio.create_subprocess_exec(
+            *COMMAND,
+            "serve",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-zeroconf",
+            "--agent-id",
+            agent_id,
+            "--settle",
+            "0.3",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=sink,
+            stderr=sink,
+        )
+    try:
+        async with Transport(broker_config(mosquitto.url)) as transport:
+            await transport.wait_connected(5)
+            status = await transport.subscribe(topics.agent_status(agent_id))
+            info = await transport.subscribe(topics.agent_info(agent_id))
+
+            async def next_doc(sub: Any) -> dict[str, Any]:
+                doc = json.loads(bytes((await sub.get(30)).payload))
+                assert isinstance(doc, dict)
+                return doc
+
+            assert (await next_doc(status))["state"] == "online"
+            assert (await next_doc(info))["labels"] == {"role": "aggregator"}
+            job = write_job(tmp_path)
+            plan = await ember("jobs", "plan", "--json", str(job), env=env)
+            assert plan.code == 0, plan.err + log.read_text()
+            assert plan.json()["selected"][0] == {
+                "agent": agent_id,
+                "role": "aggregator",
+                "dataset": None,
+                "samples": None,
+                "standby": False,
+                "feature_shape": None,
+            }
+            toml = (tmp_path / "state" / "embedded-agent.toml").read_text()
+            assert 'coordinator_keys = ["ed25519:' in toml
+            process.send_signal(signal.SIGKILL)
+            await process.wait()
+            # PR_SET_PDEATHSIG: the child gets SIGTERM and says goodbye on its status topic.
+            while (doc := await next_doc(status))["state"] != "offline":
+                pass
+            assert doc["agent"] == agent_id
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+@pytest.mark.slow
+async def test_a_real_job_runs_to_completion_on_real_agents(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """The whole road: ``ember serve`` with its embedded agent (the aggregator, evaluating on a
+    held-out set), a real ``ember-agent`` trainer, the digits demo model as ONNX, and
+    ``ember jobs submit --watch`` until the stop rule."""
+    assets = DIGITS_ASSETS
+    if not (assets / "train_step.onnx").exists():
+        pytest.skip("the digits demo assets are not in this checkout")
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    np.savez(tmp_path / "train.npz", x=x[:900], y=y[:900])
+    np.savez(tmp_path / "test.npz", x=x[900:], y=y[900:])
+    env = environment(mosquitto, topics)
+    keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=env)
+    trainer_toml = tmp_path / "trainer.toml"
+    trainer_toml.write_text(
+        textwrap.dedent(
+            f"""
+            [agent]
+            id = "pi-trainer"
+            state_dir = "{tmp_path / "trainer"}"
+            topic_prefix = "{topics.prefix}"
+            [broker]
+            url = "{mosquitto.url}"
+            [trust]
+            coordinator_keys = ["{keys.out.strip()}"]
+            [zeroconf]
+            enabled = false
+            [[datasets]]
+            name = "digits"
+            path = "{tmp_path / "train.npz"}"
+            """
+        )
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        textwrap.dedent(
+            f"""
+            name: digits-real
+            model: {{ onnx: {assets / "train_step.onnx"} }}
+            data: {{ dataset: digits, min_samples: 50, eval_dataset: digits-test }}
+            algorithm:
+              buffer_size: 2
+              concurrency: 1
+              client: {{ local_steps: 10, batch_size: 32, lr: 0.1 }}
+            stop: {{ max_versions: 3, max_minutes: 2 }}
+            """
+        )
+    )
+    children = []
+    with (tmp_path / "serve.log").open("wb") as sink:  # a local file, opened once
+        children.append(
+            await asyncio.create_subprocess_exec(
+                *COMMAND,
+                "serve",
+                "--state-dir",
+                str(tmp_path / "coord"),
+                "--no-zeroconf",
+                "--agent-dataset",
+                f"digits-test={tmp_path / 'test.npz'}",
+                "--settle",
+                "0.3",
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+            )
+        )
+        children.append(
+            await asyncio.create_subprocess_exec(
+                str(Path(sys.executable).parent / "ember-agent"),
+                "run",
+                "--config",
+                str(trainer_toml),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=sink,
+                stderr=sink,
+            )
+        )
+    try:
+        for _ in range(100):  # until the plan can start (both agents online, info published)
+            plan = await ember("jobs", "plan", "--json", str(job), env=env)
+            if plan.code == 0 and plan.json()["feasible"]:
+                break
+        else:
+            raise AssertionError(plan.out + plan.err + (tmp_path / "serve.log").read_text())
+        done = await ember("jobs", "submit", "--watch", str(job), env=env, timeout=120)
+        assert done.code == 0, done.out + done.err + (tmp_path / "serve.log").read_text()
+        assert "completed: max_versions reached (3)" in done.out
+        [row] = (await ember("jobs", "ls", "--json", env=env)).json()
+        assert row["model_version"] == 3
+        assert 0.0 < row["metrics"]["accuracy"] <= 1.0
+    finally:
+        for child in reversed(children):
+            if child.returncode is None:
+                child.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(child.wait(), 15)
+                except asyncio.TimeoutError:
+                    child.kill()
+                    await child.wait()
