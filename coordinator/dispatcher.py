@@ -400,7 +400,7 @@ class Dispatcher:
         agg = self._aggregator(job)
         if agg is not None and agg.state in ("finished", "failed", "refused", "cancelled"):
             if agg.state == "finished":
-                await self._finish(job, "completed", record.reason or "the aggregator finished")
+                await self._finish(job, "completed", "the aggregator finished")
             else:
                 where = f"aggregator on {agg.agent} {agg.state}"
                 await self._finish(job, "failed", f"{where}: {agg.reason}" if agg.reason else where)
@@ -745,10 +745,15 @@ class Dispatcher:
                     + (f": {last.reason})" if last.reason else ")"),
                 )
                 return
-        if agg is not None and agg.state in ACTIVE:
-            agent = self.registry.get(agg.agent)
-            note = "" if agent is not None and agent.online else f"aggregator {agg.agent} offline"
-            if record.phase == "running" and record.reason != note:
+        if record.phase == "running":
+            notes = []
+            agent = self.registry.get(agg.agent) if agg is not None else None
+            if agg is not None and (agent is None or not agent.online):
+                notes.append(f"aggregator {agg.agent} offline")
+            if not any(a.state in ACTIVE for a in trainers):
+                notes.append("no trainer at work: waiting for an eligible agent")
+            note = "; ".join(notes)
+            if record.reason != note:
                 record.reason = note
                 record.updated_at = now
                 await self.store.save(jobs=[record])
