@@ -1,7 +1,8 @@
 """The coordinator's durable state: SQLite in WAL mode, plus content-addressed blobs on disk.
 
 Jobs, assignments (which agent runs which role of which job, and how it is doing), an event
-log, model versions and, later, applied update ids live in one SQLite database
+log, model versions, the newest weights kept of each job's model and, later, applied update
+ids live in one SQLite database
 (``state.db``) in write-ahead-log mode with ``synchronous=FULL``: every committed transaction
 survives the process being killed at any instant (SQLite's WAL documentation, "Atomic Commit").
 The schema carries a version (``PRAGMA user_version``) and is brought up to date by ordered
@@ -34,7 +35,7 @@ log = structlog.get_logger("ember.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: jobs, assignments, events, model versions, applied updates.
@@ -94,6 +95,14 @@ MIGRATIONS: tuple[str, ...] = (
         ts         REAL NOT NULL,
         PRIMARY KEY (job, update_id)
     );
+    """,
+    # 2: the newest weights the coordinator keeps of each job's model (a tensor-codec blob),
+    # written only by Store.save_weights: the job upsert leaves these columns alone.
+    """
+    ALTER TABLE jobs ADD COLUMN weights_version INTEGER;
+    ALTER TABLE jobs ADD COLUMN weights_digest TEXT;
+    ALTER TABLE jobs ADD COLUMN weights_final INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN weights_at REAL;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -248,6 +257,27 @@ def _assignment_row(a: AssignmentRecord) -> tuple[Any, ...]:
 
 def _assignment_from_row(row: sqlite3.Row) -> AssignmentRecord:
     return AssignmentRecord(**{k: row[k] for k in row.keys()})  # noqa: SIM118 (sqlite3.Row)
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """The newest model weights kept for a job: a tensor-codec blob and the version it is."""
+
+    job: str
+    version: int
+    digest: str
+    """SHA-256 of the blob (``encode_tensors`` of the model's parameters)."""
+    final: bool
+    """Whether this is the job's last version (the aggregator's ``final`` model version)."""
+    stored_at: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "digest": self.digest,
+            "final": self.final,
+            "stored_at": self.stored_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -458,6 +488,81 @@ class Store:
             ]
 
         return await self._call(run)
+
+    # model weights -----------------------------------------------------------------------------
+    async def keep_weights(
+        self, job: str, version: int, data: bytes, *, final: bool
+    ) -> StoredWeights | None:
+        """Keep ``data`` (tensor-codec weights) as the job's newest weights: written as a blob,
+        recorded in the job, and the blob it supersedes deleted unless something else names it.
+
+        Nothing happens (``None``) when the job already has a newer version, or this version
+        final. All of it runs on the store's thread, so no other store call sees it half done.
+        """
+        now = time.time()
+
+        def run() -> StoredWeights | None:
+            db = self.db
+            row = db.execute(
+                "SELECT weights_version, weights_digest, weights_final FROM jobs WHERE id = ?",
+                (job,),
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"no job {job!r}")
+            known = row["weights_version"]
+            if known is not None and (known, bool(row["weights_final"])) >= (version, final):
+                return None
+            digest = self._put_blob(data)
+
+            def record(db: sqlite3.Connection) -> None:
+                db.execute(
+                    "UPDATE jobs SET weights_version = ?, weights_digest = ?, weights_final = ?, "
+                    "weights_at = ? WHERE id = ?",
+                    (version, digest, int(final), now, job),
+                )
+
+            self._tx(record)
+            previous = row["weights_digest"]
+            if previous and previous != digest:
+                self._drop_blob_unless_used(previous)
+            return StoredWeights(job, version, digest, final, now)
+
+        return await self._call(run)
+
+    async def job_weights(self, job: str) -> StoredWeights | None:
+        """The newest weights kept for ``job``, or ``None``."""
+
+        def run() -> StoredWeights | None:
+            row = self.db.execute(
+                "SELECT weights_version, weights_digest, weights_final, weights_at FROM jobs "
+                "WHERE id = ?",
+                (job,),
+            ).fetchone()
+            if row is None or row["weights_digest"] is None:
+                return None
+            return StoredWeights(
+                job=job,
+                version=int(row["weights_version"]),
+                digest=str(row["weights_digest"]),
+                final=bool(row["weights_final"]),
+                stored_at=float(row["weights_at"]),
+            )
+
+        return await self._call(run)
+
+    def _drop_blob_unless_used(self, digest: str) -> bool:
+        """Delete a blob no job names any more (as an artifact or as its weights).
+
+        Blobs are content-addressed, so superseded weights may share their blob with an
+        artifact (version 0 is the job's initial weights) or another job's weights."""
+        used = self.db.execute(
+            "SELECT 1 FROM jobs WHERE weights_digest = ? OR instr(artifacts, ?) > 0 LIMIT 1",
+            (digest, digest),
+        ).fetchone()
+        if used is not None:
+            return False
+        self.blob_path(digest).unlink(missing_ok=True)
+        return True
 
     # blobs -------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:

@@ -166,3 +166,36 @@ async def test_saving_a_job_again_keeps_its_assignments_and_versions(tmp_path: P
         assert (await store.load_jobs())[0].phase == "completed"
     finally:
         await store.close()
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    from coordinator.store import MIGRATIONS
+
+    with sqlite3.connect(tmp_path / "state.db") as db:  # what Ember with schema 1 wrote
+        db.executescript(MIGRATIONS[0])
+        db.execute(
+            "INSERT INTO jobs (id, name, spec, phase, submitted_at, updated_at) "
+            "VALUES ('old-1', 'old', '{}', 'completed', 1.0, 1.0)"
+        )
+        db.execute("PRAGMA user_version=1")
+    store = await Store.open(tmp_path)
+    try:
+        [old] = await store.load_jobs()
+        assert (old.id, old.phase) == ("old-1", "completed")
+        assert await store.job_weights("old-1") is None
+        kept = await store.keep_weights("old-1", 4, b"weights v4", final=False)
+        assert kept is not None
+        assert await store.get_blob(kept.digest) == b"weights v4"
+        old.reason = "saved again"
+        await store.save(jobs=[old])  # the job upsert leaves the weights alone
+        assert await store.job_weights("old-1") == kept
+        assert await store.keep_weights("old-1", 3, b"older", final=True) is None
+        final = await store.keep_weights("old-1", 4, b"weights v4, final", final=True)
+        assert final is not None
+        assert not store.blob_path(kept.digest).exists()  # superseded and unused: deleted
+        with pytest.raises(LookupError, match="no job"):
+            await store.keep_weights("nobody", 1, b"x", final=True)
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
