@@ -146,8 +146,13 @@ class Dispatcher:
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics: Subscription | None = None
+        self._listeners: list[Callable[[str, str], None]] = []
 
     # lifecycle ---------------------------------------------------------------------------------
+    def listen(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(job_id, phase)`` whenever a job changes (from the event loop)."""
+        self._listeners.append(callback)
+
     async def start(self) -> None:
         """Reload every job from the store, re-publish their states, start following them."""
         records = await self.store.load_jobs()
@@ -879,6 +884,11 @@ class Dispatcher:
     def _announce(self, job: _Job) -> None:
         self._dirty.add(job.record.id)
         self._dirty_event.set()
+        for callback in self._listeners:
+            try:
+                callback(job.record.id, job.record.phase)
+            except Exception:
+                log.exception("job_listener_failed", job=job.record.id)
 
     async def _publish_states(self) -> None:
         """Publish the retained state of every job that changed, coalescing bursts."""
