@@ -427,7 +427,7 @@ class Transport:
         client = self._make_client(endpoint, protocol)
         try:
             await client.__aenter__()
-        except MqttConnectError as exc:
+        except aiomqtt.MqttError as exc:
             if (
                 protocol is aiomqtt.ProtocolVersion.V5
                 and self.config.protocol == "auto"
@@ -755,11 +755,15 @@ class Transport:
                 task.cancel()
 
 
-def _refuses_v5(exc: MqttConnectError) -> bool:
-    """Did the broker's CONNACK refuse MQTT 5 (3.1.1 code 1, or MQTT 5 reason 0x84)?"""
-    rc = getattr(exc, "rc", None)
-    value = getattr(rc, "value", rc)
-    return value in (1, 0x84) or "protocol" in str(exc).lower()
+def _refuses_v5(exc: aiomqtt.MqttError) -> bool:
+    """Did the broker refuse MQTT 5: a CONNACK with 3.1.1 code 1 or MQTT 5 reason 0x84, or no
+    CONNACK at all to a connection it accepted (amqtt never answers an MQTT 5 CONNECT that
+    carries both a Will and a client id)?"""
+    if isinstance(exc, MqttConnectError):
+        rc = getattr(exc, "rc", None)
+        value = getattr(rc, "value", rc)
+        return value in (1, 0x84) or "protocol" in str(exc).lower()
+    return str(exc) == "Operation timed out"
 
 
 def _is_transient(error: BaseException) -> bool:

@@ -3,8 +3,9 @@
 It wires the parts together: the fleet :class:`~coordinator.registry.Registry` (retained agent
 topics, plus zeroconf on the LAN), the SQLite :class:`~coordinator.store.Store`, the
 :class:`~coordinator.dispatcher.Dispatcher` that follows jobs, the
-:class:`~coordinator.rpc.RpcServer` the CLI talks to, and, unless told otherwise, an embedded
-agent (a child process running ``ember-agent run``) that hosts the top aggregator role.
+:class:`~coordinator.model_keeper.ModelKeeper` that keeps the newest weights of every job's
+model, the :class:`~coordinator.rpc.RpcServer` the CLI talks to, and, unless told otherwise, an
+embedded agent (a child process running ``ember-agent run``) that hosts the top aggregator role.
 
 Stopping: SIGTERM or SIGINT stops cleanly (queued commands are flushed, the embedded agent is
 stopped, the MQTT session is closed). SIGKILL loses nothing either: every state change is in
@@ -34,12 +35,13 @@ from agent import __version__
 from agent.protocol.messages import RpcRequest
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
 from agent.transport import BrokerConfig, Transport
-from coordinator.bundles import init_key, public_text
+from coordinator.bundles import INFERENCE, init_key, public_text
 from coordinator.dispatcher import Dispatcher, JobError, Timings
+from coordinator.model_keeper import DEFAULT_FINAL_GRACE, DEFAULT_INTERVAL, ModelKeeper
 from coordinator.registry import LanBrowser, Registry
 from coordinator.rpc import RpcError, RpcServer
 from coordinator.spec import parse_spec
-from coordinator.store import Store
+from coordinator.store import Store, StoredWeights
 
 log = structlog.get_logger("ember.service")
 
@@ -67,6 +69,10 @@ class ServiceConfig:
     """The embedded agent's id; ``coordinator-<hostname>`` by default."""
     agent_datasets: tuple[tuple[str, Path], ...] = ()
     """Datasets for the embedded agent (name, absolute path): a held-out set to evaluate on."""
+    weights_interval: float = DEFAULT_INTERVAL
+    """Write a running job's newest model weights at most this often (final ones at once)."""
+    final_grace: float = DEFAULT_FINAL_GRACE
+    """Follow an ended job's model topic this long for its final version."""
 
 
 def embedded_agent_id(hostname: str | None = None) -> str:
@@ -86,6 +92,7 @@ def embedded_agent_toml(
     broker_url: str,
     public_key: str,
     datasets: tuple[tuple[str, Path], ...] = (),
+    protocol: str = "auto",
 ) -> str:
     """The embedded agent's configuration (``agent.config``'s format)."""
     tables = [
@@ -103,6 +110,7 @@ def embedded_agent_toml(
             "allow_code = false",
             "[broker]",
             f"url = {_toml_string(broker_url)}",
+            f"protocol = {_toml_string(protocol)}",
             "[trust]",
             f"coordinator_keys = [{_toml_string(public_key)}]",
             "[zeroconf]",
@@ -243,6 +251,7 @@ class Coordinator:
         self.transport: Transport | None = None
         self.registry: Registry | None = None
         self.dispatcher: Dispatcher | None = None
+        self.keeper: ModelKeeper | None = None
         self.rpc: RpcServer | None = None
         self.lan: LanBrowser | None = None
         self.agent: EmbeddedAgent | None = None
@@ -278,7 +287,16 @@ class Coordinator:
                 timings=cfg.timings,
                 prefer_aggregator=self.agent_id if cfg.embedded_agent else None,
             )
+            self.keeper = ModelKeeper(
+                transport=self.transport,
+                topics=self.topics,
+                store=self.store,
+                interval=cfg.weights_interval,
+                final_grace=cfg.final_grace,
+            )
+            self.dispatcher.listen(self.keeper.job_changed)
             await self.dispatcher.start()
+            self.keeper.start((j.record.id, j.record.phase) for j in self.dispatcher.jobs.values())
             self.rpc = RpcServer(self.transport, self.topics)
             self._register_methods(self.rpc)
             await self.rpc.start()
@@ -319,6 +337,7 @@ class Coordinator:
             broker_url=self.config.broker.urls[0],
             public_key=self.public_key,
             datasets=self.config.agent_datasets,
+            protocol=self.config.broker.protocol,
         )
 
         def write() -> None:
@@ -342,6 +361,8 @@ class Coordinator:
         if self.dispatcher is not None:
             await self.dispatcher.drain(timeout=3.0)
             await self.dispatcher.stop()
+        if self.keeper is not None:
+            await self.keeper.stop()
         if self.agent is not None:
             await self.agent.stop()
         if self.lan is not None:
@@ -354,6 +375,7 @@ class Coordinator:
             await self.store.close()
         await asyncio.to_thread(self._lock.release)
         self.rpc = self.dispatcher = self.agent = self.lan = self.registry = None
+        self.keeper = None
         self.transport = None
         self.store = None
 
@@ -375,6 +397,7 @@ class Coordinator:
         rpc.register("jobs.ls", self._jobs_ls)
         rpc.register("jobs.show", self._jobs_show)
         rpc.register("jobs.cancel", self._jobs_cancel)
+        rpc.register("jobs.export", self._jobs_export)
 
     @property
     def _d(self) -> Dispatcher:
@@ -437,7 +460,53 @@ class Coordinator:
             job = self._d.find(_param(params, "job"))
         except JobError as exc:
             raise RpcError(str(exc)) from None
-        return await self._d.detail(job)
+        detail = await self._d.detail(job)
+        weights = await self._stored_weights(job.record.id)
+        detail["weights"] = None if weights is None else weights.to_dict()
+        return detail
+
+    async def _stored_weights(self, job_id: str) -> StoredWeights | None:
+        if self.keeper is not None:
+            return await self.keeper.stored(job_id)
+        assert self.store is not None
+        return await self.store.job_weights(job_id)
+
+    async def _jobs_export(self, params: Mapping[str, Any], request: RpcRequest) -> Any:
+        """The job's inference graph and its newest kept weights (tensor codec), as bytes: the
+        caller bakes one into the other (``coordinator.onnx_model.with_weights``)."""
+        assert self.store is not None
+        try:
+            job = self._d.find(_param(params, "job"))
+        except JobError as exc:
+            raise RpcError(str(exc)) from None
+        job_id = job.record.id
+        wanted = params.get("version", "latest")
+        if wanted != "latest" and (not isinstance(wanted, int) or isinstance(wanted, bool)):
+            raise RpcError(f"version: expected 'latest' or a version number, got {wanted!r}")
+        inference = job.record.artifacts.get(INFERENCE)
+        if inference is None:
+            raise RpcError(
+                f"job {job_id} has no inference graph to export (an onnx model needs "
+                "model.onnx.inference in the job spec)"
+            )
+        weights = await self._stored_weights(job_id)
+        if weights is None:
+            raise RpcError(
+                f"job {job_id} has no model weights yet (kept from the aggregator's model "
+                f"versions; the job is {job.record.phase})"
+            )
+        if wanted != "latest" and wanted != weights.version:
+            raise RpcError(
+                f"job {job_id}: version {wanted} is not kept; the coordinator keeps the newest "
+                f"version only ({weights.version})"
+            )
+        return {
+            "job": job_id,
+            "phase": job.record.phase,
+            **weights.to_dict(),
+            "inference": await self.store.get_blob(inference),
+            "weights": await self.store.get_blob(weights.digest),
+        }
 
     async def _jobs_cancel(self, params: Mapping[str, Any], request: RpcRequest) -> Any:
         reason = params.get("reason")

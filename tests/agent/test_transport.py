@@ -251,7 +251,16 @@ async def test_fails_over_to_the_next_broker(mosquitto: MosquittoProcess) -> Non
         assert t.stats.connection_failures >= 1
 
 
-async def test_falls_back_to_mqtt311_on_the_embedded_broker(topics: Topics) -> None:
+@pytest.mark.parametrize(
+    "identity",
+    [{}, {"client_id": "ember-agent-pi", "will": True}],
+    ids=["anonymous", "client-id-and-will"],
+)
+async def test_falls_back_to_mqtt311_on_the_embedded_broker(
+    topics: Topics, identity: dict[str, Any]
+) -> None:
+    """amqtt refuses a plain MQTT 5 CONNECT, and never answers one with a Will and a client
+    id: both must end on 3.1.1."""
     from amqtt.broker import Broker
 
     port = free_port()
@@ -266,7 +275,11 @@ async def test_falls_back_to_mqtt311_on_the_embedded_broker(topics: Topics) -> N
     await broker.start()
     try:
         url = f"mqtt://127.0.0.1:{port}"
-        async with Transport(config(url)) as tx, Transport(config(url)) as rx:
+        will = WillMessage(topics.agent_status("pi"), b"{}") if identity.get("will") else None
+        tx = Transport(
+            config(url, client_id=identity.get("client_id"), connect_timeout=2.0), will=will
+        )
+        async with tx, Transport(config(url)) as rx:
             await tx.wait_connected(10)
             await rx.wait_connected(10)
             assert tx.protocol_in_use == "3.1.1"
