@@ -1,4 +1,4 @@
-"""``ember jobs``: plan, submit, list, show, watch and cancel jobs."""
+"""``ember jobs``: plan, submit, list, show, watch, export and cancel jobs."""
 
 from __future__ import annotations
 
@@ -276,6 +276,14 @@ def jobs_show(
     if detail.get("metrics"):
         text = ", ".join(f"{k} {v:.4g}" for k, v in sorted(detail["metrics"].items()))
         out.print(f"  metrics: {text}")
+    weights = detail.get("weights")
+    if weights:
+        kept = time.strftime("%H:%M:%S", time.localtime(weights["stored_at"]))
+        final = ", final" if weights.get("final") else ""
+        out.print(
+            f"  model kept: version {weights['version']}{final}, stored {kept} "
+            f"(ember jobs export {detail['job']} -o model.onnx)"
+        )
     stamps = [
         (label, detail.get(key))
         for label, key in (
@@ -414,6 +422,125 @@ async def _next_state(sub: Any, current: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(state, dict) and state.get("job") == current.get("job"):
             return state
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def _version(value: str) -> str | int:
+    if value == "latest":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected 'latest' or a version number, got {value!r}") from None
+    if number < 0:
+        raise click.BadParameter(f"a version number is ≥ 0, got {number}")
+    return number
+
+
+@jobs.command("export")
+@click.argument("job")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    required=True,
+    help="Where to write the model (an ONNX file).",
+)
+@click.option(
+    "--version",
+    "version",
+    default="latest",
+    show_default=True,
+    help="Which model version: the coordinator keeps the newest one.",
+)
+@connection_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the coordinator's answer.",
+)
+@json_option
+def jobs_export(
+    job: str,
+    output: Path,
+    version: str,
+    broker: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Write JOB's model as an inference ONNX graph with its newest weights baked in.
+
+    The graph is the job's inference graph (model.onnx.inference, or exported from torch);
+    the weights are the newest version the coordinator kept (the final one once the job ended).
+    The written model is run once with onnxruntime on a batch of zeros before this returns.
+    """
+    wanted = _version(version)
+    conn = connection(broker, prefix)
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=min(timeout, 10.0)) as client:
+            return await client.call(
+                "jobs.export", {"job": job, "version": wanted}, timeout=timeout
+            )
+
+    exported = run(go)
+    job_id = exported["job"]
+    summary = _write_model(job_id, exported, output)
+    if as_json:
+        print_json(summary)
+        return
+    final = "final" if summary["final"] else f"not final: the job is {summary['phase']}"
+    click.echo(
+        f"wrote {output} ({summary['bytes']:,} bytes): {job_id} version {summary['version']} "
+        f"({final}), {summary['parameters']:,} parameters"
+    )
+
+
+def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[str, Any]:
+    """Bake the weights into the inference graph, write it atomically, run it once."""
+    import os
+
+    from agent.protocol.codec import decode_tensors
+    from agent.protocol.errors import ProtocolError
+    from coordinator.onnx_model import ModelExportError, smoke_test, with_weights
+
+    try:
+        weights = decode_tensors(exported["weights"])
+    except ProtocolError as exc:
+        fail(f"job {job_id}: the coordinator's weights are unreadable: {exc}")
+    metadata = {
+        "ember.job": job_id,
+        "ember.version": str(exported["version"]),
+        "ember.final": "true" if exported["final"] else "false",
+    }
+    try:
+        model = with_weights(exported["inference"], weights, metadata=metadata)
+        check = smoke_test(model)
+    except ModelExportError as exc:
+        fail(f"job {job_id}, version {exported['version']}: {exc}")
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(model)
+        os.replace(tmp, output)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {output}: {exc.strerror or exc}")
+    return {
+        "job": job_id,
+        "phase": exported["phase"],
+        "version": exported["version"],
+        "final": exported["final"],
+        "output": str(output),
+        "bytes": len(model),
+        "parameters": int(sum(t.size for t in weights.values())),
+        "inputs": {k: list(v) for k, v in check.inputs.items()},
+        "outputs": {k: list(v) for k, v in check.outputs.items()},
+    }
 
 
 # -- cancel --------------------------------------------------------------------------------------

@@ -44,6 +44,16 @@ from coordinator.cli.keys import state_dir_option
     help="A dataset for the embedded agent, e.g. a held-out set for data.eval_dataset "
     "(repeatable).",
 )
+@click.option(
+    "--weights-interval",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Write a running job's newest model weights to the state directory at most this "
+    "often (a job's final model at once).",
+)
+@click.option("--final-grace", type=click.FloatRange(min=0), default=15.0, hidden=True)
 @click.option("--settle", type=float, default=1.5, hidden=True)
 @click.option("--tick", type=float, default=1.0, hidden=True)
 @click.option("--dispatch-timeout", type=float, default=20.0, hidden=True)
@@ -58,6 +68,8 @@ def serve(
     zeroconf_interfaces: tuple[str, ...],
     agent_id: str | None,
     agent_datasets: tuple[str, ...],
+    weights_interval: float,
+    final_grace: float,
     settle: float,
     tick: float,
     dispatch_timeout: float,
@@ -91,6 +103,8 @@ def serve(
         zeroconf_interfaces=zeroconf_interfaces,
         agent_id=agent_id,
         agent_datasets=tuple(datasets),
+        weights_interval=weights_interval,
+        final_grace=final_grace,
         timings=Timings(settle=settle, tick=tick, dispatch_timeout=dispatch_timeout),
     )
     stderr(f"ember serve: broker {conn.broker}, prefix {conn.prefix}, state {state_dir}")
