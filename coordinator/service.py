@@ -461,11 +461,13 @@ class Coordinator:
         except JobError as exc:
             raise RpcError(str(exc)) from None
         detail = await self._d.detail(job)
-        weights = await self._stored_weights(job.record.id)
+        assert self.store is not None
+        weights = await self.store.job_weights(job.record.id)  # what is on disk, as it is
         detail["weights"] = None if weights is None else weights.to_dict()
         return detail
 
     async def _stored_weights(self, job_id: str) -> StoredWeights | None:
+        """The job's kept weights, after writing a newer version the keeper holds."""
         if self.keeper is not None:
             return await self.keeper.stored(job_id)
         assert self.store is not None
