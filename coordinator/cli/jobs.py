@@ -523,6 +523,8 @@ def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[st
         check = smoke_test(model)
     except ModelExportError as exc:
         fail(f"job {job_id}, version {exported['version']}: {exc}")
+    except ImportError as exc:
+        fail(f"exporting a model needs onnx (pip install 'ember-fl[coordinator]'): {exc}")
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(model)
