@@ -5,7 +5,7 @@ Both run through Ember's backends (:class:`~agent.learning.onnx_backend.OnnxBack
 :class:`~agent.learning.torch_backend.TorchBackend`), so the figures include what a device pays
 around the step (batch gathering, feeding parameters back), on one thread each, as on a
 Raspberry Pi that keeps a core for the agent. Models: the digits demo's MLP 64-128-10 (its
-shipped graphs) and the small CNN of ``examples/digits/model.py`` (exported here). Momentum and
+shipped graphs) and the small CNN of ``coordinator/demo/model.py`` (exported here). Momentum and
 FedProx's proximal term are on, as in a real FedProx run.
 """
 
@@ -22,8 +22,8 @@ from agent.learning.backend import ExportedModel, HyperParams
 from agent.learning.onnx_backend import OnnxBackend
 from agent.learning.torch_backend import TorchBackend
 from bench.common import best_of, show, write_results
+from coordinator.demo.model import Net, SmallCNN
 from coordinator.export import export_model
-from examples.digits.model import Net, SmallCNN
 
 BATCH = 32
 STEPS = 200

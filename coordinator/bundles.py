@@ -48,6 +48,9 @@ ROLE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "middle_aggregator": (INITIAL,),
 }
 """Which artifacts each role receives: trainers need no inference graph."""
+CODE_ROLES = frozenset({"trainer"})
+"""Roles that run the model's Python source on a torch backend. Aggregators only evaluate, with
+the ONNX eval graph, so their bundles stay code-free and run on agents that refuse code."""
 
 KEY_FILE = "coordinator.key"
 
@@ -290,7 +293,7 @@ def build_bundle(
         config=dict(spec),
         dataset={"name": dataset} if dataset else {},
         artifacts={name: artifacts[name] for name in wanted if name in artifacts},
-        code=dict(code or {}) if backend == "torch" else {},
+        code=dict(code or {}) if backend == "torch" and role in CODE_ROLES else {},
         created=created,
     )
 

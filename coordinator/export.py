@@ -556,8 +556,8 @@ DEMO_INPUT_SHAPE = (64,)
 
 
 def demo_module() -> nn.Module:
-    """The digits demo's model (``examples/digits/model.py``'s ``Net``), seeded."""
-    from examples.digits.model import Net  # a repository checkout only
+    """The digits demo's model (``coordinator/demo/model.py``'s ``Net``), seeded."""
+    from coordinator.demo.model import Net
 
     torch.manual_seed(DEMO_SEED)
     return Net()

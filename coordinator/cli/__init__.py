@@ -8,6 +8,7 @@ from agent import __version__
 from agent.logs import configure_logging
 from coordinator.cli._common import connection_options
 from coordinator.cli.agents import agents
+from coordinator.cli.demo import demo
 from coordinator.cli.jobs import jobs
 from coordinator.cli.keys import keys
 from coordinator.cli.serve import serve
@@ -31,6 +32,7 @@ cli.add_command(serve)
 cli.add_command(keys)
 cli.add_command(jobs)
 cli.add_command(agents)
+cli.add_command(demo)
 
 
 def main() -> None:

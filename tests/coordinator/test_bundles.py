@@ -182,3 +182,22 @@ def test_bundles_are_deterministic_signed_and_role_specific(tmp_path: Path) -> N
         created=1.0,
     )
     assert with_code.code == {"m.py": "class Net: ..."}
+
+
+def test_aggregator_bundles_of_torch_jobs_carry_no_code() -> None:
+    """The aggregator evaluates with the ONNX eval graph; its agent may refuse code bundles."""
+    torch_spec = {"backend": "torch", "algorithm": {"mode": "async"}}
+    blobs = {"train_step.onnx": b"t", "eval.onnx": b"e", "initial.tensors": b"i"}
+    aggregator = build_bundle(
+        job="j-2",
+        role="aggregator",
+        spec=torch_spec,
+        artifacts=blobs,
+        code={"m.py": "x"},
+        created=1.0,
+    )
+    trainer = build_bundle(
+        job="j-2", role="trainer", spec=torch_spec, artifacts=blobs, code={"m.py": "x"}, created=1.0
+    )
+    assert aggregator.code == {}
+    assert trainer.code == {"m.py": "x"}

@@ -453,7 +453,7 @@ def test_shipped_demo_assets_match_a_fresh_export(fresh_demo: ExportedModel) -> 
 
 
 def test_inference_graph_is_the_model(fresh_demo: ExportedModel) -> None:
-    from examples.digits.model import Net
+    from coordinator.demo.model import Net
 
     net = Net()
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Models shipped with the agent, so ``ember demo`` trains without torch anywhere.
 
-``digits/`` holds the digits demo's model (``examples/digits/model.py``'s ``Net``, an MLP
+``digits/`` holds the digits demo's model (``coordinator/demo/model.py``'s ``Net``, an MLP
 64-128-10 seeded with 0) as exported by :mod:`coordinator.export`: train-step, eval and
 inference graphs and the initial weights. ``python -m coordinator.export
 --regenerate-demo-assets`` rewrites them; a test checks them against a fresh export.

@@ -14,8 +14,8 @@ from agent.learning.assets import load_demo_model  # noqa: E402
 from agent.learning.backend import ExportedModel, HyperParams, ModelFormatError  # noqa: E402
 from agent.learning.onnx_backend import OnnxBackend  # noqa: E402
 from agent.learning.torch_backend import TorchBackend, torch_available  # noqa: E402
+from coordinator.demo.model import Net, SmallCNN  # noqa: E402
 from coordinator.export import export_eval, export_train_step, model_spec  # noqa: E402
-from examples.digits.model import Net, SmallCNN  # noqa: E402
 
 # Twenty steps of float32 SGD with momentum in two runtimes: observed gaps are ~1e-7.
 ATOL = 1e-5

@@ -1,0 +1,439 @@
+"""`ember demo`: a whole federation on one machine, with nothing to configure.
+
+An embedded broker (or ``--broker``), a coordinator with its embedded agent holding the
+held-out split, and ``--agents`` agent processes, each with a Dirichlet(α = 0.5) non-IID shard
+of scikit-learn's digits. A FedBuff (or FedAvg) job trains the shipped digits model with
+onnxruntime (no torch), or with torch where asked. The run ends with a summary, a PNG of
+accuracy against time and the final model as an inference ONNX graph.
+
+Everything here is the real system: real agent processes running ``ember-agent run``, the real
+coordinator placing the job and dispatching signed bundles, real MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import structlog
+
+from agent.learning.assets import DEMO_MODEL_DIR
+from agent.learning.backend import ARTIFACTS
+from agent.protocol import Message, ModelVersion, ProtocolError, Topics, decode_message
+from agent.transport import BrokerConfig, Subscription
+from coordinator.bundles import ModelArtifacts, model_artifacts
+from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
+from coordinator.embedded_broker import EmbeddedBroker
+from coordinator.service import Coordinator, ServiceConfig
+from coordinator.spec import parse_spec
+
+log = structlog.get_logger("ember.demo")
+
+Algorithm = Literal["fedbuff", "fedavg"]
+Backend = Literal["onnxruntime", "torch"]
+MODEL_SOURCE = Path(__file__).with_name("model.py")
+
+
+class DemoError(RuntimeError):
+    """The demo could not run; the message says what to do."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoOptions:
+    """What ``ember demo`` runs."""
+
+    agents: int = 6
+    algorithm: Algorithm = "fedbuff"
+    backend: Backend = "onnxruntime"
+    broker: str | None = None
+    out: Path = Path("ember-demo")
+    target_accuracy: float = 0.95
+    max_seconds: float = 100.0
+    alpha: float = 0.5
+    seed: int = 0
+
+
+@dataclass
+class Progress:
+    """What the demo has seen so far (fed to the progress display)."""
+
+    phase: str = "starting"
+    agents_online: int = 0
+    version: int = 0
+    updates: int = 0
+    accuracy: float | None = None
+    history: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since the job started, held-out accuracy) per evaluated version."""
+
+
+@dataclass(frozen=True)
+class DemoSummary:
+    """The outcome, printed as a table and as ``--json``."""
+
+    final_accuracy: float
+    model_versions: int
+    updates_applied: int
+    seconds: float
+    job_seconds: float
+    agents: int
+    algorithm: str
+    backend: str
+    phase: str
+    reason: str
+    plot: str | None
+    model: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def job_spec(options: DemoOptions) -> dict[str, Any]:
+    """The demo's job, as an operator would write it in YAML (see examples/digits_fedbuff)."""
+    sync = options.algorithm == "fedavg"
+    model: dict[str, Any]
+    if options.backend == "torch":
+        model = {"torch": f"{MODEL_SOURCE}:Net", "input_shape": [64]}
+    else:
+        model = {
+            "onnx": {
+                kind: str(DEMO_MODEL_DIR / ARTIFACTS[kind])
+                for kind in ("train_step", "eval", "inference", "initial")
+            }
+        }
+    return {
+        "name": f"digits-{options.algorithm}",
+        "description": "ember demo: digits, Dirichlet(0.5) non-IID shards",
+        "model": model,
+        "backend": options.backend,
+        "data": {"dataset": "digits", "min_samples": 20, "eval_dataset": "digits-holdout"},
+        "algorithm": {
+            "mode": "sync" if sync else "async",
+            "buffer_size": max(1, options.agents // 2),
+            "concurrency": options.agents,
+            "min_trainers": options.agents if sync else 1,
+            "staleness": {"weight": "sqrt", "max": 20},
+            "server_optimizer": {"name": "fedavg", "lr": 1.0},
+            "client": {"local_steps": 20, "batch_size": 32, "lr": 0.1},
+        },
+        "stop": {
+            "target_accuracy": options.target_accuracy,
+            "max_minutes": round(options.max_seconds / 60.0, 3),
+        },
+    }
+
+
+def agent_toml(
+    *,
+    agent_id: str,
+    state_dir: Path,
+    prefix: str,
+    broker: str,
+    protocol: str,
+    key: str,
+    dataset: Path,
+    code: bool,
+) -> str:
+    """An agent's config file (agent/config.py's schema)."""
+    return "\n".join(
+        [
+            "[agent]",
+            f"id = {json.dumps(agent_id)}",
+            f"state_dir = {json.dumps(str(state_dir))}",
+            f"topic_prefix = {json.dumps(prefix)}",
+            f"allow_code = {'true' if code else 'false'}",
+            'labels = { demo = "digits" }',
+            "[broker]",
+            f"url = {json.dumps(broker)}",
+            f"protocol = {json.dumps(protocol)}",
+            "[trust]",
+            f"coordinator_keys = [{json.dumps(key)}]",
+            "[telemetry]",
+            "interval = 30",
+            "[zeroconf]",
+            "enabled = false",
+            "[[datasets]]",
+            'name = "digits"',
+            f"path = {json.dumps(str(dataset))}",
+            'tags = ["vision", "demo"]',
+            "",
+        ]
+    )
+
+
+class Demo:
+    """One run of the demo; :meth:`run` returns its summary."""
+
+    def __init__(
+        self, options: DemoOptions, on_progress: Callable[[Progress], None] | None = None
+    ) -> None:
+        self.options = options
+        self.progress = Progress()
+        self.on_progress = on_progress or (lambda _p: None)
+        self.prefix = f"ember-demo/{secrets.token_hex(4)}"
+        self.topics = Topics(self.prefix)
+        self.children: list[asyncio.subprocess.Process] = []
+        self.logs: list[IO[bytes]] = []
+        self.final: ModelVersion | None = None
+        self.final_arrived = asyncio.Event()
+
+    def _update(self, **changes: Any) -> None:
+        for name, value in changes.items():
+            setattr(self.progress, name, value)
+        self.on_progress(self.progress)
+
+    async def run(self) -> DemoSummary:
+        opts = self.options
+        if opts.agents < 1:
+            raise DemoError(f"--agents: must be ≥ 1, got {opts.agents}")
+        began = time.monotonic()
+        opts.out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="ember-demo-") as tmp:
+            root = Path(tmp)
+            broker = EmbeddedBroker() if opts.broker is None else None
+            url = opts.broker or await broker.start()  # type: ignore[union-attr]
+            coordinator: Coordinator | None = None
+            try:
+                self._update(phase="preparing data")
+                shards, holdout = await asyncio.to_thread(self._prepare_data, root)
+                config = BrokerConfig(
+                    urls=(url,),
+                    protocol="3.1.1" if broker else "auto",
+                    backoff_initial=0.1,
+                    backoff_max=2.0,
+                )
+                coordinator = Coordinator(
+                    ServiceConfig(
+                        broker=config,
+                        state_dir=root / "coordinator",
+                        prefix=self.prefix,
+                        zeroconf=False,
+                        agent_id="demo-aggregator",
+                        agent_datasets=(("digits-holdout", holdout),),
+                    )
+                )
+                await coordinator.start()
+                self._update(phase="starting agents")
+                await self._start_agents(root, config, coordinator.public_key, shards)
+                await self._wait_for_agents(coordinator, opts.agents + 1)
+                return await self._run_job(coordinator, began)
+            finally:
+                await self._stop_agents()
+                if coordinator is not None:
+                    await coordinator.stop()
+                if broker is not None:
+                    await broker.stop()
+                for handle in self.logs:
+                    handle.close()
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _prepare_data(self, root: Path) -> tuple[list[Path], Path]:
+        opts = self.options
+        x, y = load_digits_scaled()
+        train, test = holdout_split(x, y, 0.2, seed=opts.seed)
+        data = root / "data"
+        data.mkdir()
+        shards = dirichlet_shards(train, opts.agents, alpha=opts.alpha, seed=opts.seed)
+        paths = [s.save(data / f"digits-{i}.npz") for i, s in enumerate(shards)]
+        return paths, test.save(data / "digits-holdout.npz")
+
+    async def _start_agents(
+        self, root: Path, broker: BrokerConfig, key: str, shards: list[Path]
+    ) -> None:
+        for i, shard in enumerate(shards):
+            agent_dir = root / f"agent-{i}"
+            agent_dir.mkdir()
+            config = agent_dir / "agent.toml"
+            config.write_text(
+                agent_toml(
+                    agent_id=f"demo-pi-{i}",
+                    state_dir=agent_dir / "state",
+                    prefix=self.prefix,
+                    broker=broker.urls[0],
+                    protocol=broker.protocol,
+                    key=key,
+                    dataset=shard,
+                    code=self.options.backend == "torch",
+                )
+            )
+            handle = await asyncio.to_thread(open, agent_dir / "agent.log", "wb")
+            self.logs.append(handle)
+            child = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "--log-format",
+                "json",
+                "run",
+                "--config",
+                str(config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=handle,
+                stderr=handle,
+            )
+            self.children.append(child)
+
+    async def _wait_for_agents(self, coordinator: Coordinator, count: int) -> None:
+        assert coordinator.registry is not None
+        deadline = time.monotonic() + 90
+        while True:
+            ready = [a for a in coordinator.registry.snapshot() if a.online and a.info is not None]
+            self._update(agents_online=len(ready))
+            if len(ready) >= count:
+                return
+            dead = [c for c in self.children if c.returncode is not None]
+            if dead:
+                raise DemoError(f"{len(dead)} agent process(es) exited; see their logs")
+            if time.monotonic() > deadline:
+                raise DemoError(f"only {len(ready)} of {count} agents came online in 90 s")
+            await asyncio.sleep(0.1)
+
+    async def _stop_agents(self) -> None:
+        for child in self.children:
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                await asyncio.wait_for(child.wait(), 10)
+            except asyncio.TimeoutError:
+                child.kill()
+                await child.wait()
+
+    # -- the job -------------------------------------------------------------------------------
+    async def _run_job(self, coordinator: Coordinator, began: float) -> DemoSummary:
+        opts = self.options
+        assert coordinator.dispatcher is not None
+        assert coordinator.transport is not None
+        spec = parse_spec(job_spec(opts))
+        artifacts: ModelArtifacts = await asyncio.to_thread(model_artifacts, spec, None)
+        job = await coordinator.dispatcher.submit(spec, artifacts.artifacts, code=artifacts.code)
+        job_id = job.record.id
+        transport = coordinator.transport
+        models = await transport.subscribe(self.topics.job_model(job_id), max_messages=256)
+        metrics = await transport.subscribe(self.topics.job_metrics(job_id), max_messages=10_000)
+        follower = asyncio.create_task(self._follow_models(models))
+        started = time.monotonic()
+        self._update(phase="training")
+        try:
+            while not job.record.terminal:
+                await self._drain_metrics(metrics, started)
+                self._update(
+                    phase=job.record.phase,
+                    version=job.record.model_version,
+                    updates=job.record.updates_applied,
+                )
+                if time.monotonic() - started > opts.max_seconds + 30:
+                    await coordinator.dispatcher.cancel(job_id, "demo time limit")
+                    break
+                await asyncio.sleep(0.1)
+            await self._drain_metrics(metrics, started)
+            # The aggregator's final version follows its completion event closely.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.final_arrived.wait(), 10)
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await models.close()
+            await metrics.close()
+        job_seconds = time.monotonic() - started
+        record = job.record
+        accuracy = self.progress.accuracy or 0.0
+        plot = await asyncio.to_thread(self._plot, opts.out / "accuracy.png")
+        model = await asyncio.to_thread(self._write_model, artifacts, opts.out / "model.onnx")
+        summary = DemoSummary(
+            final_accuracy=round(accuracy, 4),
+            model_versions=record.model_version,
+            updates_applied=record.updates_applied,
+            seconds=round(time.monotonic() - began, 2),
+            job_seconds=round(job_seconds, 2),
+            agents=opts.agents,
+            algorithm=opts.algorithm,
+            backend=opts.backend,
+            phase=record.phase,
+            reason=record.reason,
+            plot=str(plot) if plot else None,
+            model=str(model) if model else None,
+        )
+        (opts.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        self._update(phase=record.phase)
+        return summary
+
+    async def _drain_metrics(self, metrics: Subscription, started: float) -> None:
+        while (message := metrics.get_nowait()) is not None:
+            try:
+                event = json.loads(bytes(message.payload))
+            except ValueError:
+                continue
+            if event.get("event") == "model_version" and "accuracy" in event:
+                accuracy = float(event["accuracy"])
+                self.progress.history.append((time.monotonic() - started, accuracy))
+                self._update(accuracy=accuracy)
+
+    async def _follow_models(self, models: Subscription) -> None:
+        async for message in models:
+            with contextlib.suppress(ProtocolError):
+                decoded: Message = decode_message(message.payload)
+                if isinstance(decoded, ModelVersion) and (
+                    self.final is None or decoded.version >= self.final.version
+                ):
+                    self.final = decoded
+                    if decoded.final:
+                        self.final_arrived.set()
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _plot(self, path: Path) -> Path | None:
+        if not self.progress.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        seconds, accuracy = zip(*self.progress.history, strict=True)
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+        ax.plot(seconds, accuracy, marker=".", linewidth=1.5)
+        ax.axhline(self.options.target_accuracy, color="grey", linestyle="--", linewidth=1)
+        ax.set_xlabel("seconds since the job started")
+        ax.set_ylabel("held-out accuracy")
+        ax.set_ylim(0, 1)
+        ax.set_title(
+            f"ember demo: {self.options.algorithm}, {self.options.agents} agents, "
+            f"{self.options.backend}"
+        )
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+    def _write_model(self, artifacts: ModelArtifacts, path: Path) -> Path | None:
+        graph = artifacts.artifacts.get(ARTIFACTS["inference"])
+        if self.final is None or graph is None:
+            return None
+        from coordinator.onnx_model import with_weights
+
+        weights = {k: np.asarray(v) for k, v in self.final.tensors.items()}
+        path.write_bytes(with_weights(graph, weights))
+        return path
+
+
+def demo_available() -> str | None:
+    """Why the demo cannot run here (a missing extra), or ``None``."""
+    import importlib.util
+
+    missing = [m for m in ("amqtt", "sklearn", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"the demo needs {', '.join(missing)}: pip install 'ember-fl[demo]'"
+    return None
