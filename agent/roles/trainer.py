@@ -148,7 +148,9 @@ class Trainer(Role):
             if not isinstance(decoded, ModelVersion) or decoded.job != job:
                 continue
             latest = self._latest
-            if latest is None or decoded.version > latest.version or decoded.final:
+            # The same version comes again when a synchronous round opens on it (now naming
+            # its trainers) or when the aggregator answers a request: take it too.
+            if latest is None or decoded.version >= latest.version or decoded.final:
                 self._latest = decoded
                 self._arrived.set()
 
@@ -172,12 +174,22 @@ class Trainer(Role):
     async def _next_version(self, trained_on: int, topic: str) -> ModelVersion:
         """The version to train on next: newer than ``trained_on`` in sync mode, and naming
         this agent when the round names participants; any newest in async mode."""
+        announced = -2
         while True:
             latest = self._latest
             if latest is not None and (latest.final or self._usable(latest, trained_on)):
                 return latest
+            # A synchronous aggregator opens a round once it knows enough trainers: a version
+            # without a round is the cue to say we are here (once per version, then every 2 s).
+            between_rounds = (
+                self.plan.mode == "sync" and latest is not None and not latest.participants
+            )
+            if between_rounds and latest is not None and latest.version != announced:
+                announced = latest.version
+                await self._request_model(topic, have=trained_on)
             self._arrived.clear()
-            patience = MODEL_REQUEST_INTERVAL if latest is None else MODEL_REQUEST_INTERVAL * 5
+            slow = latest is not None and not between_rounds
+            patience = MODEL_REQUEST_INTERVAL * (5 if slow else 1)
             try:
                 await asyncio.wait_for(self._arrived.wait(), patience)
             except asyncio.TimeoutError:
@@ -186,9 +198,11 @@ class Trainer(Role):
                 await self._request_model(topic, have=trained_on)
 
     def _usable(self, version: ModelVersion, trained_on: int) -> bool:
-        if version.participants and self.ctx.agent_id not in version.participants:
-            return False
-        return self.plan.mode == "async" or version.version > trained_on
+        if self.plan.mode == "async":
+            return not version.participants or self.ctx.agent_id in version.participants
+        # A synchronous round names its trainers; a version without names is published while
+        # no round is open (too few trainers known yet): nothing to train on.
+        return self.ctx.agent_id in version.participants and version.version > trained_on
 
     async def _request_model(self, topic: str, have: int) -> None:
         """Ask the aggregator to publish its current version (versions are not retained)."""

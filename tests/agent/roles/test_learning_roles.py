@@ -146,7 +146,9 @@ async def start_federation(
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
 async def test_federation_reaches_target_accuracy(federation: Federation, mode: str) -> None:
-    cfg = config(mode=mode, round_timeout=20)
+    # Sync rounds wait for all four trainers: the round opens on a version the trainers have
+    # already seen without a round, so they must take the re-published one.
+    cfg = config(mode=mode, round_timeout=20, min_trainers=4 if mode == "sync" else 1)
     agg, trainers = await start_federation(federation, cfg, clients=4)
     await asyncio.wait_for(agg, 90)
     await asyncio.wait_for(asyncio.gather(*trainers), 30)  # every trainer saw the final version
