@@ -409,3 +409,51 @@ def as_param_map(spec: ModelSpec, params: Mapping[str, npt.ArrayLike], what: str
         arrays[name] = arr
     spec.check_params(arrays, what)
     return {name: arrays[name] for name in spec.names}
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """A training run's inputs as every backend takes them (see :func:`train_inputs`)."""
+
+    start: TensorMap
+    xs: Array
+    ys: Array
+    anchor: TensorMap
+    correction: TensorMap | None
+
+
+def train_inputs(
+    spec: ModelSpec,
+    params: Mapping[str, Array],
+    x: Array,
+    y: Array,
+    anchor: Mapping[str, Array] | None,
+    correction: Mapping[str, Array] | None,
+) -> TrainInputs:
+    """The checked inputs of :meth:`TrainingBackend.train`: ``params`` as the start map, the
+    data through :func:`prepare_data`, ``anchor`` defaulting to the start and ``correction``
+    checked when given (``None`` stands for zeros; each backend applies that its own way)."""
+    start = as_param_map(spec, params, "params")
+    xs, ys = prepare_data(spec, x, y)
+    centre = start if anchor is None else as_param_map(spec, anchor, "anchor")
+    h = None if correction is None else as_param_map(spec, correction, "correction")
+    return TrainInputs(start=start, xs=xs, ys=ys, anchor=centre, correction=h)
+
+
+def eval_inputs(
+    spec: ModelSpec, params: Mapping[str, Array], x: Array, y: Array
+) -> tuple[TensorMap, Array, Array]:
+    """The checked inputs of :meth:`TrainingBackend.evaluate`: the weights in spec order and
+    the prepared data, which must hold at least one sample."""
+    weights = as_param_map(spec, params, "params")
+    xs, ys = prepare_data(spec, x, y)
+    if len(xs) == 0:
+        raise ValueError("evaluation needs at least one sample")
+    return weights, xs, ys
+
+
+def eval_result(spec: ModelSpec, loss_sum: float, correct: int, samples: int) -> EvalResult:
+    """The :class:`EvalResult` of an evaluation over ``samples`` samples: the mean loss and,
+    for classification, the share of ``correct`` predictions."""
+    accuracy = correct / samples if spec.loss == "cross_entropy" else None
+    return EvalResult(loss=loss_sum / samples, accuracy=accuracy, samples=samples)

@@ -29,9 +29,10 @@ from agent.learning.backend import (
     ModelFormatError,
     ModelSpec,
     TrainResult,
-    as_param_map,
     batch_indices,
-    prepare_data,
+    eval_inputs,
+    eval_result,
+    train_inputs,
 )
 from agent.protocol.codec import TensorMap
 
@@ -92,11 +93,10 @@ class OnnxBackend:
         correction: Mapping[str, Array] | None = None,
     ) -> TrainResult:
         spec = self.spec
-        start = as_param_map(spec, params, "params")
-        xs, ys = prepare_data(spec, x, y)
-        centre = start if anchor is None else as_param_map(spec, anchor, "anchor")
+        inputs = train_inputs(spec, params, x, y, anchor, correction)
+        start, xs, ys, centre = inputs.start, inputs.xs, inputs.ys, inputs.anchor
         zeros = {k: np.zeros_like(v) for k, v in start.items()}
-        h = zeros if correction is None else as_param_map(spec, correction, "correction")
+        h = zeros if inputs.correction is None else inputs.correction
         feeds: dict[str, Any] = {
             "lr": _scalar(hyper.lr),
             "momentum": _scalar(hyper.momentum),
@@ -128,10 +128,7 @@ class OnnxBackend:
         self, params: Mapping[str, Array], x: Array, y: Array, *, batch_size: int = 1024
     ) -> EvalResult:
         spec = self.spec
-        weights = as_param_map(spec, params, "params")
-        xs, ys = prepare_data(spec, x, y)
-        if len(xs) == 0:
-            raise ValueError("evaluation needs at least one sample")
+        weights, xs, ys = eval_inputs(spec, params, x, y)
         feeds: dict[str, Any] = {PARAM + k: v for k, v in weights.items()}
         loss_sum = 0.0
         correct = 0
@@ -141,6 +138,4 @@ class OnnxBackend:
             batch_loss, batch_correct = self._eval.run(["loss_sum", "correct"], feeds)
             loss_sum += float(batch_loss)
             correct += int(batch_correct)
-        n = len(xs)
-        accuracy = correct / n if spec.loss == "cross_entropy" else None
-        return EvalResult(loss=loss_sum / n, accuracy=accuracy, samples=n)
+        return eval_result(spec, loss_sum, correct, len(xs))

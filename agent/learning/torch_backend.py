@@ -24,9 +24,10 @@ from agent.learning.backend import (
     ModelFormatError,
     ModelSpec,
     TrainResult,
-    as_param_map,
     batch_indices,
-    prepare_data,
+    eval_inputs,
+    eval_result,
+    train_inputs,
 )
 
 if TYPE_CHECKING:
@@ -92,20 +93,15 @@ class TorchBackend:
     ) -> TrainResult:
         import torch
 
-        spec = self.spec
-        start = as_param_map(spec, params, "params")
-        xs, ys = prepare_data(spec, x, y)
-        centre = start if anchor is None else as_param_map(spec, anchor, "anchor")
-        anchors = {k: torch.from_numpy(np.array(v)) for k, v in centre.items()}
+        inputs = train_inputs(self.spec, params, x, y, anchor, correction)
+        xs, ys = inputs.xs, inputs.ys
+        anchors = {k: torch.from_numpy(np.array(v)) for k, v in inputs.anchor.items()}
         corrections = (
             None
-            if correction is None
-            else {
-                k: torch.from_numpy(np.array(v))
-                for k, v in as_param_map(spec, correction, "correction").items()
-            }
+            if inputs.correction is None
+            else {k: torch.from_numpy(np.array(v)) for k, v in inputs.correction.items()}
         )
-        self._load(start)
+        self._load(inputs.start)
         self._module.train()
         optimizer = torch.optim.SGD(
             self._params.values(),
@@ -142,10 +138,8 @@ class TorchBackend:
         import torch
 
         spec = self.spec
-        xs, ys = prepare_data(spec, x, y)
-        if len(xs) == 0:
-            raise ValueError("evaluation needs at least one sample")
-        self._load(as_param_map(spec, params, "params"))
+        weights, xs, ys = eval_inputs(spec, params, x, y)
+        self._load(weights)
         self._module.eval()
         loss_sum = 0.0
         correct = 0
@@ -157,6 +151,4 @@ class TorchBackend:
                 loss_sum += float(self._data_loss(out, yb)) * len(xb)
                 if spec.loss == "cross_entropy":
                     correct += int((out.argmax(dim=1) == yb).sum())
-        n = len(xs)
-        accuracy = correct / n if spec.loss == "cross_entropy" else None
-        return EvalResult(loss=loss_sum / n, accuracy=accuracy, samples=n)
+        return eval_result(spec, loss_sum, correct, len(xs))
