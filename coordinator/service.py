@@ -32,6 +32,7 @@ import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
+from agent.process import spawn_agent, stop_process
 from agent.protocol.messages import RpcRequest
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
 from agent.transport import BrokerConfig, Transport
@@ -159,18 +160,9 @@ class EmbeddedAgent:
         while not self._stopping:
             log_file = await asyncio.to_thread(self._open_log)
             try:
-                self.process = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "agent.cli",
-                    "--log-format",
-                    "json",
-                    "run",
-                    "--config",
-                    str(self.config_path),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
+                self.process = await spawn_agent(
+                    self.config_path,
+                    log_file,
                     preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                 )
             finally:
@@ -197,14 +189,7 @@ class EmbeddedAgent:
         self._stopping = True
         process = self.process
         if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+            await stop_process(process, timeout)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

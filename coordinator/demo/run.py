@@ -16,8 +16,6 @@ import asyncio
 import contextlib
 import json
 import secrets
-import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import structlog
 
 from agent.learning.assets import DEMO_MODEL_DIR
 from agent.learning.backend import ARTIFACTS
+from agent.process import reap, spawn_agent, terminate
 from agent.protocol import Message, ModelVersion, ProtocolError, Topics, decode_message
 from agent.transport import BrokerConfig, Subscription
 from coordinator.bundles import ModelArtifacts, model_artifacts
@@ -268,19 +267,7 @@ class Demo:
             )
             handle = await asyncio.to_thread(open, agent_dir / "agent.log", "wb")
             self.logs.append(handle)
-            child = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--log-format",
-                "json",
-                "run",
-                "--config",
-                str(config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=handle,
-                stderr=handle,
-            )
+            child = await spawn_agent(config, handle)
             self.children.append(child)
 
     async def _wait_for_agents(self, coordinator: Coordinator, count: int) -> None:
@@ -300,15 +287,9 @@ class Demo:
 
     async def _stop_agents(self) -> None:
         for child in self.children:
-            if child.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    child.send_signal(signal.SIGTERM)
+            terminate(child)  # all at once, then a grace period each
         for child in self.children:
-            try:
-                await asyncio.wait_for(child.wait(), 10)
-            except asyncio.TimeoutError:
-                child.kill()
-                await child.wait()
+            await reap(child, 10)
 
     # -- the job -------------------------------------------------------------------------------
     async def _run_job(self, coordinator: Coordinator, began: float) -> DemoSummary:

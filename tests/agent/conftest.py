@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.process import spawn_agent
 from agent.protocol.topics import Topics
 from agent.transport import BrokerConfig, Subscription, Transport
 
@@ -106,20 +106,7 @@ async def start_agent(
         log = tmp_path / f"agent-{n}.log"
         environ = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
         with log.open("wb") as sink:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "agent.cli",
-                "--log-format",
-                "json",
-                "run",
-                "--config",
-                str(config),
-                stdout=sink,
-                stderr=sink,
-                stdin=asyncio.subprocess.DEVNULL,
-                env=environ,
-            )
+            process = await spawn_agent(config, sink, env=environ)
         agent = AgentProcess(process, config, log)
         started.append(agent)
         return agent
