@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from agent import __version__
+from agent.cli_options import log_level_option
 from agent.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -31,12 +32,7 @@ EXIT_CONFIG = 2
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="ember-agent")
-@click.option(
-    "--log-level",
-    default="info",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
+@log_level_option(default="info")
 @click.option(
     "--log-format",
     default="auto",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from agent import __version__
+from agent.cli_options import log_level_option
 from agent.logs import configure_logging
 from coordinator.cli._common import connection_options
 from coordinator.cli.agents import agents
@@ -16,12 +17,7 @@ from coordinator.cli.serve import serve
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "-V", "--version", prog_name="ember")
-@click.option(
-    "--log-level",
-    default="warning",
-    show_default=True,
-    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-)
+@log_level_option(default="warning")
 @connection_options
 def cli(log_level: str, broker: str | None, prefix: str | None) -> None:
     """Ember: federated learning for fleets of edge devices, over MQTT."""
