@@ -16,11 +16,12 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -202,25 +203,20 @@ class Aggregator(Role):
     async def _on_update(self, update: ModelUpdate) -> None:
         self.trainers.add(update.agent)
         algo = self.algo
-        if isinstance(algo, SyncFedAvg):
-            outcome: Outcome = await self.ctx.run_cpu(
-                algo.offer,
-                update.id,
-                update.base_version,
-                update.tensors,
-                update.num_samples,
-                update.metrics,
-                client=update.agent,
-            )
-        else:
-            outcome = await self.ctx.run_cpu(
-                algo.offer,
-                update.id,
-                update.base_version,
-                update.tensors,
-                update.num_samples,
-                update.metrics,
-            )
+        # A sync round also checks the sender: it must be sampled and report once.
+        offer: Callable[..., Outcome] = (
+            functools.partial(algo.offer, client=update.agent)
+            if isinstance(algo, SyncFedAvg)
+            else algo.offer
+        )
+        outcome = await self.ctx.run_cpu(
+            offer,
+            update.id,
+            update.base_version,
+            update.tensors,
+            update.num_samples,
+            update.metrics,
+        )
         if outcome.status is not Status.APPLIED:
             log.info(
                 "update_not_applied",
