@@ -276,6 +276,28 @@ def cached_probe(cache_file: Path, versions: dict[str, str | None]) -> dict[str,
     return None
 
 
+def known_runtimes(
+    cache_file: Path | None, versions: dict[str, str | None]
+) -> dict[str, Any] | None:
+    """The runtimes section without running the probe: the cached one for these ``versions``,
+    or both ``None`` when neither runtime is installed; ``None`` when the probe must run."""
+    if cache_file is not None:
+        cached = cached_probe(cache_file, versions)
+        if cached is not None:
+            return cached
+    if not any(versions.values()):
+        return {"onnxruntime": None, "torch": None}
+    return None
+
+
+def exit_error(returncode: int | None, stderr: str) -> str | None:
+    """The error of a probe that exited with ``returncode`` (``None`` for 0): the code and the
+    end of its stderr."""
+    if returncode == 0:
+        return None
+    return f"probe exited with {returncode}: {stderr.strip()[-200:]}"
+
+
 def store_probe(
     cache_file: Path, versions: dict[str, str | None], runtimes: dict[str, Any]
 ) -> None:
@@ -293,12 +315,9 @@ def probe_runtimes(cache_file: Path | None, timeout: float = PROBE_TIMEOUT) -> d
     """onnxruntime (version, execution providers) and torch (version, CUDA), from the cache or
     a child process. Blocking; the daemon uses :func:`probe_runtimes_async` instead."""
     versions = runtime_versions()
-    if cache_file is not None:
-        cached = cached_probe(cache_file, versions)
-        if cached is not None:
-            return cached
-    if not any(versions.values()):
-        return {"onnxruntime": None, "torch": None}
+    known = known_runtimes(cache_file, versions)
+    if known is not None:
+        return known
     error = None
     stdout = None
     try:
@@ -306,8 +325,7 @@ def probe_runtimes(cache_file: Path | None, timeout: float = PROBE_TIMEOUT) -> d
             probe_command(versions), capture_output=True, text=True, timeout=timeout, check=False
         )
         stdout = done.stdout
-        if done.returncode != 0:
-            error = f"probe exited with {done.returncode}: {done.stderr.strip()[-200:]}"
+        error = exit_error(done.returncode, done.stderr)
     except subprocess.TimeoutExpired:
         error = f"probe timed out after {timeout:g} s"
     except OSError as exc:
@@ -326,12 +344,9 @@ async def probe_runtimes_async(
     import asyncio
 
     versions = runtime_versions()
-    if cache_file is not None:
-        cached = await asyncio.to_thread(cached_probe, cache_file, versions)
-        if cached is not None:
-            return cached
-    if not any(versions.values()):
-        return {"onnxruntime": None, "torch": None}
+    known = await asyncio.to_thread(known_runtimes, cache_file, versions)
+    if known is not None:
+        return known
     error = None
     stdout = None
     try:
@@ -349,9 +364,7 @@ async def probe_runtimes_async(
             error = f"probe timed out after {timeout:g} s"
         else:
             stdout = out.decode(errors="replace")
-            if child.returncode != 0:
-                tail = err.decode(errors="replace").strip()[-200:]
-                error = f"probe exited with {child.returncode}: {tail}"
+            error = exit_error(child.returncode, err.decode(errors="replace"))
     except OSError as exc:
         error = f"probe could not start: {exc}"
     runtimes = parse_probe(versions, stdout, error)
