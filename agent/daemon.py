@@ -19,7 +19,6 @@ role states and a retained offline status published, then a clean MQTT DISCONNEC
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import signal
 from collections.abc import Mapping, Sequence
@@ -35,6 +34,7 @@ from agent.discovery import Advertiser, txt_record
 from agent.notify import Notifier, watchdog_interval
 from agent.presence import Presence, SessionCounter, TelemetrySampler, build_info
 from agent.runtime import RoleRuntime
+from agent.tasks import cancel_and_wait
 from agent.transport import Transport
 
 if TYPE_CHECKING:
@@ -219,11 +219,7 @@ class AgentDaemon:
     async def _shutdown(self) -> None:
         self.notifier.send("STOPPING=1", "STATUS=stopping")
         log.info("agent_stopping", agent=self.agent_id)
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, suppress=(Exception,))
         if self.runtime is not None:
             await self.runtime.stop()
         if self.advertiser is not None:

@@ -33,6 +33,7 @@ import structlog
 from agent import __version__
 from agent.protocol.messages import AgentStatus
 from agent.protocol.topics import Topics
+from agent.tasks import cancel_and_wait
 from agent.transport import NotConnectedError, Transport, WillMessage
 
 log = structlog.get_logger("ember.presence")
@@ -271,11 +272,7 @@ class Presence:
                 await transport.publish(topic, json.dumps(document, separators=(",", ":")), qos=0)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, suppress=(Exception,))
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)

@@ -51,6 +51,7 @@ import structlog
 from agent.protocol.errors import ProtocolError
 from agent.protocol.messages import AssignRole, CancelRole, Ping, Pong, decode_message
 from agent.protocol.topics import Topics
+from agent.tasks import cancel_and_wait
 from agent.transport import NotConnectedError, Subscription, Transport
 
 if TYPE_CHECKING:  # imported lazily at run time: cryptography costs memory on an idle agent
@@ -156,11 +157,7 @@ class RoleRuntime:
                 log.warning("role_ignores_cancel", task=task.get_name())
         if self._inbox is not None:
             await self._inbox.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(self._tasks, suppress=(Exception,))
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 

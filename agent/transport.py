@@ -43,6 +43,7 @@ from paho.mqtt.properties import Properties
 from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
 from agent.protocol.errors import ChunkError, PayloadTooLarge
 from agent.protocol.limits import KiB, MiB
+from agent.tasks import cancel_and_wait
 
 log = structlog.get_logger("ember.transport")
 
@@ -370,9 +371,7 @@ class Transport:
         self._closing = True
         self._wake.set()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         for sub in self._subscriptions:
             sub._closed = True

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.messages import AssignRole, CancelRole, new_message_id
 from agent.protocol.topics import Topics
+from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, NotConnectedError, Subscription, Transport
 from coordinator import planner
 from coordinator.bundles import build_bundle, check_artifacts, sign
@@ -185,11 +186,7 @@ class Dispatcher:
         log.info("jobs_loaded", jobs=len(self.jobs), active=active)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks.clear()
         if self._metrics is not None:
             await self._metrics.close()

@@ -40,6 +40,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, KiB, ProtocolLimits
 from agent.protocol.messages import ModelVersion, UpdateAck, decode_message
 from agent.protocol.topics import Topics
+from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription, Transport
 from coordinator.store import TERMINAL_PHASES, Store, StoredWeights
 
@@ -171,11 +172,7 @@ class ModelKeeper:
         tasks = [f.task for f in followers if f.task is not None]
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=timeout)
-            for task in late:
-                task.cancel()
-            for task in late:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(late)
 
     # one job -----------------------------------------------------------------------------------
     async def _run(self, f: _Follower) -> None:
@@ -194,9 +191,7 @@ class ModelKeeper:
         try:
             await self._write_loop(f)
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+            await cancel_and_wait([reader])
             await sub.close()
             log.debug("model_unfollowed", job=f.job, stored=f.stored)
 

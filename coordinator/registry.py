@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from agent.protocol.topics import Topics, check_segment
+from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription, Transport
 from coordinator.spec import normalise_arch
 
@@ -383,11 +384,7 @@ class Registry:
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"registry-{leaf}"))
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         for sub in self._subs:
             await sub.close()
         self._tasks.clear()

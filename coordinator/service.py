@@ -35,6 +35,7 @@ from agent import __version__
 from agent.process import spawn_agent, stop_process
 from agent.protocol.messages import RpcRequest
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
+from agent.tasks import cancel_and_wait
 from agent.transport import BrokerConfig, Transport
 from coordinator.bundles import INFERENCE, init_key, public_text
 from coordinator.dispatcher import Dispatcher, JobError, Timings
@@ -191,9 +192,7 @@ class EmbeddedAgent:
         if process is not None and process.returncode is None:
             await stop_process(process, timeout)
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
 
 
 class StateDirLock:

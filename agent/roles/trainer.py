@@ -15,7 +15,6 @@ telemetry and watchdog pings while a step runs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 import zlib
@@ -38,6 +37,7 @@ from agent.protocol import (
 )
 from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
 from agent.roles.base import Role, RoleContext, register_role
+from agent.tasks import cancel_and_wait
 from agent.transport import Subscription
 
 log = structlog.get_logger("ember.trainer")
@@ -125,9 +125,7 @@ class Trainer(Role):
                 log.debug("update_sent", job=bundle.job, base=version.version, loss=result.loss)
                 await self._wait_ack(update.id)
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            await cancel_and_wait([follower])
             await models.close()
 
     async def _follow(self, models: Subscription) -> None:
