@@ -708,9 +708,7 @@ class Transport:
                 if not _is_transient(error):
                     raise error
             else:
-                sender.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await sender
+                await cancel_and_wait([sender], suppress=(aiomqtt.MqttError,))
                 if not done:
                     raise NotConnectedError(
                         f"publish to {topic}: not acknowledged within {timeout:g} s "

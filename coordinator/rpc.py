@@ -15,7 +15,6 @@ QoS 1 request gets the same answer instead of running twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -26,6 +25,7 @@ import structlog
 from agent.protocol.errors import ProtocolError
 from agent.protocol.messages import RpcRequest, RpcResponse, decode_message
 from agent.protocol.topics import Topics, check_segment
+from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, NotConnectedError, Subscription, Transport
 from coordinator.spec import SpecError
 
@@ -74,15 +74,9 @@ class RpcServer:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         if self._sub is not None:
             await self._sub.close()
             self._sub = None
@@ -181,9 +175,7 @@ class RpcClient:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait([self._task])
             self._task = None
         if self._sub is not None:
             await self._sub.close()

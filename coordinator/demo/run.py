@@ -30,6 +30,7 @@ from agent.learning.assets import DEMO_MODEL_DIR
 from agent.learning.backend import ARTIFACTS
 from agent.process import reap, spawn_agent, terminate
 from agent.protocol import Message, ModelVersion, ProtocolError, Topics, decode_message
+from agent.tasks import cancel_and_wait
 from agent.transport import BrokerConfig, Subscription
 from coordinator.bundles import ModelArtifacts, model_artifacts
 from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
@@ -323,9 +324,7 @@ class Demo:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.final_arrived.wait(), 10)
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            await cancel_and_wait([follower])
             await models.close()
             await metrics.close()
         job_seconds = time.monotonic() - started
