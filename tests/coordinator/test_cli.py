@@ -13,11 +13,12 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pytest
 
+from agent.process import stop_process
 from agent.protocol import Topics
 from agent.protocol.codec import encode_tensors
 from agent.transport import Transport
@@ -61,6 +62,43 @@ async def ember(*args: str, env: dict[str, str], timeout: float = 60) -> Result:
     return Result(process.returncode, out.decode(), err.decode())
 
 
+async def spawn_serve(
+    env: dict[str, str], state_dir: Path, output: IO[bytes], *options: str
+) -> asyncio.subprocess.Process:
+    """``ember serve --state-dir <state_dir> <options>``, its output to ``output``."""
+    return await asyncio.create_subprocess_exec(
+        *COMMAND,
+        "serve",
+        "--state-dir",
+        str(state_dir),
+        *options,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+    )
+
+
+async def wait_answering(
+    process: asyncio.subprocess.Process, log: Path, mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    """Until ``ember serve`` answers a ping; fails with its log if it exits or never answers."""
+    async with Transport(broker_config(mosquitto.url)) as transport:
+        await transport.wait_connected(5)
+        async with RpcClient(transport, topics) as client:
+            for _ in range(100):
+                if process.returncode is not None:
+                    output = await asyncio.to_thread(log.read_text)
+                    raise AssertionError(f"ember serve exited: {output}")
+                try:
+                    await client.call("ping", timeout=0.3)
+                    return
+                except CoordinatorNotRunning:
+                    continue
+    output = await asyncio.to_thread(log.read_text)
+    raise AssertionError(f"ember serve did not answer: {output}")
+
+
 @dataclass
 class Serve:
     process: asyncio.subprocess.Process
@@ -81,11 +119,10 @@ async def serve(
     async def start() -> Serve:
         log = tmp_path / f"serve-{len(started)}.log"
         with log.open("wb") as sink:  # a local file, opened once
-            process = await asyncio.create_subprocess_exec(
-                *COMMAND,
-                "serve",
-                "--state-dir",
-                str(tmp_path / "state"),
+            process = await spawn_serve(
+                env,
+                tmp_path / "state",
+                sink,
                 "--no-embedded-agent",
                 "--no-zeroconf",
                 "--settle",
@@ -94,37 +131,17 @@ async def serve(
                 "0.1",
                 "--dispatch-timeout",
                 "3",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
             )
         serve = Serve(process, log)
         started.append(serve)
-        async with Transport(broker_config(mosquitto.url)) as transport:
-            await transport.wait_connected(5)
-            async with RpcClient(transport, topics) as client:
-                for _ in range(100):
-                    if process.returncode is not None:
-                        raise AssertionError(f"ember serve exited: {log.read_text()}")
-                    try:
-                        await client.call("ping", timeout=0.3)
-                        return serve
-                    except CoordinatorNotRunning:
-                        continue
-        raise AssertionError(f"ember serve did not answer: {log.read_text()}")
+        await wait_answering(process, log, mosquitto, topics)
+        return serve
 
     try:
         yield start
     finally:
         for s in started:
-            if s.process.returncode is None:
-                s.process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(s.process.wait(), 15)
-                except asyncio.TimeoutError:
-                    s.process.kill()
-                    await s.process.wait()
+            await stop_process(s.process, 15)
 
 
 JOB = """
@@ -414,20 +431,15 @@ async def test_the_embedded_agent_hosts_the_aggregator(
     agent_id = "coordinator-test"
     log = tmp_path / "serve.log"
     with log.open("wb") as sink:  # a local file, opened once
-        process = await asyncio.create_subprocess_exec(
-            *COMMAND,
-            "serve",
-            "--state-dir",
-            str(tmp_path / "state"),
+        process = await spawn_serve(
+            env,
+            tmp_path / "state",
+            sink,
             "--no-zeroconf",
             "--agent-id",
             agent_id,
             "--settle",
             "0.3",
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=sink,
-            stderr=sink,
         )
     try:
         async with Transport(broker_config(mosquitto.url)) as transport:
@@ -524,20 +536,15 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
     children = []
     with (tmp_path / "serve.log").open("wb") as sink:  # a local file, opened once
         children.append(
-            await asyncio.create_subprocess_exec(
-                *COMMAND,
-                "serve",
-                "--state-dir",
-                str(tmp_path / "coord"),
+            await spawn_serve(
+                env,
+                tmp_path / "coord",
+                sink,
                 "--no-zeroconf",
                 "--agent-dataset",
                 f"digits-test={tmp_path / 'test.npz'}",
                 "--settle",
                 "0.3",
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
             )
         )
         children.append(
@@ -567,10 +574,4 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
         assert 0.0 < row["metrics"]["accuracy"] <= 1.0
     finally:
         for child in reversed(children):
-            if child.returncode is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(child.wait(), 15)
-                except asyncio.TimeoutError:
-                    child.kill()
-                    await child.wait()
+            await stop_process(child, 15)

@@ -17,14 +17,21 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from agent.process import stop_process
 from agent.protocol import Topics
 from agent.protocol.messages import ModelVersion
 from agent.transport import Transport
 from coordinator.bundles import load_key
 from coordinator.mosquitto import MosquittoProcess
-from coordinator.rpc import CoordinatorNotRunning, RpcClient
+from coordinator.rpc import RpcClient
 from tests.coordinator.conftest import FakeAgent, agent_info, broker_config
-from tests.coordinator.test_cli import COMMAND, ember, environment, write_job
+from tests.coordinator.test_cli import (
+    ember,
+    environment,
+    spawn_serve,
+    wait_answering,
+    write_job,
+)
 from tests.coordinator.test_model_keeper import DIGITS, weights
 from tests.coordinator.test_onnx_model import mlp
 
@@ -56,11 +63,10 @@ async def serve(
     async def start() -> asyncio.subprocess.Process:
         log = tmp_path / f"serve-{len(started)}.log"
         with log.open("wb") as sink:  # a local file, opened once
-            process = await asyncio.create_subprocess_exec(
-                *COMMAND,
-                "serve",
-                "--state-dir",
-                str(tmp_path / "state"),
+            process = await spawn_serve(
+                environment(mosquitto, topics),
+                tmp_path / "state",
+                sink,
                 "--no-embedded-agent",
                 "--no-zeroconf",
                 "--weights-interval",
@@ -69,36 +75,16 @@ async def serve(
                 "0.2",
                 "--tick",
                 "0.1",
-                env=environment(mosquitto, topics),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
             )
         started.append(process)
-        async with Transport(broker_config(mosquitto.url)) as transport:
-            await transport.wait_connected(5)
-            async with RpcClient(transport, topics) as client:
-                for _ in range(100):
-                    if process.returncode is not None:
-                        raise AssertionError(f"ember serve exited: {log.read_text()}")
-                    try:
-                        await client.call("ping", timeout=0.3)
-                        return process
-                    except CoordinatorNotRunning:
-                        continue
-        raise AssertionError(f"ember serve did not answer: {log.read_text()}")
+        await wait_answering(process, log, mosquitto, topics)
+        return process
 
     try:
         yield start
     finally:
         for process in started:
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 15)
-                except asyncio.TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await stop_process(process, 15)
 
 
 async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
