@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from agent.protocol.topics import Topics
-from coordinator.mosquitto import MosquittoProcess
+from coordinator.mosquitto import MosquittoProcess, free_port
 
 settings.register_profile(
     "ember", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
@@ -55,3 +55,25 @@ def topics(request: pytest.FixtureRequest) -> Topics:
     """A topic prefix no other test uses, derived from the test's name."""
     name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
     return Topics(prefix=f"ember-test/{name}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+async def amqtt_url() -> AsyncIterator[str]:
+    """An amqtt broker (what ``ember serve`` embeds; MQTT 3.1.1 only) on a free loopback port,
+    anonymous clients allowed; its URL. Shut down after the test."""
+    from amqtt.broker import Broker
+
+    port = free_port()
+    broker = Broker(
+        {
+            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+    )
+    await broker.start()
+    try:
+        yield f"mqtt://127.0.0.1:{port}"
+    finally:
+        await broker.shutdown()

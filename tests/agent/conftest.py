@@ -146,6 +146,7 @@ async def next_json(sub: Subscription, timeout: float = 10.0, **match: Any) -> d
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition by polling an event-driven state, never by a fixed sleep."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not predicate():

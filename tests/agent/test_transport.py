@@ -23,22 +23,13 @@ from agent.transport import (
     WillMessage,
 )
 from coordinator.mosquitto import MosquittoProcess, free_port
+from tests.agent.conftest import eventually
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 3.0}
 
 
 def config(*urls: str, **options: Any) -> BrokerConfig:
     return BrokerConfig(urls=urls, **{**FAST, **options})
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a condition by polling an event-driven state, never by a fixed sleep."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture
@@ -257,38 +248,21 @@ async def test_fails_over_to_the_next_broker(mosquitto: MosquittoProcess) -> Non
     ids=["anonymous", "client-id-and-will"],
 )
 async def test_falls_back_to_mqtt311_on_the_embedded_broker(
-    topics: Topics, identity: dict[str, Any]
+    topics: Topics, identity: dict[str, Any], amqtt_url: str
 ) -> None:
     """amqtt refuses a plain MQTT 5 CONNECT, and never answers one with a Will and a client
     id: both must end on 3.1.1."""
-    from amqtt.broker import Broker
-
-    port = free_port()
-    broker = Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
-        }
-    )
-    await broker.start()
-    try:
-        url = f"mqtt://127.0.0.1:{port}"
-        will = WillMessage(topics.agent_status("pi"), b"{}") if identity.get("will") else None
-        tx = Transport(
-            config(url, client_id=identity.get("client_id"), connect_timeout=2.0), will=will
-        )
-        async with tx, Transport(config(url)) as rx:
-            await tx.wait_connected(10)
-            await rx.wait_connected(10)
-            assert tx.protocol_in_use == "3.1.1"
-            sub = await rx.subscribe(topics.job_model("j"))
-            payload = model(400_000).to_msgpack()  # 1.6 MB: four chunks
-            await tx.publish(topics.job_model("j"), payload, timeout=30)
-            assert bytes((await sub.get(timeout=30)).payload) == payload
-    finally:
-        await broker.shutdown()
+    url = amqtt_url
+    will = WillMessage(topics.agent_status("pi"), b"{}") if identity.get("will") else None
+    tx = Transport(config(url, client_id=identity.get("client_id"), connect_timeout=2.0), will=will)
+    async with tx, Transport(config(url)) as rx:
+        await tx.wait_connected(10)
+        await rx.wait_connected(10)
+        assert tx.protocol_in_use == "3.1.1"
+        sub = await rx.subscribe(topics.job_model("j"))
+        payload = model(400_000).to_msgpack()  # 1.6 MB: four chunks
+        await tx.publish(topics.job_model("j"), payload, timeout=30)
+        assert bytes((await sub.get(timeout=30)).payload) == payload
 
 
 async def test_a_full_queue_drops_are_counted_and_logged(

@@ -10,7 +10,7 @@ import pytest
 
 from agent.protocol import RpcRequest, RpcResponse, Topics, decode_message
 from agent.transport import BrokerConfig, Transport
-from coordinator.mosquitto import MosquittoProcess, free_port
+from coordinator.mosquitto import MosquittoProcess
 from coordinator.rpc import CoordinatorNotRunning, RpcClient, RpcError, RpcServer
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 3.0}
@@ -140,34 +140,19 @@ async def test_answers_go_only_to_reply_topics(
         await server.stop()
 
 
-async def test_works_on_an_mqtt311_only_broker(topics: Topics) -> None:
-    from amqtt.broker import Broker
-
-    port = free_port()
-    broker = Broker(
-        {
-            "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
-            "plugins": {
-                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
-            },
-        }
-    )
-    await broker.start()
-    try:
-        url = f"mqtt://127.0.0.1:{port}"
-        async with Transport(config(url)) as server_side, Transport(config(url)) as client_side:
-            await server_side.wait_connected(10)
-            await client_side.wait_connected(10)
-            assert server_side.protocol_in_use == client_side.protocol_in_use == "3.1.1"
-            calls = Calls()
-            server = server_with_methods(server_side, topics, calls)
-            await server.start()
-            try:
-                async with RpcClient(client_side, topics) as client:
-                    big = b"x" * 1_500_000  # chunked both ways
-                    result = await client.call("echo", {"big": big}, timeout=30)
-                    assert result["echo"]["big"] == big
-            finally:
-                await server.stop()
-    finally:
-        await broker.shutdown()
+async def test_works_on_an_mqtt311_only_broker(topics: Topics, amqtt_url: str) -> None:
+    url = amqtt_url
+    async with Transport(config(url)) as server_side, Transport(config(url)) as client_side:
+        await server_side.wait_connected(10)
+        await client_side.wait_connected(10)
+        assert server_side.protocol_in_use == client_side.protocol_in_use == "3.1.1"
+        calls = Calls()
+        server = server_with_methods(server_side, topics, calls)
+        await server.start()
+        try:
+            async with RpcClient(client_side, topics) as client:
+                big = b"x" * 1_500_000  # chunked both ways
+                result = await client.call("echo", {"big": big}, timeout=30)
+                assert result["echo"]["big"] == big
+        finally:
+            await server.stop()
