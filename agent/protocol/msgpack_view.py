@@ -175,7 +175,12 @@ class _Reader:
         if depth > self.limits.max_depth:
             raise ProtocolError(f"msgpack: nesting deeper than {self.limits.max_depth} levels")
         at = self.pos
-        code = self._unpack(_U8, "type byte")
+        if at >= len(self.buf):
+            raise ProtocolError(f"msgpack: truncated type byte at byte {at}: needs 1 bytes, 0 left")
+        code = self.buf[at]  # the type byte: indexing, not struct, on this hot path
+        self.pos = at + 1
+        if 0xA0 <= code <= 0xBF:  # fixstr first: map keys are the commonest item
+            return self._str(code & 0x1F, at)
         if code <= 0x7F:
             return code
         if code >= 0xE0:
@@ -184,8 +189,6 @@ class _Reader:
             return self._map(code & 0x0F, depth, at)
         if 0x90 <= code <= 0x9F:
             return self._array(code & 0x0F, depth, at)
-        if 0xA0 <= code <= 0xBF:
-            return self._str(code & 0x1F, at)
         if code == 0xC0:
             return None
         if code == 0xC2:
