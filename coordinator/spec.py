@@ -30,7 +30,7 @@ BACKENDS = ("onnxruntime", "torch")
 LOSSES = ("cross_entropy", "mse")
 STALENESS_WEIGHTS = ("sqrt", "constant")
 SELECTIONS = ("random", "oort")
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn")
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 """Architecture names as ``platform.machine()`` reports them, and their synonyms."""
@@ -135,12 +135,15 @@ class ServerOptimizerSpec:
 
 @dataclass(frozen=True)
 class ClientSpec:
-    """Local training on each trainer; ``proximal_mu`` > 0 adds FedProx's term (Li et al.)."""
+    """Local training on each trainer: SGD as torch.optim.SGD, FedProx's μ or FedDyn's α."""
 
     local_steps: int = 20
     batch_size: int = 32
     lr: float = 0.05
     proximal_mu: float = 0.0
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    feddyn_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,9 @@ class AlgorithmSpec:
     concurrency: int = 10
     min_trainers: int = 1
     selection: str = "random"
+    clients_per_round: int | None = None
+    round_timeout: float = 60.0
+    max_norm: float | None = None
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
@@ -234,6 +240,9 @@ class JobSpec:
                 "concurrency": algo.concurrency,
                 "min_trainers": algo.min_trainers,
                 "selection": algo.selection,
+                "clients_per_round": algo.clients_per_round,
+                "round_timeout": algo.round_timeout,
+                "max_norm": algo.max_norm,
                 "staleness": {"weight": algo.staleness.weight, "max": algo.staleness.max},
                 "server_optimizer": optimizer,
                 "client": dict(vars(algo.client)),
@@ -563,11 +572,25 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         concurrency=f.take("concurrency", _int(1), 10),
         min_trainers=f.take("min_trainers", _int(1), 1),
         selection=f.take("selection", _choice(SELECTIONS), "random"),
+        clients_per_round=f.take("clients_per_round", _int(1), None),
+        round_timeout=f.take("round_timeout", _float(0.0, exclusive_min=True), 60.0),
+        max_norm=f.take("max_norm", _float(0.0, exclusive_min=True), None),
         staleness=f.take("staleness", _staleness, StalenessSpec()),
         server_optimizer=f.take("server_optimizer", _server_optimizer, ServerOptimizerSpec()),
         client=f.take("client", _client, ClientSpec()),
     )
     f.done()
+    if spec.server_optimizer.name == "feddyn":
+        if spec.mode != "sync":
+            raise SpecError(f.where("server_optimizer") + ".name", "feddyn needs mode: sync")
+        if spec.client.feddyn_alpha is None:
+            raise SpecError(
+                f.where("client") + ".feddyn_alpha", "required by server_optimizer feddyn"
+            )
+    elif spec.client.feddyn_alpha is not None:
+        raise SpecError(
+            f.where("client") + ".feddyn_alpha", "only used with server_optimizer: { name: feddyn }"
+        )
     if spec.min_trainers > spec.concurrency and spec.mode == "async":
         raise SpecError(
             f.where("min_trainers"),
@@ -597,7 +620,9 @@ def _server_optimizer(value: Any, where: str) -> ServerOptimizerSpec:
     beta2 = f.take("beta2", _float(0.0, 1.0), None)
     tau = f.take("tau", _float(0.0, exclusive_min=True), None)
     f.done()
-    allowed = {"fedavg": (), "fedavgm": ("momentum",)}.get(name, ("beta1", "beta2", "tau"))
+    allowed = {"fedavg": (), "fedavgm": ("momentum",), "feddyn": ()}.get(
+        name, ("beta1", "beta2", "tau")
+    )
     given = {"momentum": momentum, "beta1": beta1, "beta2": beta2, "tau": tau}
     for key, val in given.items():
         if val is not None and key not in allowed:
@@ -618,6 +643,9 @@ def _client(value: Any, where: str) -> ClientSpec:
         batch_size=f.take("batch_size", _int(1), 32),
         lr=f.take("lr", _float(0.0, exclusive_min=True), 0.05),
         proximal_mu=f.take("proximal_mu", _float(0.0), 0.0),
+        momentum=f.take("momentum", _float(0.0, 0.999), 0.0),
+        weight_decay=f.take("weight_decay", _float(0.0), 0.0),
+        feddyn_alpha=f.take("feddyn_alpha", _float(0.0, exclusive_min=True), None),
     )
     f.done()
     return spec

@@ -55,6 +55,8 @@ class TrainingPlan:
     buffer_size: int = 10
     concurrency: int = 10
     min_trainers: int = 1
+    selection: str = "random"
+    """Sync rounds: how trainers are sampled, ``random`` or ``oort`` (Lai et al. 2021)."""
     clients_per_round: int | None = None
     """Sync rounds: trainers sampled per round (``None``: all known trainers, up to concurrency)."""
     round_timeout: float = 60.0
@@ -102,8 +104,9 @@ class TrainingPlan:
             buffer_size=_int(algorithm, "buffer_size", 10, "algorithm."),
             concurrency=_int(algorithm, "concurrency", 10, "algorithm."),
             min_trainers=_int(algorithm, "min_trainers", 1, "algorithm."),
+            selection=str(algorithm.get("selection", "random")),
             clients_per_round=_opt_int(algorithm.get("clients_per_round")),
-            round_timeout=float(algorithm.get("round_timeout", 60.0)),
+            round_timeout=float(algorithm.get("round_timeout") or 60.0),
             staleness_weight=str(staleness.get("weight", "sqrt")),
             staleness_max=_opt_int(staleness.get("max")),
             server_optimizer=optimizer,
@@ -118,6 +121,8 @@ class TrainingPlan:
                 max_minutes=_opt_float(stop.get("max_minutes")),
             ),
         )
+        if plan.selection not in ("random", "oort"):
+            raise PlanError(f"algorithm.selection: must be random or oort, got {plan.selection!r}")
         if plan.round_timeout <= 0:
             raise PlanError(f"algorithm.round_timeout: must be > 0, got {plan.round_timeout}")
         return plan

@@ -19,7 +19,6 @@ import asyncio
 import functools
 import json
 import os
-import random
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +34,7 @@ from agent.learning.feddyn import FedDynServer
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.optimizers import ServerOptimizer, make_server_optimizer
 from agent.learning.plan import TrainingPlan
+from agent.learning.selection import OortSelector, RandomSelector
 from agent.learning.staleness import make_staleness
 from agent.protocol import (
     ModelRequest,
@@ -68,7 +68,9 @@ class Aggregator(Role):
         self.trainers: set[str] = set()
         self.history: list[dict[str, Any]] = []
         self.started_at = time.time()
-        self.rng = random.Random(0)
+        self.selector: RandomSelector | OortSelector = (
+            OortSelector(seed=0) if self.plan.selection == "oort" else RandomSelector(seed=0)
+        )
         self._last_publish = 0.0
         self._republish: asyncio.Task[None] | None = None
         self._round_opened = 0.0
@@ -119,8 +121,9 @@ class Aggregator(Role):
         name = str(params.pop("name", "fedavg"))
         optimizer: ServerOptimizer
         if name == "feddyn":
-            alpha = float(params.pop("alpha", plan.feddyn_alpha or 0.01))
-            optimizer = FedDynServer(alpha=alpha, num_devices=int(params.pop("num_devices", 1)))
+            # FedDyn's m is every device of the federation: the trainers the job placed.
+            alpha = plan.feddyn_alpha or 0.01
+            optimizer = FedDynServer(alpha=alpha, num_devices=plan.concurrency)
         else:
             optimizer = make_server_optimizer(name, **params)
         if plan.mode == "sync":
@@ -234,6 +237,16 @@ class Aggregator(Role):
                 }
             )
             return
+        if isinstance(self.selector, OortSelector):
+            # Oort's statistical utility wants the mean squared per-sample loss; a trainer
+            # reports its mean loss, whose square is the closest (lower-bound) estimate.
+            loss = float(update.metrics.get("loss", 0.0))
+            self.selector.update(
+                update.agent,
+                num_samples=update.num_samples,
+                loss_sq_mean=loss * loss,
+                duration=float(update.metrics.get("train_seconds", 0.0)),
+            )
         if outcome.version is not None:
             await self._new_version(outcome.metrics)
 
@@ -251,8 +264,11 @@ class Aggregator(Role):
             return False
         if len(self.trainers) < self.plan.min_trainers:
             return False
-        count = self.plan.clients_per_round or min(len(self.trainers), self.plan.concurrency)
-        chosen = self.rng.sample(sorted(self.trainers), min(count, len(self.trainers)))
+        count = min(
+            self.plan.clients_per_round or min(len(self.trainers), self.plan.concurrency),
+            len(self.trainers),
+        )
+        chosen = self.selector.select(sorted(self.trainers), count)
         algo.start_round(chosen)
         self._round_opened = time.monotonic()
         if publish:

@@ -116,7 +116,7 @@ BAD: list[tuple[str, Any, str]] = [
         "algorithm.server_optimizer.name",
         "sgd",
         "algorithm.server_optimizer.name: must be one of fedavg, fedavgm, fedadam, fedyogi, "
-        "fedadagrad, got 'sgd'",
+        "fedadagrad, feddyn, got 'sgd'",
     ),
     ("algorithm.server_optimizer.lr", 0, "algorithm.server_optimizer.lr: must be > 0, got 0"),
     (
@@ -202,7 +202,31 @@ BAD: list[tuple[str, Any, str]] = [
         "compute, algorithm, stop, aggregator)",
     ),
     ("aggregator.labels", {"role": [1]}, "aggregator.labels.role: must be a string, got a list"),
+    (
+        "algorithm.server_optimizer",
+        {"name": "feddyn"},
+        "algorithm.server_optimizer.name: feddyn needs mode: sync",
+    ),
+    (
+        "algorithm.client.feddyn_alpha",
+        0.01,
+        "algorithm.client.feddyn_alpha: only used with server_optimizer: { name: feddyn }",
+    ),
+    ("algorithm.client.momentum", 1.5, "algorithm.client.momentum: must be ≤ 0.999, got 1.5"),
+    ("algorithm.round_timeout", 0, "algorithm.round_timeout: must be > 0, got 0"),
+    ("algorithm.clients_per_round", 0, "algorithm.clients_per_round: must be ≥ 1, got 0"),
 ]
+
+
+def test_feddyn_needs_sync_rounds_and_its_alpha() -> None:
+    raw = with_change("algorithm.mode", "sync")
+    raw["algorithm"]["server_optimizer"] = {"name": "feddyn"}
+    with pytest.raises(SpecError, match=r"algorithm\.client\.feddyn_alpha: required"):
+        parse_spec(raw)
+    raw["algorithm"]["client"]["feddyn_alpha"] = 0.01
+    spec = parse_spec(raw)
+    assert spec.to_dict()["algorithm"]["client"]["feddyn_alpha"] == 0.01
+    assert spec.to_dict()["algorithm"]["round_timeout"] == 60.0
 
 
 @pytest.mark.parametrize(("path", "value", "message"), BAD, ids=[m for _, _, m in BAD])

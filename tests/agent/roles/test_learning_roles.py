@@ -236,3 +236,57 @@ async def test_published_versions_decode_as_model_versions(federation: Federatio
     assert versions[-1].final
     assert versions[-1].version == 1
     assert set(versions[-1].tensors) == set(load_demo_model().spec.names)
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        pytest.param(
+            {
+                "mode": "sync",
+                "min_trainers": 4,
+                "server_optimizer": {"name": "feddyn"},
+                "client": {"local_steps": 20, "batch_size": 32, "lr": 0.1, "feddyn_alpha": 0.01},
+            },
+            id="feddyn-sync",
+        ),
+        pytest.param(
+            {
+                "mode": "sync",
+                "min_trainers": 4,
+                "clients_per_round": 3,
+                "selection": "oort",
+                "server_optimizer": {"name": "fedavgm", "lr": 1.0, "momentum": 0.5},
+            },
+            id="oort-fedavgm-sync",
+        ),
+        pytest.param(
+            {
+                "server_optimizer": {"name": "fedadam", "lr": 0.01},
+                "client": {
+                    "local_steps": 20,
+                    "batch_size": 32,
+                    "lr": 0.1,
+                    "proximal_mu": 0.1,
+                    "momentum": 0.5,
+                },
+            },
+            id="fedprox-fedadam-async",
+        ),
+    ],
+)
+async def test_other_algorithms_learn(federation: Federation, algorithm: dict[str, Any]) -> None:
+    """FedDyn (with its client state), Oort sampling, FedAvgM, FedAdam and FedProx all move the
+    global model from chance to a useful accuracy on non-IID digits."""
+    cfg = config(stop={"target_accuracy": 0.8, "max_versions": 80}, round_timeout=20, **algorithm)
+    agg, trainers = await start_federation(federation, cfg, clients=4)
+    await asyncio.wait_for(agg, 120)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert "target accuracy 0.8 reached" in completed[0]["reason"]
+    if algorithm["server_optimizer"]["name"] == "feddyn":
+        state = list((federation.root).glob("pi-*/digits/trainer/feddyn_state.tensors"))
+        assert len(state) == 4  # every trainer keeps ∇L_k(θ_k) across its rounds
+    if algorithm.get("clients_per_round") == 3:
+        rounds = [e for e in federation.versions() if e["version"] > 0]
+        assert all(e["updates_applied"] % 3 == 0 for e in rounds)
