@@ -156,6 +156,17 @@ class Aggregator(Role):
                     {"event": "update_rejected", "topic": message.topic, "reason": str(exc)}
                 )
                 continue
+            assert isinstance(decoded, ModelUpdate | ModelRequest)
+            sender = self.ctx.topics.job_updates(self.ctx.bundle.job, decoded.agent)
+            if message.topic != sender:
+                # Broker ACLs pin who may write each agent's updates topic; the agent named
+                # inside the payload is only believed on that agent's own topic.
+                reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
+                log.warning("update_rejected", topic=message.topic, reason=reason)
+                await self.ctx.report(
+                    {"event": "update_rejected", "topic": message.topic, "reason": reason}
+                )
+                continue
             if isinstance(decoded, ModelRequest) and decoded.job == self.ctx.bundle.job:
                 await self._on_request(decoded)
             elif isinstance(decoded, ModelUpdate) and decoded.job == self.ctx.bundle.job:

@@ -20,7 +20,14 @@ import numpy.typing as npt
 import pytest
 
 from agent.learning.assets import load_demo_model
-from agent.protocol import ModelVersion, Topics, UpdateAck, decode_message
+from agent.protocol import (
+    ModelRequest,
+    ModelUpdate,
+    ModelVersion,
+    Topics,
+    UpdateAck,
+    decode_message,
+)
 from agent.protocol.bundle import RoleBundle
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext
@@ -290,3 +297,40 @@ async def test_other_algorithms_learn(federation: Federation, algorithm: dict[st
     if algorithm.get("clients_per_round") == 3:
         rounds = [e for e in federation.versions() if e["version"] > 0]
         assert all(e["updates_applied"] % 3 == 0 for e in rounds)
+
+
+async def test_updates_naming_another_agent_than_their_topic_are_rejected(
+    federation: Federation,
+) -> None:
+    # ACLs let an agent write only its own updates topic: an update (or model request) that
+    # names another agent must not be counted, acknowledged or let into a round as that agent.
+    cfg = config(buffer_size=2, stop={"max_versions": 1})
+    _, holdout = digits(2)
+    ctx = await federation.context(
+        "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+    )
+    aggregator = Aggregator(ctx)
+    task = asyncio.create_task(aggregator.run())
+    try:
+        await asyncio.wait_for(federation.wait_for(lambda e: e["event"] == "model_version"), 30)
+        zeros = {k: np.zeros_like(v) for k, v in load_demo_model().initial_params.items()}
+        evil = federation.topics.job_updates("digits", "evil")
+        for victim in ("pi-0", "pi-1"):
+            update = ModelUpdate(
+                job="digits", agent=victim, base_version=0, num_samples=10, tensors=zeros
+            )
+            await federation.transports[0].publish(evil, update.to_msgpack())
+        request = ModelRequest(job="digits", agent="pi-2", have_version=-1)
+        await federation.transports[0].publish(evil, request.to_msgpack())
+        await asyncio.wait_for(
+            federation.wait_for(
+                lambda e: sum(x["event"] == "update_rejected" for x in federation.events) >= 3
+            ),
+            10,
+        )
+        assert aggregator.algo.counters.as_dict()["applied"] == 0
+        assert aggregator.trainers == set()
+        assert not aggregator._acks
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
