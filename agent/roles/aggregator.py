@@ -77,6 +77,8 @@ class Aggregator(Role):
         self._eval_result: EvalResult | None = None
         self._acks: dict[str, str] = {}
         self._acks_pending = False
+        self._unsaved = False
+        """FedBuff updates went into the buffer since the last checkpoint."""
 
     # -- set-up --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -178,6 +180,9 @@ class Aggregator(Role):
 
     async def _send_acks(self) -> None:
         """Receipts for every update processed since the last ones, in one small message."""
+        if self._unsaved:
+            # An acknowledged update must survive a crash: its sender will not send it again.
+            await self._checkpoint()
         ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=dict(self._acks))
         self._acks_pending = False
         await self.ctx.transport.publish(
@@ -248,6 +253,9 @@ class Aggregator(Role):
                 }
             )
             return
+        # FedBuff's buffer is part of its checkpoint; a sync round's is not (its timeout covers
+        # a lost update), so only asynchronous updates are saved before they are acknowledged.
+        self._unsaved = not isinstance(algo, SyncFedAvg)
         if isinstance(self.selector, OortSelector):
             # Oort's statistical utility wants the mean squared per-sample loss; a trainer
             # reports its mean loss, whose square is the closest (lower-bound) estimate.
@@ -321,13 +329,7 @@ class Aggregator(Role):
                 if k in event
             }
         )
-        state = encode_tensors(self.algo.state_dict())
-        meta = {
-            "history": self.history,
-            "started_at": self.started_at,
-            "trainers": sorted(self.trainers),
-        }
-        await self.ctx.run_cpu(self.checkpoints.save, version, state, meta)
+        await self._checkpoint()
         await self.ctx.report(event)
         log.info(
             "model_version",
@@ -336,6 +338,16 @@ class Aggregator(Role):
             accuracy=event.get("accuracy"),
             updates=counters["applied"],
         )
+
+    async def _checkpoint(self) -> None:
+        state = await self.ctx.run_cpu(lambda: encode_tensors(self.algo.state_dict()))
+        meta = {
+            "history": self.history,
+            "started_at": self.started_at,
+            "trainers": sorted(self.trainers),
+        }
+        await self.ctx.run_cpu(self.checkpoints.save, self.algo.version, state, meta)
+        self._unsaved = False
 
     def _stop_reason(self) -> str | None:
         accuracy = self._eval_result.accuracy if self._eval_result is not None else None

@@ -20,6 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from agent.learning.assets import load_demo_model
+from agent.learning.fedbuff import FedBuffAggregator
 from agent.protocol import (
     ModelRequest,
     ModelUpdate,
@@ -334,3 +335,48 @@ async def test_updates_naming_another_agent_than_their_topic_are_rejected(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_acknowledged_updates_survive_an_aggregator_restart(federation: Federation) -> None:
+    # A trainer does not send an acknowledged update again: FedBuff's buffer must be on disk
+    # before the receipt goes out, not only when the K-th update makes a version.
+    cfg = config(buffer_size=3, stop={"max_versions": 1})
+    _, holdout = digits(2)
+
+    async def start() -> tuple[Aggregator, asyncio.Task[None]]:
+        ctx = await federation.context(
+            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+        )
+        aggregator = Aggregator(ctx)
+        return aggregator, asyncio.create_task(aggregator.run())
+
+    aggregator, task = await start()
+    listener = federation.transports[0]
+    acks = await listener.subscribe(federation.topics.job_model("digits"))
+    await asyncio.wait_for(federation.wait_for(lambda e: e["event"] == "model_version"), 30)
+    zeros = {k: np.zeros_like(v) for k, v in load_demo_model().initial_params.items()}
+    for agent in ("pi-0", "pi-1"):
+        update = ModelUpdate(
+            job="digits", agent=agent, base_version=0, num_samples=10, tensors=zeros
+        )
+        await listener.publish(federation.topics.job_updates("digits", agent), update.to_msgpack())
+    acked: dict[str, str] = {}
+    while len(acked) < 2:
+        message = await acks.get(timeout=10)
+        decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
+        if isinstance(decoded, UpdateAck):
+            acked.update(decoded.acks)
+    task.cancel()  # the aggregator's agent dies right after acknowledging
+    await asyncio.gather(task, return_exceptions=True)
+    assert aggregator.algo.counters.applied == 2
+
+    resumed, task = await start()
+    for _ in range(100):  # up to 5 s for the resumed aggregator to read its checkpoint
+        await asyncio.sleep(0.05)
+        if getattr(resumed, "algo", None) is not None and resumed.algo.counters.applied:
+            break
+    assert resumed.algo.counters.applied == 2
+    assert isinstance(resumed.algo, FedBuffAggregator)
+    assert resumed.algo.pending == 2
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
