@@ -2,7 +2,8 @@
 
 The table in DESIGN.md is the reference; this module is its only implementation. Agent, job and
 role names become topic segments, so :func:`check_segment` refuses anything that would change a
-topic's shape (``/``, the wildcards ``+`` and ``#``, NUL, a leading ``$``).
+topic's shape (``/``, the wildcards ``+`` and ``#``, NUL, a leading ``$``) or, as a directory
+name, escape its parent (``.``, ``..``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ def check_segment(value: str, what: str = "name") -> str:
         raise ValueError(f"{what}: {value!r} contains {''.join(bad)!r}, not allowed in a topic")
     if value.startswith("$"):
         raise ValueError(f"{what}: {value!r} starts with '$', reserved by brokers")
+    if value in (".", ".."):
+        # Names also become directory names (an agent's role state, checkpoints).
+        raise ValueError(f"{what}: {value!r} is not a name")
     return value
 
 

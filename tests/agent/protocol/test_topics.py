@@ -34,7 +34,7 @@ def test_custom_prefix_and_parsing() -> None:
     assert t.job_of("site/a/ember/agents/x/status") is None
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "$SYS", "x\0y", "n" * 129])
+@pytest.mark.parametrize("bad", ["", "a/b", "a+", "#", "$SYS", "x\0y", "n" * 129, ".", ".."])
 def test_unsafe_segments_are_refused(bad: str) -> None:
     with pytest.raises(ValueError, match="agent id"):
         check_segment(bad, "agent id")

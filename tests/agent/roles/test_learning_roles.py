@@ -215,6 +215,8 @@ async def test_trainer_without_its_dataset_fails_with_the_reason(federation: Fed
 async def test_garbage_on_the_update_topic_is_rejected_and_reported(federation: Federation) -> None:
     cfg = config(stop={"max_versions": 2})
     agg, trainers = await start_federation(federation, cfg, clients=2)
+    # Once version 0 is announced the aggregator is subscribed and will see the garbage.
+    await asyncio.wait_for(federation.wait_for(lambda e: e["event"] == "model_version"), 30)
     await federation.transports[0].publish(
         federation.topics.job_updates("digits", "evil"), b"\x93junk"
     )
@@ -236,7 +238,8 @@ async def test_published_versions_decode_as_model_versions(federation: Federatio
     agg, trainers = await start_federation(federation, cfg, clients=2)
     await asyncio.wait_for(agg, 60)
     await asyncio.wait_for(asyncio.gather(*trainers), 30)
-    versions, acks = [], []
+    versions: list[ModelVersion] = []
+    acks: list[UpdateAck] = []
     while (message := sub.get_nowait()) is not None:
         decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
         (versions if isinstance(decoded, ModelVersion) else acks).append(decoded)
