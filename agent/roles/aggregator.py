@@ -185,9 +185,7 @@ class Aggregator(Role):
             await self._checkpoint()
         ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=dict(self._acks))
         self._acks_pending = False
-        await self.ctx.transport.publish(
-            self.ctx.topics.job_model(self.ctx.bundle.job), ack.to_msgpack()
-        )
+        await self.ctx.publish(self.ctx.topics.job_model(self.ctx.bundle.job), ack.to_msgpack())
 
     def _wait_budget(self) -> float:
         if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
@@ -390,7 +388,7 @@ class Aggregator(Role):
             final=final,
         )
         payload = await self.ctx.run_cpu(message.to_msgpack)
-        await self.ctx.transport.publish(self.ctx.topics.job_model(self.ctx.bundle.job), payload)
+        await self.ctx.publish(self.ctx.topics.job_model(self.ctx.bundle.job), payload)
         self._last_publish = time.monotonic()
 
     def _schedule_republish(self) -> None:

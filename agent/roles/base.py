@@ -10,6 +10,7 @@ command, and reports a crash without letting it take the daemon down.
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,17 @@ from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 from agent.protocol.bundle import RoleBundle
 from agent.protocol.topics import Topics
-from agent.transport import Transport
+from agent.transport import NotConnectedError, Transport
 
 T = TypeVar("T")
+log = structlog.get_logger("ember.roles")
+
+PUBLISH_RETRY_INITIAL = 1.0
+PUBLISH_RETRY_MAX = 30.0
 
 
 class LocalDataset(Protocol):
@@ -55,6 +61,19 @@ class RoleContext:
     report: Callable[[Mapping[str, Any]], Awaitable[None]]
     """Publish a progress/metrics event for this role (JSON on the job's metrics topic)."""
     extras: dict[str, Any] = field(default_factory=dict)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and keep trying until the broker takes it: a role outlives a
+        flapping link. Each failed attempt is logged with its reason; cancellation stops it."""
+        delay = PUBLISH_RETRY_INITIAL
+        while True:
+            try:
+                await self.transport.publish(topic, payload)
+                return
+            except NotConnectedError as exc:
+                log.warning("role_publish_retry", topic=topic, reason=str(exc), seconds=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, PUBLISH_RETRY_MAX)
 
 
 class Role(abc.ABC):

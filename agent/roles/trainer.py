@@ -120,7 +120,7 @@ class Trainer(Role):
                         "train_seconds": time.monotonic() - began,
                     },
                 )
-                await ctx.transport.publish(topic, update.to_msgpack())
+                await ctx.publish(topic, update.to_msgpack())
                 self.updates_sent += 1
                 log.debug("update_sent", job=bundle.job, base=version.version, loss=result.loss)
                 await self._wait_ack(update.id)
@@ -205,7 +205,7 @@ class Trainer(Role):
     async def _request_model(self, topic: str, have: int) -> None:
         """Ask the aggregator to publish its current version (versions are not retained)."""
         request = ModelRequest(job=self.ctx.bundle.job, agent=self.ctx.agent_id, have_version=have)
-        await self.ctx.transport.publish(topic, request.to_msgpack())
+        await self.ctx.publish(topic, request.to_msgpack())
 
     def _load_state(self, path: Path) -> TensorMap | None:
         if not self.plan.feddyn_alpha or not path.exists():
