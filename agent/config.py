@@ -88,6 +88,15 @@ class ZeroconfConfig:
 
 
 @dataclass(frozen=True)
+class SimulationConfig:
+    """Experiments only: make this agent behave like a slower device."""
+
+    slowdown: float = 1.0
+    """After each local training run the trainer waits (slowdown − 1) × the run's time, so one
+    machine can play a fleet with stragglers. 1 (the default) changes nothing."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The whole agent configuration, validated."""
 
@@ -102,6 +111,7 @@ class AgentConfig:
     telemetry: TelemetryConfig = TelemetryConfig()
     zeroconf: ZeroconfConfig = ZeroconfConfig()
     datasets: tuple[DatasetConfig, ...] = ()
+    simulation: SimulationConfig = SimulationConfig()
     source: Path | None = None
     """The file this configuration was read from."""
 
@@ -162,7 +172,9 @@ def _env_value(text: str) -> Any:
         return text
 
 
-_SECTIONS = frozenset({"agent", "broker", "trust", "telemetry", "zeroconf", "datasets"})
+_SECTIONS = frozenset(
+    {"agent", "broker", "trust", "telemetry", "zeroconf", "datasets", "simulation"}
+)
 _KEYS = {
     "agent": frozenset({"id", "state_dir", "labels", "topic_prefix", "allow_code"}),
     "broker": frozenset(
@@ -186,6 +198,7 @@ _KEYS = {
     "telemetry": frozenset({"interval"}),
     "zeroconf": frozenset({"enabled", "interfaces"}),
     "datasets": frozenset({"name", "path", "tags", "format", "label_column"}),
+    "simulation": frozenset({"slowdown"}),
 }
 
 
@@ -233,6 +246,7 @@ def _build(
         telemetry=_telemetry(sections["telemetry"]),
         zeroconf=_zeroconf(sections["zeroconf"]),
         datasets=_datasets(raw.get("datasets", []), base),
+        simulation=_simulation(sections["simulation"]),
         source=source,
     )
 
@@ -289,6 +303,13 @@ def _keys(table: dict[str, Any]) -> tuple[str, ...]:
         if len(raw) != 32:
             raise ConfigError(f"{where}: an Ed25519 public key is 32 bytes, got {len(raw)}")
     return tuple(keys)
+
+
+def _simulation(table: dict[str, Any]) -> SimulationConfig:
+    if "slowdown" not in table:
+        return SimulationConfig()
+    slowdown = _number(table["slowdown"], "simulation.slowdown", float, minimum=1.0)
+    return SimulationConfig(slowdown=slowdown)
 
 
 def _telemetry(table: dict[str, Any]) -> TelemetryConfig:

@@ -141,6 +141,7 @@ class AgentDaemon:
             trusted_keys=config.coordinator_keys,
             allow_code=config.allow_code,
             role_types=self.role_types,
+            role_extras={"slowdown": config.simulation.slowdown},
         )
         presence.attach(transport)
         transport.on_connect(self._on_connect)

@@ -112,6 +112,7 @@ class RoleRuntime:
         allow_code: bool = False,
         role_types: Mapping[str, type[Role]] | None = None,
         max_workers: int | None = None,
+        role_extras: Mapping[str, Any] | None = None,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -124,6 +125,7 @@ class RoleRuntime:
         self.handled = 0
         self.rejected = 0
         self._role_types = role_types
+        self._role_extras = dict(role_extras or {})
         self._trusted: dict[str, Ed25519PublicKey] | None = None
         self._max_workers = max_workers or os.cpu_count() or 1
         self._executor: ThreadPoolExecutor | None = None
@@ -362,6 +364,7 @@ class RoleRuntime:
             datasets=self.datasets,
             run_cpu=self.run_cpu,
             report=functools.partial(self._report, role_topics, command.job, command.role),
+            extras=dict(self._role_extras),
         )
         record = RoleRecord(command.job, command.role, "running", digest, time.time())
         try:

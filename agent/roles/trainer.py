@@ -102,6 +102,7 @@ class Trainer(Role):
                 result = await ctx.run_cpu(
                     backend.train, start, x, y, hyper, anchor=start, correction=correction
                 )
+                await self._simulate_slow_device(time.monotonic() - began)
                 delta = await ctx.run_cpu(_delta, result.params, start)
                 if self.plan.feddyn_alpha and correction is not None:
                     correction = client_state_update(
@@ -127,6 +128,12 @@ class Trainer(Role):
         finally:
             await cancel_and_wait([follower])
             await models.close()
+
+    async def _simulate_slow_device(self, trained_for: float) -> None:
+        """``[simulation] slowdown`` in the agent's config: take that many times as long."""
+        slowdown = float(self.ctx.extras.get("slowdown", 1.0))
+        if slowdown > 1.0:
+            await asyncio.sleep((slowdown - 1.0) * trained_for)
 
     async def _follow(self, models: Subscription) -> None:
         """Keep the newest model version (older ones are useless to a trainer) and the

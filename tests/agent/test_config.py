@@ -112,6 +112,11 @@ def test_environment_overrides_keys() -> None:
     assert config.id == "pi-garage"
 
 
+def test_simulated_slowdown_defaults_to_none() -> None:
+    assert parse_config("").simulation.slowdown == 1.0
+    assert parse_config("[simulation]\nslowdown = 10\n").simulation.slowdown == 10.0
+
+
 def test_state_dir_defaults_to_systemd_state_directory() -> None:
     config = parse_config("", env={"STATE_DIRECTORY": "/var/lib/ember-agent"})
     assert config.state_dir == Path("/var/lib/ember-agent")
@@ -134,6 +139,7 @@ def test_state_dir_defaults_to_systemd_state_directory() -> None:
         ('[trust]\ncoordinator_keys = ["rsa:x"]\n', {}, "trust.coordinator_keys[0]: expected"),
         ('[trust]\ncoordinator_keys = ["ed25519:AAAA"]\n', {}, "is 32 bytes, got 3"),
         ("[telemetry]\ninterval = -1\n", {}, "telemetry.interval: must be ≥ 0, got -1"),
+        ("[simulation]\nslowdown = 0.5\n", {}, "simulation.slowdown: must be ≥ 1, got 0.5"),
         ('[zeroconf]\ninterfaces = ["eth0"]\n', {}, "zeroconf.interfaces[0]: 'eth0' is not an IP"),
         ("[[datasets]]\npath = 'x.npz'\n", {}, "datasets[0].name: missing"),
         ("[[datasets]]\nname = 'd'\n", {}, "datasets[0].path: missing (dataset 'd' needs a path)"),

@@ -53,13 +53,18 @@ class Federation:
     transports: list[Transport] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    trainers: list[Trainer] = field(default_factory=list)
 
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
         async with self.changed:
             await self.changed.wait_for(lambda: any(predicate(e) for e in self.events))
 
     async def context(
-        self, agent: str, bundle: RoleBundle, datasets: Mapping[str, Data]
+        self,
+        agent: str,
+        bundle: RoleBundle,
+        datasets: Mapping[str, Data],
+        extras: dict[str, Any] | None = None,
     ) -> RoleContext:
         transport = Transport(BrokerConfig(urls=(self.broker.url,), backoff_initial=0.05))
         transport.start()
@@ -87,6 +92,7 @@ class Federation:
             datasets=datasets,
             run_cpu=run_cpu,
             report=report,
+            extras=extras or {},
         )
 
     def versions(self) -> list[dict[str, Any]]:
@@ -136,7 +142,7 @@ def config(**algorithm: Any) -> dict[str, Any]:
 
 
 async def start_federation(
-    fed: Federation, cfg: dict[str, Any], clients: int
+    fed: Federation, cfg: dict[str, Any], clients: int, slowdown: dict[int, float] | None = None
 ) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
     shards, holdout = digits(clients)
     aggregator = Aggregator(
@@ -147,8 +153,13 @@ async def start_federation(
     agg_task = asyncio.create_task(aggregator.run())
     trainers = []
     for i, shard in enumerate(shards):
-        ctx = await fed.context(f"pi-{i}", bundle("trainer", cfg, "digits"), {"digits": shard})
-        trainers.append(asyncio.create_task(Trainer(ctx).run()))
+        extras = {"slowdown": (slowdown or {}).get(i, 1.0)}
+        ctx = await fed.context(
+            f"pi-{i}", bundle("trainer", cfg, "digits"), {"digits": shard}, extras
+        )
+        trainer = Trainer(ctx)
+        fed.trainers.append(trainer)
+        trainers.append(asyncio.create_task(trainer.run()))
     return agg_task, trainers
 
 
@@ -383,3 +394,13 @@ async def test_acknowledged_updates_survive_an_aggregator_restart(federation: Fe
     assert resumed.algo.pending == 2
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_simulated_slow_device_contributes_less(federation: Federation) -> None:
+    """``[simulation] slowdown`` makes a trainer take that many times as long per update."""
+    cfg = config(buffer_size=1, stop={"max_versions": 40})
+    agg, trainers = await start_federation(federation, cfg, clients=2, slowdown={0: 50.0})
+    await asyncio.wait_for(agg, 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    slow, fast = federation.trainers
+    assert slow.updates_sent * 4 < fast.updates_sent
