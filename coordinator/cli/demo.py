@@ -66,6 +66,20 @@ from coordinator.demo.run import Demo, DemoError, DemoOptions, DemoSummary, Prog
     type=click.FloatRange(5),
     help="Stop training after this long.",
 )
+@click.option(
+    "--stragglers",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Fraction of the agents that play slow devices.",
+)
+@click.option(
+    "--slowdown",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="How many times slower the stragglers train.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data split.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 def demo(
@@ -77,6 +91,8 @@ def demo(
     target_accuracy: float,
     max_seconds: float,
     seed: int,
+    stragglers: float,
+    slowdown: float,
     as_json: bool,
 ) -> None:
     """Train a model on scikit-learn's digits across local agents, end to end.
@@ -102,6 +118,8 @@ def demo(
         target_accuracy=target_accuracy,
         max_seconds=max_seconds,
         seed=seed,
+        stragglers=stragglers,
+        slowdown=slowdown,
     )
     logging.getLogger().setLevel(logging.ERROR)
     console = Console(stderr=as_json)
@@ -154,9 +172,17 @@ def _summary_table(summary: DemoSummary) -> Table:
         ("final accuracy (held-out)", f"{summary.final_accuracy:.4f}"),
         ("model versions", str(summary.model_versions)),
         ("updates applied", str(summary.updates_applied)),
-        ("agents", f"{summary.agents} trainers + 1 aggregator"),
+        (
+            "agents",
+            f"{summary.agents} trainers + 1 aggregator"
+            + (f" ({summary.stragglers} slow)" if summary.stragglers else ""),
+        ),
         ("algorithm / backend", f"{summary.algorithm} / {summary.backend}"),
         ("training time", f"{summary.job_seconds:.1f} s (all in {summary.seconds:.1f} s)"),
+        (
+            "time to target",
+            "–" if summary.time_to_target is None else f"{summary.time_to_target:.1f} s",
+        ),
         ("accuracy plot", summary.plot or "–"),
         ("final model (ONNX)", summary.model or "–"),
     ]

@@ -62,6 +62,14 @@ class DemoOptions:
     max_seconds: float = 100.0
     alpha: float = 0.5
     seed: int = 0
+    stragglers: float = 0.0
+    """Fraction of the agents that play slow devices (``[simulation] slowdown``)."""
+    slowdown: float = 10.0
+    """How many times slower those agents train."""
+
+    @property
+    def slow_agents(self) -> int:
+        return round(self.agents * self.stragglers)
 
 
 @dataclass
@@ -93,6 +101,11 @@ class DemoSummary:
     reason: str
     plot: str | None
     model: str | None
+    time_to_target: float | None
+    """Seconds from the job's start to the first version at the target accuracy."""
+    stragglers: int
+    history: list[tuple[float, float]]
+    """(seconds since the job started, held-out accuracy) of every evaluated version."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -143,6 +156,7 @@ def agent_toml(
     key: str,
     dataset: Path,
     code: bool,
+    slowdown: float = 1.0,
 ) -> str:
     """An agent's config file (agent/config.py's schema)."""
     return "\n".join(
@@ -166,6 +180,8 @@ def agent_toml(
             'name = "digits"',
             f"path = {json.dumps(str(dataset))}",
             'tags = ["vision", "demo"]',
+            "[simulation]",
+            f"slowdown = {slowdown}",
             "",
         ]
     )
@@ -264,6 +280,7 @@ class Demo:
                     key=key,
                     dataset=shard,
                     code=self.options.backend == "torch",
+                    slowdown=self.options.slowdown if i < self.options.slow_agents else 1.0,
                 )
             )
             handle = await asyncio.to_thread(open, agent_dir / "agent.log", "wb")
@@ -332,6 +349,8 @@ class Demo:
         accuracy = self.progress.accuracy or 0.0
         plot = await asyncio.to_thread(self._plot, opts.out / "accuracy.png")
         model = await asyncio.to_thread(self._write_model, artifacts, opts.out / "model.onnx")
+        target = opts.target_accuracy
+        reached = [t for t, a in self.progress.history if a >= target]
         summary = DemoSummary(
             final_accuracy=round(accuracy, 4),
             model_versions=record.model_version,
@@ -345,6 +364,9 @@ class Demo:
             reason=record.reason,
             plot=str(plot) if plot else None,
             model=str(model) if model else None,
+            time_to_target=round(reached[0], 2) if reached else None,
+            stragglers=opts.slow_agents,
+            history=[(round(t, 3), round(a, 4)) for t, a in self.progress.history],
         )
         (opts.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         self._update(phase=record.phase)
@@ -388,9 +410,11 @@ class Demo:
         ax.set_xlabel("seconds since the job started")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)
+        slow = self.options.slow_agents
         ax.set_title(
             f"ember demo: {self.options.algorithm}, {self.options.agents} agents, "
             f"{self.options.backend}"
+            + (f", {slow} of them {self.options.slowdown:g}× slower" if slow else "")
         )
         ax.grid(alpha=0.3)
         fig.tight_layout()
