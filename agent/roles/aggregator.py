@@ -153,10 +153,7 @@ class Aggregator(Role):
             try:
                 decoded = decode_message(message.payload, expect=(ModelUpdate, ModelRequest))
             except ProtocolError as exc:
-                log.warning("update_rejected", topic=message.topic, reason=str(exc))
-                await self.ctx.report(
-                    {"event": "update_rejected", "topic": message.topic, "reason": str(exc)}
-                )
+                await self._refuse(message.topic, str(exc))
                 continue
             assert isinstance(decoded, ModelUpdate | ModelRequest)
             sender = self.ctx.topics.job_updates(self.ctx.bundle.job, decoded.agent)
@@ -164,10 +161,7 @@ class Aggregator(Role):
                 # Broker ACLs pin who may write each agent's updates topic; the agent named
                 # inside the payload is only believed on that agent's own topic.
                 reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
-                log.warning("update_rejected", topic=message.topic, reason=reason)
-                await self.ctx.report(
-                    {"event": "update_rejected", "topic": message.topic, "reason": reason}
-                )
+                await self._refuse(message.topic, reason)
                 continue
             if isinstance(decoded, ModelRequest) and decoded.job == self.ctx.bundle.job:
                 await self._on_request(decoded)
@@ -177,6 +171,11 @@ class Aggregator(Role):
                 self._acks_pending = True
             if self._acks_pending and not len(updates):
                 await self._send_acks()
+
+    async def _refuse(self, topic: str, reason: str) -> None:
+        """A message on the updates topic that is not a usable update: log and report why."""
+        log.warning("update_rejected", topic=topic, reason=reason)
+        await self.ctx.report({"event": "update_rejected", "topic": topic, "reason": reason})
 
     async def _send_acks(self) -> None:
         """Receipts for every update processed since the last ones, in one small message."""
