@@ -450,7 +450,7 @@ class Coordinator:
         detail["weights"] = None if weights is None else weights.to_dict()
         return detail
 
-    async def _stored_weights(self, job_id: str) -> StoredWeights | None:
+    async def stored_weights(self, job_id: str) -> StoredWeights | None:
         """The job's kept weights, after writing a newer version the keeper holds."""
         if self.keeper is not None:
             return await self.keeper.stored(job_id)
@@ -475,7 +475,7 @@ class Coordinator:
                 f"job {job_id} has no inference graph to export (an onnx model needs "
                 "model.onnx.inference in the job spec)"
             )
-        weights = await self._stored_weights(job_id)
+        weights = await self.stored_weights(job_id)
         if weights is None:
             raise RpcError(
                 f"job {job_id} has no model weights yet (kept from the aggregator's model "

@@ -13,7 +13,6 @@ coordinator placing the job and dispatching signed bundles, real MQTT.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import secrets
 import tempfile
@@ -23,14 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-import numpy as np
 import structlog
 
 from agent.learning.assets import DEMO_MODEL_DIR
 from agent.learning.backend import ARTIFACTS
 from agent.process import reap, spawn_agent, terminate
-from agent.protocol import Message, ModelVersion, ProtocolError, Topics, decode_message
-from agent.tasks import cancel_and_wait
+from agent.protocol import Topics
+from agent.protocol.codec import decode_tensors
 from agent.transport import BrokerConfig, Subscription
 from coordinator.bundles import ModelArtifacts, model_artifacts
 from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
@@ -200,8 +198,6 @@ class Demo:
         self.topics = Topics(self.prefix)
         self.children: list[asyncio.subprocess.Process] = []
         self.logs: list[IO[bytes]] = []
-        self.final: ModelVersion | None = None
-        self.final_arrived = asyncio.Event()
 
     def _update(self, **changes: Any) -> None:
         for name, value in changes.items():
@@ -319,9 +315,7 @@ class Demo:
         job = await coordinator.dispatcher.submit(spec, artifacts.artifacts, code=artifacts.code)
         job_id = job.record.id
         transport = coordinator.transport
-        models = await transport.subscribe(self.topics.job_model(job_id), max_messages=256)
         metrics = await transport.subscribe(self.topics.job_metrics(job_id), max_messages=10_000)
-        follower = asyncio.create_task(self._follow_models(models))
         started = time.monotonic()
         self._update(phase="training")
         try:
@@ -337,18 +331,16 @@ class Demo:
                     break
                 await asyncio.sleep(0.1)
             await self._drain_metrics(metrics, started)
-            # The aggregator's final version follows its completion event closely.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.final_arrived.wait(), 10)
         finally:
-            await cancel_and_wait([follower])
-            await models.close()
             await metrics.close()
+        weights = await self._final_weights(coordinator, job_id)
         job_seconds = time.monotonic() - started
         record = job.record
         accuracy = self.progress.accuracy or 0.0
         plot = await asyncio.to_thread(self._plot, opts.out / "accuracy.png")
-        model = await asyncio.to_thread(self._write_model, artifacts, opts.out / "model.onnx")
+        model = await asyncio.to_thread(
+            self._write_model, artifacts, weights, opts.out / "model.onnx"
+        )
         target = opts.target_accuracy
         reached = [t for t, a in self.progress.history if a >= target]
         summary = DemoSummary(
@@ -383,16 +375,19 @@ class Demo:
                 self.progress.history.append((time.monotonic() - started, accuracy))
                 self._update(accuracy=accuracy)
 
-    async def _follow_models(self, models: Subscription) -> None:
-        async for message in models:
-            with contextlib.suppress(ProtocolError):
-                decoded: Message = decode_message(message.payload)
-                if isinstance(decoded, ModelVersion) and (
-                    self.final is None or decoded.version >= self.final.version
-                ):
-                    self.final = decoded
-                    if decoded.final:
-                        self.final_arrived.set()
+    async def _final_weights(self, coordinator: Coordinator, job_id: str) -> bytes | None:
+        """The job's final weights as the coordinator keeps them (``ember jobs export`` reads
+        the same); the aggregator's final version follows its completion event closely."""
+        assert coordinator.store is not None
+        stored = None
+        for _ in range(100):
+            stored = await coordinator.stored_weights(job_id)
+            if stored is not None and stored.final:
+                break
+            await asyncio.sleep(0.1)
+        if stored is None:
+            return None
+        return await coordinator.store.get_blob(stored.digest)
 
     # -- outputs -------------------------------------------------------------------------------
     def _plot(self, path: Path) -> Path | None:
@@ -422,14 +417,15 @@ class Demo:
         plt.close(fig)
         return path
 
-    def _write_model(self, artifacts: ModelArtifacts, path: Path) -> Path | None:
+    def _write_model(
+        self, artifacts: ModelArtifacts, weights: bytes | None, path: Path
+    ) -> Path | None:
         graph = artifacts.artifacts.get(ARTIFACTS["inference"])
-        if self.final is None or graph is None:
+        if weights is None or graph is None:
             return None
         from coordinator.onnx_model import with_weights
 
-        weights = {k: np.asarray(v) for k, v in self.final.tensors.items()}
-        path.write_bytes(with_weights(graph, weights))
+        path.write_bytes(with_weights(graph, decode_tensors(weights)))
         return path
 
 
