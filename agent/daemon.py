@@ -130,6 +130,7 @@ class AgentDaemon:
             sampler=sampler,
             telemetry_interval=config.telemetry.interval,
             running_roles=self._running_roles,
+            updates_sent=self._updates_sent,
         )
         self.transport = transport = Transport(broker, will=presence.will(), name="ember-agent")
         self.runtime = runtime = RoleRuntime(
@@ -184,6 +185,9 @@ class AgentDaemon:
     def _running_roles(self) -> list[str]:
         return self.runtime.running() if self.runtime is not None else []
 
+    def _updates_sent(self) -> int:
+        return self.runtime.updates_sent if self.runtime is not None else 0
+
     async def _on_connect(self, session: int) -> None:
         self.notifier.send(f"STATUS=online (connection {session})")
 
@@ -230,7 +234,7 @@ class AgentDaemon:
         if self.transport is not None:
             final = []
             if self.runtime is not None:
-                final.append((self.runtime.roles_topic, self.runtime.snapshot(), True))
+                final += self.runtime.final_publishes()
             if self.presence is not None:
                 final.append(self.presence.offline_final("stopped"))
             await self.transport.close(final=final)

@@ -120,11 +120,13 @@ class TelemetrySampler:
 
     def sample(self) -> dict[str, Any]:
         vm = psutil.virtual_memory()
+        temperatures = self._temperatures()
         out: dict[str, Any] = {
             "cpu_percent": psutil.cpu_percent(None),
             "load": [round(v, 2) for v in os.getloadavg()],
             "memory": {"total": vm.total, "available": vm.available, "percent": vm.percent},
-            "temperature": self._temperatures(),
+            "temperature": temperatures,
+            "temperature_max": max(temperatures.values(), default=None),
             "disk": None,
             "net": None,
             "uptime": round(time.time() - psutil.boot_time()),
@@ -180,6 +182,7 @@ class Presence:
         sampler: TelemetrySampler,
         telemetry_interval: float,
         running_roles: Callable[[], list[str]] = list,
+        updates_sent: Callable[[], int] = lambda: 0,
     ) -> None:
         self.agent_id = agent_id
         self.topics = topics
@@ -187,6 +190,7 @@ class Presence:
         self.sampler = sampler
         self.telemetry_interval = telemetry_interval
         self.running_roles = running_roles
+        self.updates_sent = updates_sent
         self.info: bytes | None = None
         self.online = asyncio.Event()
         self._announced = 0
@@ -267,6 +271,7 @@ class Presence:
                 "ts": round(time.time(), 3),
                 **sample,
                 "roles": self.running_roles(),
+                "updates_sent": self.updates_sent(),
             }
             with contextlib.suppress(NotConnectedError):
                 await transport.publish(topic, json.dumps(document, separators=(",", ":")), qos=0)

@@ -27,6 +27,11 @@ Every role's state is kept retained on ``<prefix>/agents/<id>/roles`` as JSON::
 
 Refusals (bad signature, untrusted key, code not allowed, unknown role, missing dataset) are
 recorded there too, so the coordinator learns why an agent did not take a role.
+
+What each started role is doing right now is kept retained on
+``<prefix>/jobs/<job>/agents/<id>/progress`` (one JSON document per job, a map from role name to
+the fields the role reports through ``ctx.progress``, with ``state`` set by the runtime to
+``starting`` and to the role's end state), published at most once per second per job.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ HISTORY = 50
 """Ended roles kept in the retained roles document (running ones are always there)."""
 SEEN_IDS = 4096
 CANCEL_GRACE = 10.0
+PROGRESS_VERSION = 1
+PROGRESS_INTERVAL = 1.0
+"""Seconds between two publications of one job's progress document (the last one wins)."""
 
 
 @dataclass
@@ -136,6 +144,13 @@ class RoleRuntime:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dirty = asyncio.Event()
         self._stopping = False
+        self._progress: dict[str, dict[str, dict[str, Any]]] = {}
+        """job → role → the role's progress fields."""
+        self._progress_topics: dict[str, Topics] = {}
+        self._progress_dirty: set[str] = set()
+        self._progress_event = asyncio.Event()
+        self.updates_sent = 0
+        """Updates the trainers hosted here have sent since the agent started."""
 
     # lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -144,6 +159,7 @@ class RoleRuntime:
         self._inbox = await self.transport.subscribe(self.topics.agent_inbox(self.agent_id), qos=1)
         self._spawn(self._serve_inbox(self._inbox), "inbox")
         self._spawn(self._publish_states(), "roles-publisher")
+        self._spawn(self._publish_progress(), "progress-publisher")
 
     async def stop(self, reason: str = "agent stopping", grace: float = 5.0) -> None:
         """Cancel every running role, wait up to ``grace`` seconds for them, stop the inbox."""
@@ -178,6 +194,10 @@ class RoleRuntime:
         )
         for old in ended[:-HISTORY] if len(ended) > HISTORY else []:
             del self.records[old.key]
+            if not any(r.job == old.job for r in self.records.values()):
+                self._progress.pop(old.job, None)
+                self._progress_topics.pop(old.job, None)
+                self._progress_dirty.discard(old.job)
         document = {
             "v": ROLES_VERSION,
             "agent": self.agent_id,
@@ -192,6 +212,62 @@ class RoleRuntime:
 
     async def _on_connect(self, _session: int) -> None:
         await self.transport.publish(self.roles_topic, self.snapshot(), qos=1, retain=True)
+        # Retained progress may be gone (a broker restarted without persistence).
+        self._progress_dirty.update(self._progress)
+        self._progress_event.set()
+
+    def final_publishes(self) -> list[tuple[str, bytes, bool]]:
+        """What to publish before a clean disconnect: the roles document and every progress
+        document not yet out (the roles were just cancelled)."""
+        final = [(self.roles_topic, self.snapshot(), True)]
+        final += [(*self._progress_message(job), True) for job in sorted(self._progress_dirty)]
+        self._progress_dirty.clear()
+        return final
+
+    # per-job progress --------------------------------------------------------------------------
+    def _report_progress(
+        self, topics: Topics, job: str, role: str, fields: Mapping[str, Any]
+    ) -> None:
+        """A role says how it is doing (``ctx.progress``); published by the progress task."""
+        roles = self._progress.setdefault(job, {})
+        old = roles.get(role, {})
+        sent = fields.get("updates_sent")
+        if isinstance(sent, int) and not isinstance(sent, bool):
+            before = old.get("updates_sent", 0)
+            self.updates_sent += max(0, sent - (before if isinstance(before, int) else 0))
+        new = {**old, **_finite(dict(fields))}
+        if new.get("state") != old.get("state"):
+            new["since"] = round(time.time(), 3)
+        roles[role] = new
+        self._progress_topics[job] = topics
+        self._progress_dirty.add(job)
+        self._progress_event.set()
+
+    def _progress_message(self, job: str) -> tuple[str, bytes]:
+        document = {
+            "v": PROGRESS_VERSION,
+            "job": job,
+            "agent": self.agent_id,
+            "ts": round(time.time(), 3),
+            "roles": self._progress.get(job, {}),
+        }
+        topic = self._progress_topics[job].job_progress(job, self.agent_id)
+        return topic, json.dumps(document, separators=(",", ":")).encode()
+
+    async def _publish_progress(self) -> None:
+        while True:
+            await self._progress_event.wait()
+            self._progress_event.clear()
+            if not self.transport.connected:
+                continue  # everything is marked again on connect
+            for job in sorted(self._progress_dirty):
+                self._progress_dirty.discard(job)
+                topic, payload = self._progress_message(job)
+                try:
+                    await self.transport.publish(topic, payload, qos=1, retain=True, timeout=30)
+                except NotConnectedError:
+                    self._progress_dirty.add(job)
+            await asyncio.sleep(PROGRESS_INTERVAL)
 
     async def _publish_states(self) -> None:
         while True:
@@ -213,6 +289,14 @@ class RoleRuntime:
         record.since = time.time()
         self.records[record.key] = record
         self._dirty.set()
+        if state != "refused" and self._progress_topics.get(record.job) is not None:
+            ended: dict[str, str] = {"state": state} if state != "running" else {}
+            if state != "running" and record.reason:
+                ended["reason"] = record.reason
+            if ended:
+                self._report_progress(
+                    self._progress_topics[record.job], record.job, record.role, ended
+                )
         log.info(
             "role_state",
             job=record.job,
@@ -365,7 +449,12 @@ class RoleRuntime:
             run_cpu=self.run_cpu,
             report=functools.partial(self._report, role_topics, command.job, command.role),
             extras=dict(self._role_extras),
+            progress=functools.partial(
+                self._report_progress, role_topics, command.job, command.role
+            ),
         )
+        self._progress.setdefault(command.job, {}).pop(command.role, None)
+        self._report_progress(role_topics, command.job, command.role, {"state": "starting"})
         record = RoleRecord(command.job, command.role, "running", digest, time.time())
         try:
             role = self._role_classes()[bundle.role](context)

@@ -37,7 +37,8 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,17 @@ NOT_METRICS = frozenset(
     }
 )
 """Numeric fields of a ``model_version`` event that are not model metrics."""
+HISTORY_POINTS = 50
+"""Model versions listed in a job state's ``history`` (evenly spread, first and last kept)."""
+RECENT_REJECTIONS = 20
+"""Refused updates listed, with their reasons, in a job state's ``rejected``."""
+REFUSALS = {
+    "update_rejected": "rejected",
+    "update_stale": "stale",
+    "update_late": "late",
+    "update_duplicate": "duplicate",
+}
+"""Aggregator events about an update that was not applied, and their kind in the job state."""
 CODE_PREFIX = "code:"
 """Artifact-name prefix under which Python sources are kept in the job's blobs."""
 
@@ -109,6 +121,17 @@ class _Job:
     assignments: dict[tuple[str, str], AssignmentRecord] = field(default_factory=dict)
     bundles: dict[tuple[str, str | None], tuple[str, bytes]] = field(default_factory=dict)
     """(role, dataset) → (content digest, signed bundle bytes), built once per job run."""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """One point per model version: version, ts, updates_applied and its metrics."""
+    stragglers: list[str] = field(default_factory=list)
+    """As the aggregator named them in its latest model_version event."""
+    counters: dict[str, int] = field(default_factory=dict)
+    """The aggregator's update counters from its latest model_version event."""
+    refused: dict[str, int] = field(default_factory=dict)
+    """Updates not applied, by kind, as seen in the aggregator's events since start."""
+    recent_refusals: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_REJECTIONS)
+    )
 
 
 def _now() -> float:
@@ -169,6 +192,11 @@ class Dispatcher:
             job = self.jobs.get(a.job)
             if job is not None:
                 job.assignments[(a.agent, a.role)] = a
+        for job in self.jobs.values():
+            for row in await self.store.model_versions(job.record.id):
+                job.history.append(
+                    history_point(row["version"], row["ts"], row["updates_applied"], row["metrics"])
+                )
         self._dirty.update(self.jobs)
         self._dirty_event.set()
         self.registry.listen(lambda agent, leaf: self._wake.set())
@@ -264,11 +292,25 @@ class Dispatcher:
                 "dataset": a.dataset,
                 "samples": a.samples,
             }
+        participants = {
+            a.agent
+            for a in job.assignments.values()
+            if a.role == "trainer" and a.state == "running"
+        }
         return {
             "v": JOB_STATE_VERSION,
             **self.summary(job),
             "stop": {k: v for k, v in vars(job.spec.stop).items() if v is not None},
             "agents": agents,
+            "participants": sorted(participants),
+            "stragglers": list(job.stragglers),
+            "counters": dict(job.counters),
+            "rejected": {
+                "count": sum(job.refused.values()),
+                "by_kind": dict(job.refused),
+                "recent": list(job.recent_refusals),
+            },
+            "history": history_summary(job.history),
             "ts": round(self.clock(), 3),
         }
 
@@ -840,6 +882,28 @@ class Dispatcher:
                 await self._finish(
                     job, "failed", _text(event.get("reason")) or "the aggregator failed"
                 )
+            elif isinstance(kind, str) and kind in REFUSALS:
+                self._refusal(job, REFUSALS[kind], event)
+
+    def _refusal(self, job: _Job, kind: str, event: Mapping[str, Any]) -> None:
+        """An update the aggregator did not apply: counted and listed with its reason."""
+        job.refused[kind] = job.refused.get(kind, 0) + 1
+        ts = event.get("ts")
+        topic = _text(event.get("topic"))
+        # An undecodable message names no sender: its topic's last level does (the
+        # envelope's ``agent`` is then the aggregator's host).
+        agent = topic.rsplit("/", 1)[-1] if topic else _text(event.get("agent"))
+        job.recent_refusals.append(
+            {
+                "ts": ts if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None,
+                "kind": kind,
+                "agent": agent,
+                "update": _text(event.get("update")),
+                "topic": topic,
+                "reason": _text(event.get("reason")),
+            }
+        )
+        self._announce(job)
 
     async def _model_version(
         self, job: _Job, event: Mapping[str, Any], *, check_stop: bool = True
@@ -866,6 +930,21 @@ class Dispatcher:
             record.updates_applied = max(record.updates_applied, updates)
         record.metrics = {**record.metrics, **metrics}
         record.updated_at = self.clock()
+        point = history_point(version, record.updated_at, record.updates_applied, metrics)
+        if job.history and job.history[-1]["version"] == version:
+            job.history[-1] = {**job.history[-1], **point}  # e.g. the completed event
+        else:
+            job.history.append(point)
+        stragglers = event.get("stragglers")
+        if isinstance(stragglers, list):
+            job.stragglers = [_text(a) for a in stragglers if isinstance(a, str)][:1000]
+        counters = event.get("counters")
+        if isinstance(counters, dict):
+            job.counters = {
+                str(k)[:64]: v
+                for k, v in counters.items()
+                if isinstance(v, int) and not isinstance(v, bool)
+            }
         if record.phase == "dispatching" and record.started_at is None:
             record.started_at = record.updated_at
         await self.store.save(
@@ -938,6 +1017,42 @@ def _count(states: Iterable[str]) -> dict[str, int]:
     for state in states:
         out[state] = out.get(state, 0) + 1
     return out
+
+
+def history_point(
+    version: int, ts: float, updates_applied: int, metrics: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One model version in a job's ``history``: when, how many updates, accuracy and loss."""
+    point: dict[str, Any] = {
+        "version": version,
+        "ts": round(ts, 3),
+        "updates_applied": updates_applied,
+    }
+    for name in ("accuracy", "loss", "train_loss"):
+        value = metrics.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            point[name] = round(float(value), 6)
+    return point
+
+
+def history_summary(points: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """A job's accuracy and loss history, small enough for a retained document: the best and
+    latest values and at most :data:`HISTORY_POINTS` points spread evenly over the versions."""
+    with_accuracy = [p for p in points if "accuracy" in p]
+    with_loss = [p for p in points if "loss" in p]
+    best = max(with_accuracy, key=lambda p: (p["accuracy"], -p["version"]), default=None)
+    lowest = min(with_loss, key=lambda p: (p["loss"], p["version"]), default=None)
+    count = len(points)
+    if count > HISTORY_POINTS:
+        step = (len(points) - 1) / (HISTORY_POINTS - 1)
+        points = [points[round(i * step)] for i in range(HISTORY_POINTS)]
+    return {
+        "versions": count,
+        "best_accuracy": None if best is None else best["accuracy"],
+        "best_accuracy_version": None if best is None else best["version"],
+        "lowest_loss": None if lowest is None else lowest["loss"],
+        "points": [dict(p) for p in points],
+    }
 
 
 def stop_reason(spec: JobSpec, record: JobRecord) -> str:

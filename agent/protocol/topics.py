@@ -93,6 +93,17 @@ class Topics:
         """JSON metric events from every role of the job, QoS 0."""
         return self.job(job, "metrics")
 
+    def job_progress(self, job: str, agent: str) -> str:
+        """Retained JSON: how each of ``agent``'s roles in ``job`` is doing right now (state,
+        updates sent, model version, ...), written by that agent; one topic per agent so ACLs
+        can pin writers."""
+        return self.job(job, "agents", check_segment(agent, "agent id"), "progress")
+
+    def all_job_progress(self, job: str = "+") -> str:
+        """Filter for every agent's progress in ``job`` (every job by default)."""
+        head = f"{self.prefix}/jobs/+" if job == "+" else self.job(job)
+        return f"{head}/agents/+/progress"
+
     # coordinator RPC ---------------------------------------------------------------------------
     def rpc_requests(self) -> str:
         """Where the CLI sends requests to the coordinator."""

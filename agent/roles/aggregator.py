@@ -36,6 +36,7 @@ from agent.learning.optimizers import ServerOptimizer, make_server_optimizer
 from agent.learning.plan import TrainingPlan
 from agent.learning.selection import OortSelector, RandomSelector
 from agent.learning.staleness import make_staleness
+from agent.learning.stragglers import StragglerTracker
 from agent.protocol import (
     ModelRequest,
     ModelUpdate,
@@ -66,6 +67,8 @@ class Aggregator(Role):
         self.plan = TrainingPlan.from_config(ctx.bundle.config)
         self.checkpoints = Checkpoints(ctx.state_dir / "checkpoints")
         self.trainers: set[str] = set()
+        self.tracker = StragglerTracker()
+        """Arrival statistics per trainer (not checkpointed: they describe this run)."""
         self.history: list[dict[str, Any]] = []
         self.started_at = time.time()
         self.selector: RandomSelector | OortSelector = (
@@ -110,6 +113,7 @@ class Aggregator(Role):
             if resumed is None:
                 await self._evaluate_and_record(metrics={})
             await self._open_round_if_ready()
+            self._progress()
             await self._publish()
             await self._serve(updates)
         finally:
@@ -205,11 +209,13 @@ class Aggregator(Role):
                     round=result.round,
                     missing=sorted(result.missing),
                 )
+                self.tracker.missed(result.missing)
                 await self._new_version(result.metrics)
 
     async def _on_request(self, request: ModelRequest) -> None:
         joined = request.agent not in self.trainers
         self.trainers.add(request.agent)
+        self.tracker.seen(request.agent)
         no_round = isinstance(self.algo, SyncFedAvg) and self.algo.current_round is None
         if no_round and await self._open_round_if_ready(publish=True):
             return
@@ -219,6 +225,7 @@ class Aggregator(Role):
     async def _on_update(self, update: ModelUpdate) -> None:
         self.trainers.add(update.agent)
         algo = self.algo
+        staleness = algo.version - update.base_version
         # A sync round also checks the sender: it must be sampled and report once.
         offer: Callable[..., Outcome] = (
             functools.partial(algo.offer, client=update.agent)
@@ -233,6 +240,10 @@ class Aggregator(Role):
             update.num_samples,
             update.metrics,
         )
+        self.tracker.update(
+            update.agent, applied=outcome.status is Status.APPLIED, staleness=staleness
+        )
+        self._progress()
         if outcome.status is not Status.APPLIED:
             log.info(
                 "update_not_applied",
@@ -287,6 +298,7 @@ class Aggregator(Role):
         chosen = self.selector.select(sorted(self.trainers), count)
         algo.start_round(chosen)
         self._round_opened = time.monotonic()
+        self._progress()
         if publish:
             await self._publish()
         return True
@@ -312,6 +324,7 @@ class Aggregator(Role):
             "elapsed": round(time.time() - self.started_at, 3),
             "counters": counters,
             "trainers": len(self.trainers),
+            "stragglers": self.tracker.stragglers(),
         }
         if result is not None:
             event["loss"] = result.loss
@@ -328,6 +341,7 @@ class Aggregator(Role):
         )
         await self._checkpoint()
         await self.ctx.report(event)
+        self._progress()
         log.info(
             "model_version",
             job=self.ctx.bundle.job,
@@ -345,6 +359,33 @@ class Aggregator(Role):
         }
         await self.ctx.run_cpu(self.checkpoints.save, self.algo.version, state, meta)
         self._unsaved = False
+
+    def _progress(self) -> None:
+        """This role's entry in the retained ``jobs/<job>/agents/<agent>/progress``."""
+        algo = self.algo
+        fields: dict[str, Any] = {
+            "state": "aggregating",
+            "mode": self.plan.mode,
+            "model_version": algo.version,
+            "counters": algo.counters.as_dict(),
+            "trainers": self.tracker.snapshot(),
+            "stragglers": self.tracker.stragglers(),
+        }
+        if isinstance(algo, SyncFedAvg):
+            current = algo.current_round
+            fields["round"] = None
+            if current is not None:
+                fields["round"] = {
+                    "number": current.number,
+                    "participants": sorted(current.participants),
+                    "reported": sorted(current.reported),
+                }
+        else:
+            fields["buffer"] = {"pending": algo.pending, "size": algo.buffer_size}
+        if self._eval_result is not None:
+            fields["loss"] = self._eval_result.loss
+            fields["accuracy"] = self._eval_result.accuracy
+        self.ctx.progress(fields)
 
     def _stop_reason(self) -> str | None:
         accuracy = self._eval_result.accuracy if self._eval_result is not None else None

@@ -61,6 +61,10 @@ class RoleContext:
     report: Callable[[Mapping[str, Any]], Awaitable[None]]
     """Publish a progress/metrics event for this role (JSON on the job's metrics topic)."""
     extras: dict[str, Any] = field(default_factory=dict)
+    progress: Callable[[Mapping[str, Any]], None] = lambda _fields: None
+    """``ctx.progress({"state": "training", ...})``: merge these fields into this role's entry
+    of the retained ``jobs/<job>/agents/<agent>/progress`` document (published at most once per
+    second; the runtime adds ``since`` and the end state)."""
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and keep trying until the broker takes it: a role outlives a

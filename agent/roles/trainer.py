@@ -84,6 +84,16 @@ class Trainer(Role):
         follower = asyncio.create_task(self._follow(models), name=f"{bundle.job}-models")
         state_path = ctx.state_dir / "feddyn_state.tensors"
         correction = self._load_state(state_path)
+        ctx.progress(
+            {
+                "state": "waiting_model",
+                "dataset": name,
+                "samples": len(y),
+                "updates_sent": 0,
+                "model_version": None,
+                "last_update": None,
+            }
+        )
         try:
             await self._request_model(topic, have=-1)
             trained_on = -1
@@ -93,6 +103,7 @@ class Trainer(Role):
                     log.info("job_final_version", job=bundle.job, version=version.version)
                     return
                 trained_on = version.version
+                ctx.progress({"state": "training", "base_version": version.version})
                 start = version.tensors
                 if self.plan.feddyn_alpha and correction is None:
                     correction = initial_client_state(start)
@@ -121,10 +132,24 @@ class Trainer(Role):
                         "train_seconds": time.monotonic() - began,
                     },
                 )
+                ctx.progress({"state": "sending"})
                 await ctx.publish(topic, update.to_msgpack())
                 self.updates_sent += 1
+                ctx.progress(
+                    {
+                        "state": "waiting_ack",
+                        "updates_sent": self.updates_sent,
+                        "last_update": {
+                            "ts": round(time.time(), 3),
+                            "base_version": version.version,
+                            "loss": result.loss,
+                            "train_seconds": round(update.metrics["train_seconds"], 3),
+                        },
+                    }
+                )
                 log.debug("update_sent", job=bundle.job, base=version.version, loss=result.loss)
                 await self._wait_ack(update.id)
+                ctx.progress({"state": "waiting_model"})
         finally:
             await cancel_and_wait([follower])
             await models.close()
@@ -158,6 +183,8 @@ class Trainer(Role):
             if latest is None or decoded.version >= latest.version or decoded.final:
                 self._latest = decoded
                 self._arrived.set()
+                if latest is None or decoded.version != latest.version:
+                    self.ctx.progress({"model_version": decoded.version})
 
     async def _wait_ack(self, update_id: str) -> None:
         """At most one update in flight: wait for its receipt (or a final version)."""

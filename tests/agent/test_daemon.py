@@ -61,7 +61,18 @@ async def test_online_info_roles_then_clean_stop_and_session_survives_restart(
     assert (await next_json(roles, 10, agent="pi-kitchen"))["roles"] == {}
 
     sample = await next_json(telemetry, 10, agent="pi-kitchen")
-    assert {"cpu_percent", "load", "memory", "disk", "net", "temperature"} <= sample.keys()
+    assert {
+        "cpu_percent",
+        "load",
+        "memory",
+        "disk",
+        "net",
+        "temperature",
+        "temperature_max",
+        "updates_sent",
+    } <= sample.keys()
+    assert sample["updates_sent"] == 0
+    assert sample["temperature_max"] == max(sample["temperature"].values(), default=None)
     assert sample["roles"] == []
 
     assert await agent.stop(signal.SIGTERM) == 0

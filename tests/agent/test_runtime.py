@@ -307,3 +307,37 @@ async def test_stop_cancels_running_roles(rig: Rig) -> None:
     await runtime.stop()
     record = runtime.records["j4/trainer"]
     assert (record.state, record.reason) == ("cancelled", "agent stopping")
+
+
+class Progresses(Role):
+    kind: ClassVar[str] = "trainer"
+    release: ClassVar[asyncio.Event]
+
+    async def run(self) -> None:
+        self.ctx.progress({"state": "training", "updates_sent": 1, "model_version": 3})
+        self.ctx.progress({"updates_sent": 2})
+        await type(self).release.wait()
+
+
+async def test_role_progress_is_retained_per_job_and_agent(rig: Rig) -> None:
+    Progresses.release = asyncio.Event()
+    topic = rig.topics.job_progress("j1", AGENT)
+    progress = await rig.coordinator.subscribe(topic)
+    runtime = await rig.runtime({"trainer": Progresses})
+    await rig.assign(rig.bundle())
+    while True:
+        document = await next_json(progress, 10, agent=AGENT)
+        entry = document["roles"].get("trainer", {})
+        if entry.get("updates_sent") == 2:
+            break
+    assert document["job"] == "j1"
+    assert entry["state"] == "training"
+    assert entry["model_version"] == 3
+    assert isinstance(entry["since"], float)
+    assert runtime.updates_sent == 2
+    Progresses.release.set()
+    while entry.get("state") != "finished":
+        entry = (await next_json(progress, 10, agent=AGENT))["roles"]["trainer"]
+    # A late subscriber (another client) gets the last document at once: it is retained.
+    late = await rig.agent.subscribe(topic)
+    assert (await next_json(late, 5, agent=AGENT))["roles"]["trainer"]["state"] == "finished"

@@ -334,3 +334,81 @@ async def test_a_crashed_coordinator_resumes(
             assert agents[name].idle()
     finally:
         await second.stop()
+
+
+async def test_job_state_summarises_history_stragglers_and_refusals(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300, "b": 200})
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    job_id = job.record.id
+    for name in ("gw", "a", "b"):
+        await agents[name].accept(core.key)
+    await eventually(lambda: job.record.phase == "running", what="running")
+    metrics = topics.job_metrics(job_id)
+    counters = {"received": 9, "applied": 6, "stale_dropped": 2, "rejected": 1, "versions": 2}
+    for version, accuracy in ((0, 0.1), (1, 0.6), (2, 0.4)):
+        event = {
+            "event": "model_version",
+            "version": version,
+            "updates_applied": 3 * version,
+            "accuracy": accuracy,
+            "loss": 2.0 - version,
+            "counters": counters,
+            "stragglers": ["b"] if version == 2 else [],
+        }
+        await agents_transport.publish(metrics, json.dumps(event))
+    refusals = [
+        {"event": "update_stale", "agent": "b", "update": "u1", "reason": "staleness 9 > 8"},
+        {"event": "update_rejected", "agent": "gw", "topic": f"{topics.prefix}/x/b", "reason": "r"},
+        {"event": "update_duplicate", "agent": "a", "update": "u2", "reason": "seen"},
+        {"event": "update_stale", "agent": "b", "update": "u3", "reason": "staleness 10 > 8"},
+    ]
+    for refusal in refusals:
+        await agents_transport.publish(metrics, json.dumps(refusal))
+    await eventually(lambda: len(job.recent_refusals) == 4, what="refusals folded")
+    state = await retained_state(agents_transport, topics, job_id, "running")
+    while state["rejected"]["count"] < 4 or state["model_version"] < 2:
+        state = await retained_state(agents_transport, topics, job_id, "running")
+    assert state["participants"] == ["a", "b"]
+    assert state["stragglers"] == ["b"]
+    assert state["counters"] == counters
+    assert state["rejected"]["by_kind"] == {"stale": 2, "rejected": 1, "duplicate": 1}
+    recent = state["rejected"]["recent"]
+    assert [(r["kind"], r["agent"], r["reason"]) for r in recent] == [
+        ("stale", "b", "staleness 9 > 8"),
+        ("rejected", "b", "r"),  # the writer of the topic, not the aggregator's host
+        ("duplicate", "a", "seen"),
+        ("stale", "b", "staleness 10 > 8"),
+    ]
+    history = state["history"]
+    assert history["versions"] == 3
+    assert history["best_accuracy"] == 0.6
+    assert history["best_accuracy_version"] == 1
+    assert history["lowest_loss"] == 0.0
+    assert [(p["version"], p["accuracy"]) for p in history["points"]] == [
+        (0, 0.1),
+        (1, 0.6),
+        (2, 0.4),
+    ]
+
+
+def test_history_summary_keeps_first_last_and_evenly_spread_points() -> None:
+    from coordinator.dispatcher import HISTORY_POINTS, history_point, history_summary
+
+    points = [history_point(v, 1000.0 + v, v, {"accuracy": v / 500}) for v in range(501)]
+    summary = history_summary(points)
+    versions = [p["version"] for p in summary["points"]]
+    assert len(versions) == HISTORY_POINTS
+    assert versions[0] == 0
+    assert versions[-1] == 500
+    assert versions == sorted(set(versions))
+    assert summary["versions"] == 501
+    assert summary["best_accuracy"] == 1.0
+    assert history_summary([]) == {
+        "versions": 0,
+        "best_accuracy": None,
+        "best_accuracy_version": None,
+        "lowest_loss": None,
+        "points": [],
+    }

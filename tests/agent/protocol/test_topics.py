@@ -21,6 +21,9 @@ def test_design_topics_under_the_default_prefix() -> None:
     assert t.job_updates("j", "pi-1") == "ember/v1/jobs/j/updates/pi-1"
     assert t.all_job_updates("j") == "ember/v1/jobs/j/updates/+"
     assert t.job_metrics("j") == "ember/v1/jobs/j/metrics"
+    assert t.job_progress("j", "pi-1") == "ember/v1/jobs/j/agents/pi-1/progress"
+    assert t.all_job_progress("j") == "ember/v1/jobs/j/agents/+/progress"
+    assert t.all_job_progress() == "ember/v1/jobs/+/agents/+/progress"
     assert t.rpc_requests() == "ember/v1/coordinator/rpc/requests"
     assert t.rpc_replies("cli-7") == "ember/v1/coordinator/rpc/replies/cli-7"
 

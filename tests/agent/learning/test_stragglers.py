@@ -1,0 +1,65 @@
+"""Naming stragglers from arrival times, with a clock the test drives."""
+
+from __future__ import annotations
+
+from agent.learning.stragglers import StragglerTracker
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_trainer_ten_times_slower_is_a_straggler() -> None:
+    clock = Clock()
+    tracker = StragglerTracker(clock=clock)
+    for agent in ("fast-1", "fast-2", "slow"):
+        tracker.seen(agent)
+    for second in range(1, 21):
+        clock.now = 1000.0 + second
+        tracker.update("fast-1", applied=True, staleness=0)
+        tracker.update("fast-2", applied=True, staleness=1)
+        if second % 10 == 0:
+            tracker.update("slow", applied=False, staleness=9)
+    assert tracker.stragglers() == ["slow"]
+    stats = tracker.snapshot()
+    assert stats["slow"]["received"] == 2
+    assert stats["slow"]["dropped"] == 2
+    assert stats["slow"]["last_staleness"] == 9
+    assert stats["slow"]["seconds_per_update"] == 10.0
+    assert stats["fast-1"]["seconds_per_update"] == 1.0
+
+
+def test_a_silent_trainer_drifts_into_the_list_and_a_lone_one_never_does() -> None:
+    clock = Clock()
+    tracker = StragglerTracker(clock=clock)
+    tracker.seen("a")
+    clock.now += 100
+    assert tracker.stragglers() == []  # nobody to compare with
+    for agent in ("b", "c"):
+        tracker.seen(agent)
+    tracker.seen("a")  # seeing it again changes nothing
+    for _ in range(5):
+        clock.now += 1
+        for agent in ("a", "b", "c"):
+            tracker.update(agent, applied=True, staleness=0)
+    assert tracker.stragglers() == ["a"]  # 105 s for 5 updates against 1 s each
+    for _ in range(30):
+        clock.now += 1
+        for agent in ("a", "b"):
+            tracker.update(agent, applied=True, staleness=0)
+    assert tracker.stragglers() == ["c"]  # c went quiet for 30 s: 7 s per update now
+
+
+def test_missing_a_round_deadline_counts_until_the_next_update() -> None:
+    clock = Clock()
+    tracker = StragglerTracker(clock=clock)
+    tracker.seen("a")
+    tracker.seen("b")
+    tracker.missed(["b"])
+    assert tracker.stragglers() == ["b"]
+    tracker.update("b", applied=True, staleness=0)
+    assert tracker.stragglers() == []
