@@ -104,6 +104,10 @@ class Topics:
         head = f"{self.prefix}/jobs/+" if job == "+" else self.job(job)
         return f"{head}/agents/+/progress"
 
+    def all_jobs(self, leaf: str) -> str:
+        """Filter for one leaf of every job (``state``, ``metrics``)."""
+        return f"{self.prefix}/jobs/+/{leaf}"
+
     # coordinator RPC ---------------------------------------------------------------------------
     def rpc_requests(self) -> str:
         """Where the CLI sends requests to the coordinator."""

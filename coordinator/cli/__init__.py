@@ -1,4 +1,4 @@
-"""``ember``: the operator's command line (jobs, agents, keys, broker, demo)."""
+"""``ember``: the operator's command line (jobs, agents, keys, broker, demo, top, dashboard)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from coordinator.cli.demo import demo
 from coordinator.cli.jobs import jobs
 from coordinator.cli.keys import keys
 from coordinator.cli.serve import serve
+from coordinator.cli.top import top
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -29,6 +30,7 @@ cli.add_command(keys)
 cli.add_command(jobs)
 cli.add_command(agents)
 cli.add_command(demo)
+cli.add_command(top)
 
 
 def main() -> None:
