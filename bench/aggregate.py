@@ -1,0 +1,201 @@
+"""The aggregator's ingest: updates per second it takes in, against the broker's ceiling.
+
+Ember's real aggregator role (FedBuff) runs in this process on a mosquitto of the benchmark's
+own; 8 to 64 simulated trainers in a child process (``bench.flood``, one Ember transport each)
+send real model updates of 10 K, 1 M and 11 M float32 parameters as fast as the protocol lets
+them: each sends its next update once the aggregator's receipt for the previous one arrives.
+Ingest is the aggregator's ``received`` counter (decoded, validated, staleness-weighted into the
+buffer, checkpointed before the receipt) over a window after a warm-up.
+
+The buffer size K is set above what the window can fill, so no model version is made during
+it: ingest is the receive path alone. The cost of a version (server optimizer, encode, publish
+to every trainer) is what :mod:`bench.latency` measures. The ratio compares the ingest in MB/s
+with :mod:`bench.ceiling`'s delivered MB/s for the payload size closest to the update's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.logs import configure_logging
+from agent.protocol import Topics
+from agent.roles.aggregator import Aggregator
+from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
+from bench.harness import Host, bundle
+from bench.models import mlp, tensor_layout
+
+MB = 1e6
+MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
+TRAINERS = (8, 64)
+
+
+def job_config(buffer_size: int) -> dict[str, Any]:
+    return {
+        "name": "ingest",
+        "algorithm": {
+            "mode": "async",
+            "buffer_size": buffer_size,
+            "concurrency": 64,
+            "server_optimizer": {"name": "fedavg", "lr": 1.0},
+        },
+        "stop": {},
+    }
+
+
+async def measure(
+    url: str, root: Path, label: str, parameters: int, trainers: int, warmup: float, window: float
+) -> dict[str, Any]:
+    model = await asyncio.to_thread(mlp, parameters)
+    job = f"ingest-{label}-{trainers}-{secrets.token_hex(2)}"
+    topics = Topics(f"bench/{secrets.token_hex(3)}")
+    host = Host(url, topics, root / job)
+    agg_bundle = bundle(job, "aggregator", job_config(buffer_size=1 << 30), model)
+    aggregator = Aggregator(await host.context("aggregator", agg_bundle))
+    task = asyncio.create_task(aggregator.run())
+    try:
+        # The first version's event: subscribed to the updates, algorithm ready.
+        await asyncio.wait_for(host.changed.wait(), 60)
+        config = {
+            "mode": "trainers",
+            "url": url,
+            "prefix": topics.prefix,
+            "job": job,
+            "agent_prefix": "trainer-",
+            "tensors": tensor_layout(model),
+            "publishers": trainers,
+            "seconds": warmup + window + 1.0,
+            "ack_timeout": 30.0,
+        }
+        async with Flood(config) as flood:
+            flood.go()
+            await asyncio.sleep(warmup)
+            first = aggregator.algo.counters.received
+            started = time.perf_counter()
+            await asyncio.sleep(window)
+            received = aggregator.algo.counters.received - first
+            elapsed = time.perf_counter() - started
+            sent = await flood.result()
+        counters = aggregator.algo.counters.as_dict()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await host.close()
+    update_bytes = sent["bytes"] / max(1, sent["messages"])
+    key = f"{label}_{trainers}"
+    return {
+        f"{key}_updates_s": received / elapsed,
+        f"{key}_mb_s": received * update_bytes / elapsed / MB,
+        f"{key}_update_bytes": round(update_bytes),
+        f"{key}_unacknowledged": sent["unacknowledged"],
+        f"{key}_applied": counters["applied"],
+        f"{key}_rejected": counters["rejected"],
+    }
+
+
+async def run() -> dict[str, Any]:
+    models = scaled(MODELS, {"10k": 10_000})
+    trainer_counts = scaled(TRAINERS, (2,))
+    warmup, window = scaled((2.0, 8.0), (0.5, 1.0))
+    figures: dict[str, Any] = {
+        "models": {label: mlp_parameters(p) for label, p in models.items()},
+        "trainer_counts": list(trainer_counts),
+        "window_s": window,
+    }
+    with tempfile.TemporaryDirectory(prefix="ember-ingest-") as tmp:
+        broker = bench_broker(Path(tmp) / "broker")
+        try:
+            for label, parameters in models.items():
+                for trainers in trainer_counts:
+                    figures.update(
+                        await measure(
+                            broker.url, Path(tmp), label, parameters, trainers, warmup, window
+                        )
+                    )
+        finally:
+            broker.stop()
+    return with_ceiling(figures)
+
+
+def mlp_parameters(parameters: int) -> int:
+    from bench.models import hidden_for
+
+    return 75 * hidden_for(parameters) + 10
+
+
+def with_ceiling(figures: dict[str, Any]) -> dict[str, Any]:
+    """Add the ratio to the broker's ceiling (from ``ceiling.json``) for every measurement."""
+    from bench.ceiling import ceiling_for
+
+    ceiling = read_results("ceiling")
+    if ceiling is None:
+        return figures
+    for label in figures["models"]:
+        for trainers in figures["trainer_counts"]:
+            key = f"{label}_{trainers}"
+            found = ceiling_for(ceiling, figures[f"{key}_update_bytes"])
+            if found is not None:
+                figures[f"{key}_ceiling_mb_s"] = found[1]
+                figures[f"{key}_vs_ceiling"] = figures[f"{key}_mb_s"] / found[1]
+    return figures
+
+
+def main() -> None:
+    configure_logging("warning")
+    figures = asyncio.run(run())
+    rows = []
+    for label in figures["models"]:
+        for trainers in figures["trainer_counts"]:
+            key = f"{label}_{trainers}"
+            ratio = figures.get(f"{key}_vs_ceiling")
+            rows.append(
+                [
+                    label,
+                    trainers,
+                    figures[f"{key}_updates_s"],
+                    figures[f"{key}_mb_s"],
+                    figures.get(f"{key}_ceiling_mb_s", "n/a"),
+                    "n/a" if ratio is None else f"{ratio:.2f}",
+                    figures[f"{key}_unacknowledged"],
+                ]
+            )
+    show(
+        "aggregator ingest (FedBuff, no version in the window)",
+        ["model", "trainers", "updates/s", "MB/s", "ceiling MB/s", "vs ceiling", "unacked"],
+        rows,
+    )
+    print(f"wrote {write_results('aggregate', figures)}")
+
+
+def summary(figures: dict[str, Any]) -> list[str]:
+    lines = [
+        "Ember's aggregator role (FedBuff) in one process; simulated trainers in another send "
+        "real updates, each waiting for the aggregator's receipt before the next. "
+        f"Window {figures['window_s']:g} s after a warm-up. Bar: ≥ 0.80 of the ceiling for "
+        "1M and 11M.",
+        "",
+        "| model | parameters | trainers | updates/s | MB/s | ceiling MB/s | vs ceiling | "
+        "unacknowledged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, parameters in figures["models"].items():
+        for trainers in figures["trainer_counts"]:
+            key = f"{label}_{trainers}"
+            ratio = figures.get(f"{key}_vs_ceiling")
+            ceiling = figures.get(f"{key}_ceiling_mb_s")
+            lines.append(
+                f"| {label} | {parameters:,} | {trainers} | {figures[f'{key}_updates_s']:,.1f} | "
+                f"{figures[f'{key}_mb_s']:,.1f} | "
+                f"{'n/a' if ceiling is None else f'{ceiling:,.1f}'} | "
+                f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
+                f"{figures[f'{key}_unacknowledged']} |"
+            )
+    return lines
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The broker's ceiling: how much mosquitto on loopback moves with the client library Ember uses.
+
+Publishers in a child process (``bench.flood``, aiomqtt, QoS 1, one message in flight each,
+payloads sent whole) flood one topic tree; one aiomqtt subscriber in this process receives.
+Throughput is what the subscriber receives per second in the window after a warm-up: a broker
+can accept faster than anyone can read, so only delivered bytes count. Payloads: 1 KB, 1 MB,
+44 MB (an 11 M-parameter float32 update) and the other update sizes :mod:`bench.aggregate`
+sends, so every ingest figure has the ceiling of its own payload size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+
+from agent.logs import configure_logging
+from bench.common import Flood, bench_broker, scaled, show, write_results
+
+MB = 1e6
+PAYLOADS = {"1kb": 1_000, "1mb": 1_000_000, "44mb": 44_000_000}
+PUBLISHERS = 8
+
+
+def model_payloads() -> dict[str, int]:
+    """The update sizes of :mod:`bench.aggregate`'s models (float32, with a little framing)."""
+    from bench.aggregate import MODELS
+
+    return {f"update_{label}": 4 * parameters + 600 for label, parameters in MODELS.items()}
+
+
+async def measure(host: str, port: int, label: str, size: int, seconds: float) -> dict[str, Any]:
+    warmup = min(1.0, seconds / 4)
+    arrivals: list[tuple[float, int]] = []
+    topic = f"bench/ceiling/{label}"
+    async with aiomqtt.Client(host, port, timeout=600, max_queued_incoming_messages=0) as rx:
+        await rx.subscribe(f"{topic}/#", qos=1)
+        config = {
+            "mode": "raw",
+            "host": host,
+            "port": port,
+            "topic": topic,
+            "payload_bytes": size,
+            "publishers": PUBLISHERS,
+            "seconds": seconds,
+        }
+        async with Flood(config) as flood:
+            flood.go()
+            started = time.perf_counter()
+            end = started + seconds
+
+            async def receive() -> None:
+                async for message in rx.messages:
+                    now = time.perf_counter()
+                    arrivals.append((now, len(message.payload)))  # type: ignore[arg-type]
+                    if now >= end:
+                        return
+
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(receive(), seconds + 120)
+            sent = await flood.result()
+    window = [(t, n) for t, n in arrivals if started + warmup <= t <= end]
+    span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+    messages = len(window) - 1 if len(window) > 1 else 0
+    received_bytes = sum(n for _, n in window[1:])
+    return {
+        f"{label}_payload_bytes": size,
+        f"{label}_msgs_s": messages / span if span else 0.0,
+        f"{label}_mb_s": received_bytes / span / MB if span else 0.0,
+        f"{label}_published": sent["messages"],
+        f"{label}_received": len(arrivals),
+    }
+
+
+async def run() -> dict[str, Any]:
+    seconds = scaled(8.0, 1.5)
+    payloads = {**PAYLOADS, **model_payloads()}
+    if scaled(False, True):
+        payloads = {k: min(v, 2_000_000) for k, v in payloads.items()}
+    figures: dict[str, Any] = {"publishers": PUBLISHERS, "seconds": seconds}
+    with tempfile.TemporaryDirectory(prefix="ember-ceiling-") as tmp:
+        broker = bench_broker(Path(tmp))
+        try:
+            for label, size in payloads.items():
+                figures.update(await measure(broker.host, broker.port, label, size, seconds))
+        finally:
+            broker.stop()
+    figures["labels"] = list(payloads)
+    return figures
+
+
+def ceiling_for(figures: dict[str, Any], payload_bytes: int) -> tuple[float, float] | None:
+    """(msgs/s, MB/s) of the measured payload closest in size to ``payload_bytes``."""
+    labels = figures.get("labels", [])
+    if not labels:
+        return None
+    best = min(labels, key=lambda k: abs(figures[f"{k}_payload_bytes"] - payload_bytes))
+    return figures[f"{best}_msgs_s"], figures[f"{best}_mb_s"]
+
+
+def main() -> None:
+    configure_logging("warning")
+    figures = asyncio.run(run())
+    rows = [
+        [
+            label,
+            figures[f"{label}_payload_bytes"],
+            figures[f"{label}_msgs_s"],
+            figures[f"{label}_mb_s"],
+        ]
+        for label in figures["labels"]
+    ]
+    show(
+        f"broker ceiling: mosquitto on loopback, aiomqtt, {PUBLISHERS} publishers → 1 subscriber",
+        ["payload", "bytes", "msgs/s", "MB/s"],
+        rows,
+    )
+    print(f"wrote {write_results('ceiling', figures)}")
+
+
+def summary(figures: dict[str, Any]) -> list[str]:
+    lines = [
+        f"mosquitto on loopback, aiomqtt (Ember's client library), {figures['publishers']} "
+        "publishers at QoS 1 → one subscriber; delivered messages per second after a warm-up.",
+        "",
+        "| payload | bytes | msgs/s | MB/s |",
+        "|---|---:|---:|---:|",
+    ]
+    for label in figures["labels"]:
+        lines.append(
+            f"| {label} | {figures[f'{label}_payload_bytes']:,} | "
+            f"{figures[f'{label}_msgs_s']:,.1f} | {figures[f'{label}_mb_s']:,.1f} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()

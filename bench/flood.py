@@ -1,0 +1,192 @@
+"""A load generator in its own process: many MQTT publishers sending as fast as they can.
+
+``python -m bench.flood CONFIG_JSON`` connects every publisher, prints ``ready``, waits for a
+line on stdin, publishes for ``seconds``, then prints one JSON line of what it sent. Running
+apart from the receiver keeps the publishers' CPU out of the process being measured.
+
+* ``raw``: one aiomqtt client per publisher, the same payload again and again at QoS 1, the
+  next publish as soon as the broker acknowledges the previous one (the broker's ceiling).
+* ``trainers``: simulated Ember trainers, one Ember transport each, sending real
+  :class:`~agent.protocol.ModelUpdate` messages (chunked like a trainer's) and, as a trainer
+  does, the next one once the aggregator's receipt for the previous one has arrived (FedBuff's
+  flow control). No training: the delta is random and made once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from agent.logs import configure_logging
+from agent.protocol import ModelUpdate, Topics, UpdateAck, decode_message
+from agent.protocol.errors import ProtocolError
+from agent.transport import BrokerConfig, Transport
+
+
+async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
+    import aiomqtt
+
+    payload = secrets.token_bytes(int(config["payload_bytes"]))
+    host, port = config["host"], int(config["port"])
+    sent = [0] * int(config["publishers"])
+    stop = asyncio.Event()
+
+    async def publisher(index: int, client: aiomqtt.Client) -> None:
+        await go.wait()
+        topic = f"{config['topic']}/{index}"
+        while not stop.is_set():
+            await client.publish(topic, payload, qos=1, timeout=600)
+            sent[index] += 1
+
+    clients = [
+        aiomqtt.Client(host, port, timeout=600, max_inflight_messages=1000)
+        for _ in range(int(config["publishers"]))
+    ]
+    for client in clients:
+        await client.__aenter__()
+    try:
+        tasks = [asyncio.create_task(publisher(i, c)) for i, c in enumerate(clients)]
+        print("ready", flush=True)
+        await go.wait()
+        await asyncio.sleep(float(config["seconds"]))
+        stop.set()
+        await asyncio.wait(tasks, timeout=120)
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
+    return {"messages": sum(sent), "bytes": sum(sent) * len(payload)}
+
+
+class SimulatedTrainer:
+    """One trainer identity: its own transport, its updates topic, receipts on the model topic."""
+
+    def __init__(self, agent: str, config: dict[str, Any], delta: dict[str, np.ndarray]) -> None:
+        self.agent = agent
+        self.job = str(config["job"])
+        self.topics = Topics(str(config["prefix"]))
+        self.transport = Transport(
+            BrokerConfig(urls=(str(config["url"]),), backoff_initial=0.05), name=agent
+        )
+        self.template_id = secrets.token_hex(16)
+        self.template = ModelUpdate(
+            id=self.template_id,
+            job=self.job,
+            agent=agent,
+            base_version=0,
+            num_samples=100,
+            tensors=delta,
+        ).to_msgpack()
+        self.acked: str | None = None
+        self.ack = asyncio.Event()
+        self.version = 0
+        self.sent = 0
+        self.bytes = 0
+        self.unacknowledged = 0
+
+    async def start(self) -> None:
+        self.transport.start()
+        await self.transport.wait_connected(30)
+        self.models = await self.transport.subscribe(self.topics.job_model(self.job))
+        self.follower = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        async for message in self.models:
+            try:
+                decoded = decode_message(message.payload, expect=UpdateAck)
+            except ProtocolError:
+                continue  # a model version: not what this flood waits for
+            if isinstance(decoded, UpdateAck) and self.agent in decoded.acks:
+                self.acked = decoded.acks[self.agent]
+                self.version = decoded.version
+                self.ack.set()
+
+    async def run(self, go: asyncio.Event, stop: asyncio.Event, ack_timeout: float) -> None:
+        await go.wait()
+        topic = self.topics.job_updates(self.job, self.agent)
+        while not stop.is_set():
+            update_id = secrets.token_hex(16)
+            payload = self.template.replace(self.template_id.encode(), update_id.encode(), 1)
+            self.ack.clear()
+            await self.transport.publish(topic, payload, timeout=600)
+            self.sent += 1
+            self.bytes += len(payload)
+            deadline = time.monotonic() + ack_timeout
+            while self.acked != update_id and time.monotonic() < deadline:
+                self.ack.clear()
+                try:
+                    await asyncio.wait_for(self.ack.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+            if self.acked != update_id:
+                self.unacknowledged += 1
+
+    async def close(self) -> None:
+        self.follower.cancel()
+        await self.transport.close()
+
+
+async def trainers(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    delta = {
+        name: (rng.standard_normal(shape, dtype=np.float32) * 1e-3)
+        for name, shape in config["tensors"]
+    }
+    simulated = [
+        SimulatedTrainer(f"{config['agent_prefix']}{i}", config, delta)
+        for i in range(int(config["publishers"]))
+    ]
+    await asyncio.gather(*(t.start() for t in simulated))
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(t.run(go, stop, float(config.get("ack_timeout", 30))))
+        for t in simulated
+    ]
+    print("ready", flush=True)
+    await go.wait()
+    await asyncio.sleep(float(config["seconds"]))
+    stop.set()
+    await asyncio.wait(tasks, timeout=300)
+    for task in tasks:
+        if task.done() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+    result = {
+        "messages": sum(t.sent for t in simulated),
+        "bytes": sum(t.bytes for t in simulated),
+        "unacknowledged": sum(t.unacknowledged for t in simulated),
+    }
+    for trainer in simulated:
+        await trainer.close()
+    return result
+
+
+async def main_async(config: dict[str, Any]) -> dict[str, Any]:
+    go = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def wait_for_go() -> None:
+        await loop.run_in_executor(None, sys.stdin.readline)
+        go.set()
+
+    waiter = asyncio.create_task(wait_for_go())
+    runner = raw if config["mode"] == "raw" else trainers
+    try:
+        return await runner(config, go)
+    finally:
+        waiter.cancel()
+
+
+def main() -> None:
+    configure_logging("warning")
+    config = json.loads(sys.argv[1])
+    result = asyncio.run(main_async(config))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

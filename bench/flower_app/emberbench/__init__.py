@@ -1,0 +1,1 @@
+"""Flower apps for Ember's benchmarks (numpy only)."""
