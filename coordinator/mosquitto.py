@@ -50,6 +50,9 @@ class MosquittoProcess:
     """Keep retained messages and sessions across restarts (in ``workdir``)."""
     extra_config: str = ""
     """Further mosquitto.conf lines (listeners, TLS, ACLs)."""
+    config_file: Path | None = None
+    """Run this existing configuration (a broker kit's) instead of writing one; set ``port``
+    to its listener's port so :meth:`start` knows when the broker is up."""
     executable: str = field(default_factory=find_mosquitto)
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -98,9 +101,9 @@ class MosquittoProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.port:
             self.port = free_port(self.host)
-        self.write_config()
+        config = self.config_file or self.write_config()
         self._process = subprocess.Popen(
-            [self.executable, "-c", str(self.config_path)],
+            [self.executable, "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )

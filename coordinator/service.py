@@ -95,8 +95,15 @@ def embedded_agent_toml(
     public_key: str,
     datasets: tuple[tuple[str, Path], ...] = (),
     protocol: str = "auto",
+    broker: BrokerConfig | None = None,
 ) -> str:
-    """The embedded agent's configuration (``agent.config``'s format)."""
+    """The embedded agent's configuration (``agent.config``'s format). It reaches the broker
+    as the coordinator does (same host, same credentials and TLS files in ``broker``)."""
+    secrets = [
+        f"{key} = {_toml_string(str(value))}"
+        for key in ("username", "password", "ca_file", "cert_file", "key_file")
+        if broker is not None and (value := getattr(broker, key))
+    ]
     tables = [
         f"[[datasets]]\nname = {_toml_string(name)}\npath = {_toml_string(str(path))}"
         for name, path in datasets
@@ -113,6 +120,7 @@ def embedded_agent_toml(
             "[broker]",
             f"url = {_toml_string(broker_url)}",
             f"protocol = {_toml_string(protocol)}",
+            *secrets,
             "[trust]",
             f"coordinator_keys = [{_toml_string(public_key)}]",
             "[zeroconf]",
@@ -322,6 +330,7 @@ class Coordinator:
             public_key=self.public_key,
             datasets=self.config.agent_datasets,
             protocol=self.config.broker.protocol,
+            broker=self.config.broker,
         )
 
         def write() -> None:

@@ -9,6 +9,7 @@ from agent.cli_options import log_level_option
 from agent.logs import configure_logging
 from coordinator.cli._common import connection_options
 from coordinator.cli.agents import agents
+from coordinator.cli.broker import broker
 from coordinator.cli.demo import demo
 from coordinator.cli.jobs import jobs
 from coordinator.cli.keys import keys
@@ -31,6 +32,7 @@ cli.add_command(jobs)
 cli.add_command(agents)
 cli.add_command(demo)
 cli.add_command(top)
+cli.add_command(broker)
 
 
 def main() -> None:

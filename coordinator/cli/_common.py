@@ -25,6 +25,13 @@ DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 BROKER_ENV = "EMBER_BROKER"
 PREFIX_ENV = "EMBER_PREFIX"
 STATE_DIR_ENV = "EMBER_STATE_DIR"
+TLS_ENV = {
+    "ca_file": "EMBER_BROKER_CA",
+    "cert_file": "EMBER_BROKER_CERT",
+    "key_file": "EMBER_BROKER_KEY",
+}
+"""TLS files for ``mqtts://`` brokers with a private CA (``ember broker config`` writes them
+into each account's broker.env)."""
 
 
 class CliError(click.ClickException):
@@ -77,6 +84,9 @@ class Connection:
             fail(f"--prefix: {exc}")
 
     def broker_config(self, **options: Any) -> BrokerConfig:
+        for key, name in TLS_ENV.items():
+            if os.environ.get(name):
+                options.setdefault(key, os.environ[name])
         try:
             return BrokerConfig(urls=(self.broker,), **options)
         except ValueError as exc:

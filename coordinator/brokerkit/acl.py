@@ -1,0 +1,101 @@
+"""Who may publish and read what: the mosquitto ACL of an Ember fleet.
+
+Each account gets its own ``user`` block (mosquitto's ``acl_file`` format); nothing is granted to
+all users by ``pattern`` except reading one's own enrolment reply topic, which is named by the
+MQTT client id (``%c``). Grants, by kind of account:
+
+* **agent** (username = agent id): write only its own ``agents/<id>/{status,info,telemetry,
+  roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests) and the job metrics
+  topics; read only its own inbox and the jobs' model topics (versions and update receipts).
+* **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
+  model topics and read every trainer's updates. An agent without the grant that is placed as
+  an aggregator has its model versions dropped by the broker, so give the grant to the agents
+  labelled ``role=aggregator`` (gateways) and no others.
+* **coordinator**: read and write everything under the prefix (it also runs the embedded agent
+  that hosts the top aggregator, under the same credential, on the same host).
+* **operator** (the ``ember`` CLI, dashboards): read everything under the prefix, write only
+  coordinator RPC requests.
+* **enrol**: the shared, low-value enrolment credential: write enrolment requests only.
+
+Agents' Will (retained ``offline`` on their status topic) needs the write grant on that topic,
+which they have; mosquitto refuses a CONNECT whose Will topic the client may not write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from agent.protocol.topics import Topics
+from coordinator.brokerkit.passwords import check_username
+
+Kind = Literal["agent", "coordinator", "operator", "enrol"]
+KINDS: tuple[Kind, ...] = ("agent", "coordinator", "operator", "enrol")
+AGENT_LEAVES = ("status", "info", "telemetry", "roles")
+"""The agent topics an agent publishes (its inbox is written by the coordinator only)."""
+ENROL_USER = "ember-enrol"
+COORDINATOR_USER = "ember-coordinator"
+
+
+def enrol_requests(topics: Topics) -> str:
+    """Where agents send enrolment requests (the coordinator listens)."""
+    return f"{topics.prefix}/enrol/requests"
+
+
+def enrol_replies(topics: Topics, client_id: str) -> str:
+    """Where the agent with MQTT client id ``client_id`` reads its enrolment reply."""
+    return f"{topics.prefix}/enrol/replies/{client_id}"
+
+
+@dataclass(frozen=True)
+class Account:
+    """One broker login."""
+
+    username: str
+    kind: Kind
+    aggregator: bool = False
+    """Agents only: may host aggregator roles (write model topics, read updates)."""
+
+    def __post_init__(self) -> None:
+        check_username(self.username)
+        if self.kind not in KINDS:
+            raise ValueError(f"account {self.username}: kind must be one of {KINDS}")
+
+    def grants(self, topics: Topics) -> list[tuple[str, str]]:
+        """``(access, topic filter)`` pairs for this account's ``user`` block."""
+        p = topics.prefix
+        if self.kind == "coordinator":
+            return [("readwrite", f"{p}/#")]
+        if self.kind == "operator":
+            return [("read", f"{p}/#"), ("write", topics.rpc_requests())]
+        if self.kind == "enrol":
+            return [("write", enrol_requests(topics))]
+        me = self.username
+        rules = [("write", topics.agent(me, leaf)) for leaf in AGENT_LEAVES]
+        rules += [
+            ("read", topics.agent_inbox(me)),
+            ("write", f"{p}/jobs/+/updates/{me}"),
+            ("write", f"{p}/jobs/+/metrics"),
+        ]
+        if self.aggregator:
+            rules += [("readwrite", f"{p}/jobs/+/model/#"), ("read", f"{p}/jobs/+/updates/+")]
+        else:
+            rules.append(("read", f"{p}/jobs/+/model/#"))
+        return rules
+
+
+def render_acl(topics: Topics, accounts: Iterable[Account]) -> str:
+    """The whole ACL file."""
+    lines = [
+        "# Written by 'ember broker config'; regenerated on every change (change kit.json).",
+        "# Anonymous clients: nothing (allow_anonymous is false as well).",
+        "",
+        "# Everyone may read the enrolment reply addressed to its own MQTT client id.",
+        f"pattern read {enrol_replies(topics, '%c')}",
+    ]
+    for account in sorted(accounts, key=lambda a: (KINDS.index(a.kind), a.username)):
+        extra = " (aggregator)" if account.aggregator else ""
+        lines += ["", f"# {account.kind}{extra}", f"user {account.username}"]
+        lines += [f"topic {access} {topic}" for access, topic in account.grants(topics)]
+    return "\n".join(lines) + "\n"

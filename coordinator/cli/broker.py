@@ -1,0 +1,136 @@
+"""``ember broker config``: a mosquitto configuration that keeps strangers out."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import click
+
+from coordinator.cli._common import PREFIX_ENV, fail, stderr
+
+
+@click.group()
+def broker() -> None:
+    """The MQTT broker's security: TLS, one login per agent, ACLs."""
+
+
+@broker.command("config")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The kit directory (created, or updated when it exists).",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A DNS name or IP address agents use for the broker (repeatable; goes into the "
+    "server certificate) [default: this host's name, localhost, 127.0.0.1].",
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="TLS port [8883].")
+@click.option("--bind", default=None, metavar="ADDRESS", help="Listen only on this address.")
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    metavar="ID",
+    help="An agent account, username = agent id (repeatable).",
+)
+@click.option(
+    "--aggregator",
+    "aggregators",
+    multiple=True,
+    metavar="ID",
+    help="An agent account that may also host aggregator roles (repeatable).",
+)
+@click.option("--operator", "operators", multiple=True, metavar="NAME", help="Repeatable.")
+@click.option(
+    "--coordinator-key",
+    default=None,
+    metavar="ed25519:...",
+    help="Written into new agents' [trust] coordinator_keys (see 'ember keys show').",
+)
+@click.option("--prefix", envvar=PREFIX_ENV, default=None, help="Topic prefix [ember/v1].")
+@click.option("--public-url", default=None, help="How agents reach the broker [mqtts://HOST:PORT].")
+@click.option(
+    "--install-dir",
+    default=None,
+    metavar="PATH",
+    help="Where the files will live on the broker host (mosquitto.conf names them) [--out].",
+)
+@click.option(
+    "--require-client-cert/--no-require-client-cert",
+    default=None,
+    help="Also demand a client certificate from the kit's CA [no].",
+)
+def config(
+    out: Path,
+    hosts: tuple[str, ...],
+    port: int | None,
+    bind: str | None,
+    agents: tuple[str, ...],
+    aggregators: tuple[str, ...],
+    operators: tuple[str, ...],
+    coordinator_key: str | None,
+    prefix: str | None,
+    public_url: str | None,
+    install_dir: str | None,
+    require_client_cert: bool | None,
+) -> None:
+    """Write (or update) a mosquitto 2.0 kit in OUT: mosquitto.conf with a TLS listener and no
+    anonymous access, a password file with one login per agent, the coordinator and each
+    operator, an ACL that lets an agent write only its own topics, a local CA with server and
+    client certificates, and the credential files each side needs (OUT/credentials/<name>/).
+
+    Existing accounts keep their passwords. Run mosquitto with `mosquitto -c OUT/mosquitto.conf`.
+    """
+    from dataclasses import replace
+
+    from coordinator.brokerkit import BrokerKit, KitError, KitSettings, Listener
+    from coordinator.brokerkit.kit import KIT_FILE
+
+    try:
+        current = BrokerKit.load(out).settings if (out / KIT_FILE).exists() else None
+        settings = current or KitSettings(hosts=_default_hosts())
+        listener = settings.listeners[0] if settings.listeners else Listener()
+        if port is not None or bind is not None:
+            listener = replace(listener, port=port or listener.port, bind=bind or listener.bind)
+        settings = replace(
+            settings,
+            hosts=tuple(dict.fromkeys(hosts)) or settings.hosts,
+            listeners=(listener, *settings.listeners[1:]),
+            prefix=prefix or settings.prefix,
+            public_url=public_url if public_url is not None else settings.public_url,
+            install_dir=install_dir if install_dir is not None else settings.install_dir,
+            require_client_cert=settings.require_client_cert
+            if require_client_cert is None
+            else require_client_cert,
+        )
+        kit = BrokerKit.open(out, settings)
+        keys = (coordinator_key,) if coordinator_key else ()
+        made: list[str] = []
+        for name in agents:
+            if kit.add_account(name, "agent", coordinator_keys=keys) is not None:
+                made.append(name)
+        for name in aggregators:
+            if kit.add_account(name, "agent", aggregator=True, coordinator_keys=keys) is not None:
+                made.append(name)
+        for name in operators:
+            if kit.add_account(name, "operator") is not None:
+                made.append(name)
+        kit.save()
+    except (KitError, ValueError, OSError) as exc:
+        fail(str(exc))
+    stderr(f"wrote {out}: mosquitto.conf, passwd, acl, CA and certificates")
+    for name in made:
+        stderr(f"  new account {name}: {kit.credentials_dir(name)}")
+    stderr(f"run: mosquitto -c {kit.install / 'mosquitto.conf'}   (reload: kill -HUP)")
+    stderr(f"coordinator: {kit.credentials_dir('ember-coordinator') / 'broker.env'}")
+
+
+def _default_hosts() -> tuple[str, ...]:
+    return tuple(dict.fromkeys([socket.gethostname(), "localhost", "127.0.0.1"]))

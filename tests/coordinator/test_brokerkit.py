@@ -1,0 +1,174 @@
+"""``ember broker config``'s kit, checked against a real mosquitto started with its files."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from agent.protocol.topics import Topics
+from agent.transport import BrokerConfig, Inbound, NotConnectedError, Subscription, Transport
+from coordinator.brokerkit.acl import Account, render_acl
+from coordinator.brokerkit.passwords import check_password, hash_password, parse_password_file
+from tests.coordinator.brokerkit_fixtures import FAST, SecuredBroker, secured
+
+__all__ = ["secured"]
+
+
+def test_password_hashes_are_mosquittos_format() -> None:
+    encoded = hash_password("s3cret", salt=b"0123456789ab")
+    assert encoded.startswith("$7$101$MDEyMzQ1Njc4OWFi$")
+    assert check_password("s3cret", encoded)
+    assert not check_password("s3cret!", encoded)
+
+
+@pytest.mark.skipif(shutil.which("mosquitto_passwd") is None, reason="no mosquitto_passwd")
+def test_a_mosquitto_passwd_entry_checks_out(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "alice", "pw"], check=True)
+    entry = parse_password_file(path.read_text())["alice"]
+    assert check_password("pw", entry)
+    assert not check_password("pW", entry)
+
+
+def test_acl_grants_agents_only_their_own_topics() -> None:
+    acl = render_acl(Topics("p"), [Account("a", "agent"), Account("g", "agent", aggregator=True)])
+    block_a = acl.split("user a\n")[1].split("\n\n")[0].splitlines()
+    assert "topic write p/jobs/+/updates/a" in block_a
+    assert "topic read p/agents/a/inbox" in block_a
+    assert not any("p/agents/+" in line or "p/#" in line for line in block_a)
+    assert not any(line.startswith("topic readwrite p/jobs/+/model") for line in block_a)
+    assert "topic readwrite p/jobs/+/model/#" in acl.split("user g\n")[1]
+
+
+async def connected(config: BrokerConfig) -> Transport:
+    transport = Transport(config)
+    transport.start()
+    await transport.wait_connected(10)
+    return transport
+
+
+async def refused(config: BrokerConfig) -> str:
+    """Why a client with ``config`` is refused (all reasons logged, "" if none were: a plain
+    MQTT CONNECT to a TLS listener is never answered); fails if the client gets in."""
+    with capture_logs() as logs:
+        async with Transport(config) as transport:
+            with pytest.raises(NotConnectedError):
+                await transport.wait_connected(3)
+    return " ".join(e["error"] for e in logs if e["event"] == "mqtt_connection_failed")
+
+
+async def test_strangers_are_refused_and_tls_needs_the_kits_ca(secured: SecuredBroker) -> None:
+    alice = secured.agent_config("alice")
+    anonymous = BrokerConfig(urls=alice.urls, ca_file=alice.ca_file, **FAST)
+    assert "authori" in (await refused(anonymous)).lower()
+    wrong = BrokerConfig(
+        urls=alice.urls, username="alice", password="guess", ca_file=alice.ca_file, **FAST
+    )
+    assert "authori" in (await refused(wrong)).lower()
+    system_ca = BrokerConfig(urls=alice.urls, username="alice", password=alice.password, **FAST)
+    assert "certificate verify failed" in (await refused(system_ca))
+    plain = BrokerConfig(
+        urls=(f"mqtt://127.0.0.1:{secured.process.port}",),
+        username="alice",
+        password=alice.password,
+        **FAST,
+    )
+    await refused(plain)
+    transport = await connected(alice)  # the kit's CA and password: in
+    await transport.close()
+
+
+async def next_or_none(sub: Subscription, timeout: float) -> Inbound | None:
+    try:
+        return await sub.get(timeout=timeout)
+    except asyncio.TimeoutError:
+        return None
+
+
+async def received_until(sub: Subscription, last: str) -> list[str]:
+    """Topics ``sub`` delivers up to and including ``last`` (QoS 1 from one publisher arrives
+    in order, so anything published before ``last`` and allowed through arrives first)."""
+    seen: list[str] = []
+    while not seen or seen[-1] != last:
+        message = await sub.get(timeout=10)
+        seen.append(message.topic)
+    return seen
+
+
+async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> None:
+    t = secured.topics
+    coordinator = await connected(secured.account_config("ember-coordinator"))
+    alice = await connected(secured.agent_config("alice"))
+    try:
+        everything = await coordinator.subscribe(f"{t.prefix}/#")
+        forged = [
+            t.agent_status("bob"),
+            t.agent_roles("bob"),
+            t.agent_inbox("bob"),
+            t.agent_inbox("alice"),
+            t.job_updates("j1", "bob"),
+            t.job_model("j1"),
+            t.job_state("j1"),
+            t.rpc_requests(),
+        ]
+        for topic in forged:
+            await alice.publish(topic, b"forged by alice")
+        own = [t.agent_status("alice"), t.job_updates("j1", "alice"), t.job_metrics("j1")]
+        for topic in own:
+            await alice.publish(topic, b"alice's own")
+        seen = await received_until(everything, own[-1])
+        assert seen == own
+    finally:
+        await alice.close()
+        await coordinator.close()
+
+
+async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
+    secured: SecuredBroker,
+) -> None:
+    t = secured.topics
+    coordinator = await connected(secured.account_config("ember-coordinator"))
+    alice = await connected(secured.agent_config("alice"))
+    gw = await connected(secured.agent_config("gw"))
+    try:
+        alice_sees = await alice.subscribe(f"{t.prefix}/#")
+        gw_sees = await gw.subscribe(t.all_job_updates("j1"))
+        await coordinator.publish(t.agent_inbox("bob"), b"for bob only")
+        await coordinator.publish(t.job_updates("j1", "bob"), b"bob's update")
+        await coordinator.publish(t.job_state("j1"), b"state")
+        await coordinator.publish(t.job_model("j1"), b"model version")
+        await coordinator.publish(t.agent_inbox("alice"), b"for alice")
+        assert await received_until(alice_sees, t.agent_inbox("alice")) == [
+            t.job_model("j1"),
+            t.agent_inbox("alice"),
+        ]
+        # The aggregator grant: gw reads every trainer's updates and writes model versions.
+        assert (await gw_sees.get(timeout=10)).topic == t.job_updates("j1", "bob")
+        models = await coordinator.subscribe(t.job_model("j1"))
+        await alice.publish(t.job_model("j1"), b"alice is no aggregator")
+        await gw.publish(t.job_model("j1"), b"gw's version")
+        assert (await models.get(timeout=10)).payload == b"gw's version"
+        assert await next_or_none(models, 0.5) is None
+    finally:
+        for client in (alice, gw, coordinator):
+            await client.close()
+
+
+async def test_operators_send_rpc_requests_and_nothing_else(secured: SecuredBroker) -> None:
+    t = secured.topics
+    coordinator = await connected(secured.account_config("ember-coordinator"))
+    operator = await connected(secured.account_config("op"))
+    try:
+        everything = await coordinator.subscribe(f"{t.prefix}/#")
+        await operator.publish(t.agent_inbox("alice"), b"operator to an inbox")
+        await operator.publish(t.job_state("j1"), b"operator forging state")
+        await operator.publish(t.rpc_requests(), b"request")
+        assert await received_until(everything, t.rpc_requests()) == [t.rpc_requests()]
+    finally:
+        await operator.close()
+        await coordinator.close()
