@@ -15,7 +15,7 @@ from structlog.testing import capture_logs
 
 from agent.config import DatasetConfig
 from agent.datasets import Dataset
-from agent.protocol.bundle import RoleBundle, public_key_to_text, sign_bundle
+from agent.protocol.bundle import RoleBundle, SignedBundle, public_key_to_text, sign_bundle
 from agent.protocol.messages import AssignRole, CancelRole, Ping, Pong, decode_message
 from agent.protocol.topics import Topics
 from agent.roles.base import Role
@@ -238,19 +238,27 @@ async def test_refusals_are_recorded_with_their_reason(rig: Rig) -> None:
     await rig.assign(rig.bundle(job="d", dataset={"name": "cifar"}), job="d")
     await rig.assign(rig.bundle(job="e"), job="other")
     await rig.assign(b"\x93not a bundle", job="f")
-    expected = {
-        "a/trainer": "signed by untrusted key",
-        "b/trainer": "carries Python code (model.py) and this agent does not allow code",
-        "c/aggregator": "role 'aggregator' is not available on this agent (available: trainer)",
-        "d/trainer": "dataset 'cifar' is not on this agent (datasets: digits)",
-        "other/trainer": "bundle is for e/trainer, but the command assigns other/trainer",
-        "f/trainer": "signed bundle",
-    }
-    document = await roles_until(roles, lambda r: expected.keys() <= r.keys())
+    signed = SignedBundle.from_bytes(rig.bundle(job="g"))
+    forged = RoleBundle(job="g", role="trainer", prefix=rig.topics.prefix, config={"lr": 99})
+    tampered = SignedBundle(forged.to_bytes(), signed.key_id, signed.signature)
+    with capture_logs() as logs:
+        await rig.assign(tampered.to_bytes(), job="g")
+        expected = {
+            "a/trainer": "signed by untrusted key",
+            "b/trainer": "carries Python code (model.py) and this agent does not allow code",
+            "c/aggregator": "role 'aggregator' is not available on this agent (available: trainer)",
+            "d/trainer": "dataset 'cifar' is not on this agent (datasets: digits)",
+            "other/trainer": "bundle is for e/trainer, but the command assigns other/trainer",
+            "f/trainer": "signed bundle",
+            "g/trainer": "signature does not verify",
+        }
+        document = await roles_until(roles, lambda r: expected.keys() <= r.keys())
     for key, reason in expected.items():
         assert document[key]["state"] == "refused"
         assert reason in document[key]["reason"], (key, document[key])
     assert Finishes.started == started  # nothing ran
+    logged = [e for e in logs if e["event"] == "role_refused" and e["job"] == "g"]
+    assert "signature does not verify" in logged[0]["reason"]
 
 
 async def test_code_bundles_run_where_allowed(rig: Rig) -> None:
