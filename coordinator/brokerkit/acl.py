@@ -5,8 +5,9 @@ all users by ``pattern`` except reading one's own enrolment reply topic, which i
 MQTT client id (``%c``). Grants, by kind of account:
 
 * **agent** (username = agent id): write only its own ``agents/<id>/{status,info,telemetry,
-  roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests) and the job metrics
-  topics; read only its own inbox and the jobs' model topics (versions and update receipts).
+  roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests), its own
+  ``jobs/+/agents/<id>/progress`` and the job metrics topics; read only its own inbox and the
+  jobs' model topics (versions and update receipts).
 * **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
   model topics and read every trainer's updates. An agent without the grant that is placed as
   an aggregator has its model versions dropped by the broker, so give the grant to the agents
@@ -76,6 +77,7 @@ class Account:
         rules += [
             ("read", topics.agent_inbox(me)),
             ("write", f"{p}/jobs/+/updates/{me}"),
+            ("write", f"{p}/jobs/+/agents/{me}/progress"),
             ("write", f"{p}/jobs/+/metrics"),
         ]
         if self.aggregator:

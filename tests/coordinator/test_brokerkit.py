@@ -112,13 +112,19 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.agent_inbox("bob"),
             t.agent_inbox("alice"),
             t.job_updates("j1", "bob"),
+            t.job_progress("j1", "bob"),
             t.job_model("j1"),
             t.job_state("j1"),
             t.rpc_requests(),
         ]
         for topic in forged:
             await alice.publish(topic, b"forged by alice")
-        own = [t.agent_status("alice"), t.job_updates("j1", "alice"), t.job_metrics("j1")]
+        own = [
+            t.agent_status("alice"),
+            t.job_updates("j1", "alice"),
+            t.job_progress("j1", "alice"),
+            t.job_metrics("j1"),
+        ]
         for topic in own:
             await alice.publish(topic, b"alice's own")
         seen = await received_until(everything, own[-1])
