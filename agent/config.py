@@ -18,6 +18,9 @@ The file (``ember-agent run --config /etc/ember-agent/agent.toml``)::
     [zeroconf]
     enabled = true
     interfaces = ["127.0.0.1"]
+    [homeassistant]
+    enabled = false              # announce this agent to Home Assistant (MQTT discovery)
+    discovery_prefix = "homeassistant"
     [[datasets]]
     name = "digits"; path = "/data/digits.npz"; tags = ["vision"]
 
@@ -46,6 +49,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from agent.protocol.homeassistant import DEFAULT_DISCOVERY_PREFIX, check_discovery_prefix
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
 from agent.transport import BrokerConfig
 
@@ -88,6 +92,14 @@ class ZeroconfConfig:
 
 
 @dataclass(frozen=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery: the agent as a device with its sensors."""
+
+    enabled: bool = False
+    discovery_prefix: str = DEFAULT_DISCOVERY_PREFIX
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """Experiments only: make this agent behave like a slower device."""
 
@@ -112,6 +124,7 @@ class AgentConfig:
     zeroconf: ZeroconfConfig = ZeroconfConfig()
     datasets: tuple[DatasetConfig, ...] = ()
     simulation: SimulationConfig = SimulationConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     source: Path | None = None
     """The file this configuration was read from."""
 
@@ -173,7 +186,7 @@ def _env_value(text: str) -> Any:
 
 
 _SECTIONS = frozenset(
-    {"agent", "broker", "trust", "telemetry", "zeroconf", "datasets", "simulation"}
+    {"agent", "broker", "trust", "telemetry", "zeroconf", "datasets", "simulation", "homeassistant"}
 )
 _KEYS = {
     "agent": frozenset({"id", "state_dir", "labels", "topic_prefix", "allow_code"}),
@@ -199,6 +212,7 @@ _KEYS = {
     "zeroconf": frozenset({"enabled", "interfaces"}),
     "datasets": frozenset({"name", "path", "tags", "format", "label_column"}),
     "simulation": frozenset({"slowdown"}),
+    "homeassistant": frozenset({"enabled", "discovery_prefix"}),
 }
 
 
@@ -247,6 +261,7 @@ def _build(
         zeroconf=_zeroconf(sections["zeroconf"]),
         datasets=_datasets(raw.get("datasets", []), base),
         simulation=_simulation(sections["simulation"]),
+        homeassistant=_homeassistant(sections["homeassistant"]),
         source=source,
     )
 
@@ -310,6 +325,19 @@ def _simulation(table: dict[str, Any]) -> SimulationConfig:
         return SimulationConfig()
     slowdown = _number(table["slowdown"], "simulation.slowdown", float, minimum=1.0)
     return SimulationConfig(slowdown=slowdown)
+
+
+def _homeassistant(table: dict[str, Any]) -> HomeAssistantConfig:
+    prefix = table.get("discovery_prefix", DEFAULT_DISCOVERY_PREFIX)
+    if not isinstance(prefix, str):
+        raise ConfigError(f"homeassistant.discovery_prefix: expected a string, got {_kind(prefix)}")
+    try:
+        check_discovery_prefix(prefix)
+    except ValueError as exc:
+        raise ConfigError(f"homeassistant.discovery_prefix: {exc}") from None
+    return HomeAssistantConfig(
+        enabled=_bool(table, "enabled", "homeassistant.enabled", False), discovery_prefix=prefix
+    )
 
 
 def _telemetry(table: dict[str, Any]) -> TelemetryConfig:

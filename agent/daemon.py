@@ -31,8 +31,10 @@ from agent import capabilities
 from agent.config import AgentConfig
 from agent.datasets import Dataset, DatasetSummary, summarize_all
 from agent.discovery import Advertiser, txt_record
+from agent.homeassistant import DiscoveryPublisher
 from agent.notify import Notifier, watchdog_interval
 from agent.presence import Presence, SessionCounter, TelemetrySampler, build_info
+from agent.protocol.homeassistant import agent_discovery
 from agent.runtime import RoleRuntime
 from agent.tasks import cancel_and_wait
 from agent.transport import Transport
@@ -101,6 +103,7 @@ class AgentDaemon:
         self.presence: Presence | None = None
         self.runtime: RoleRuntime | None = None
         self.advertiser: Advertiser | None = None
+        self.homeassistant: DiscoveryPublisher | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -147,6 +150,8 @@ class AgentDaemon:
         presence.attach(transport)
         transport.on_connect(self._on_connect)
         await runtime.start()
+        if config.homeassistant.enabled:
+            await self._start_homeassistant(transport)
         transport.start()
         brokers = [str(e) for e in broker.endpoints()]  # without credentials
         self.notifier.send("READY=1", f"STATUS=connecting to {brokers[0]}")
@@ -181,6 +186,21 @@ class AgentDaemon:
             await self._stop.wait()
         finally:
             await self._shutdown()
+
+    async def _start_homeassistant(self, transport: Transport) -> None:
+        """Announce this agent to Home Assistant (MQTT discovery), if the config says so."""
+        ha = self.config.homeassistant
+        self.homeassistant = DiscoveryPublisher(transport, ha.discovery_prefix)
+        self.homeassistant.set(
+            "agent",
+            agent_discovery(
+                ha.discovery_prefix,
+                self.agent_id,
+                self.config.topics,
+                telemetry_interval=self.config.telemetry.interval,
+            ),
+        )
+        await self.homeassistant.start()
 
     def _running_roles(self) -> list[str]:
         return self.runtime.running() if self.runtime is not None else []
@@ -229,6 +249,8 @@ class AgentDaemon:
             await self.runtime.stop()
         if self.advertiser is not None:
             await self.advertiser.close()
+        if self.homeassistant is not None:
+            await self.homeassistant.close()
         if self.presence is not None:
             await self.presence.close()
         if self.transport is not None:

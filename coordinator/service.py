@@ -33,12 +33,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent import __version__
 from agent.process import spawn_agent, stop_process
+from agent.protocol.homeassistant import DEFAULT_DISCOVERY_PREFIX
 from agent.protocol.messages import RpcRequest
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
 from agent.tasks import cancel_and_wait
 from agent.transport import BrokerConfig, Transport
 from coordinator.bundles import INFERENCE, init_key, public_text
 from coordinator.dispatcher import Dispatcher, JobError, Timings
+from coordinator.homeassistant import JobAnnouncer
 from coordinator.model_keeper import DEFAULT_FINAL_GRACE, DEFAULT_INTERVAL, ModelKeeper
 from coordinator.registry import LanBrowser, Registry
 from coordinator.rpc import RpcError, RpcServer
@@ -75,6 +77,9 @@ class ServiceConfig:
     """Write a running job's newest model weights at most this often (final ones at once)."""
     final_grace: float = DEFAULT_FINAL_GRACE
     """Follow an ended job's model topic this long for its final version."""
+    homeassistant: bool = False
+    """Announce running jobs (and the embedded agent) to Home Assistant by MQTT discovery."""
+    homeassistant_prefix: str = DEFAULT_DISCOVERY_PREFIX
 
 
 def embedded_agent_id(hostname: str | None = None) -> str:
@@ -96,14 +101,25 @@ def embedded_agent_toml(
     datasets: tuple[tuple[str, Path], ...] = (),
     protocol: str = "auto",
     broker: BrokerConfig | None = None,
+    homeassistant: str | None = None,
 ) -> str:
     """The embedded agent's configuration (``agent.config``'s format). It reaches the broker
-    as the coordinator does (same host, same credentials and TLS files in ``broker``)."""
+    as the coordinator does (same host, same credentials and TLS files in ``broker``);
+    ``homeassistant`` is the discovery prefix to announce it under, if any."""
     secrets = [
         f"{key} = {_toml_string(str(value))}"
         for key in ("username", "password", "ca_file", "cert_file", "key_file")
         if broker is not None and (value := getattr(broker, key))
     ]
+    ha = (
+        []
+        if homeassistant is None
+        else [
+            "[homeassistant]",
+            "enabled = true",
+            f"discovery_prefix = {_toml_string(homeassistant)}",
+        ]
+    )
     tables = [
         f"[[datasets]]\nname = {_toml_string(name)}\npath = {_toml_string(str(path))}"
         for name, path in datasets
@@ -125,6 +141,7 @@ def embedded_agent_toml(
             f"coordinator_keys = [{_toml_string(public_key)}]",
             "[zeroconf]",
             "enabled = false",
+            *ha,
             *tables,
             "",
         ]
@@ -247,6 +264,7 @@ class Coordinator:
         self.rpc: RpcServer | None = None
         self.lan: LanBrowser | None = None
         self.agent: EmbeddedAgent | None = None
+        self.homeassistant: JobAnnouncer | None = None
         self.agent_id = config.agent_id or embedded_agent_id()
         self._lock = StateDirLock(self.state_dir)
         self.ready = asyncio.Event()
@@ -289,6 +307,8 @@ class Coordinator:
             self.dispatcher.listen(self.keeper.job_changed)
             await self.dispatcher.start()
             self.keeper.start((j.record.id, j.record.phase) for j in self.dispatcher.jobs.values())
+            if cfg.homeassistant:
+                await self._start_homeassistant(self.dispatcher)
             self.rpc = RpcServer(self.transport, self.topics)
             self._register_methods(self.rpc)
             await self.rpc.start()
@@ -320,6 +340,21 @@ class Coordinator:
         )
         self.ready.set()
 
+    async def _start_homeassistant(self, dispatcher: Dispatcher) -> None:
+        assert self.transport is not None
+
+        def job_name(job_id: str) -> str | None:
+            job = dispatcher.jobs.get(job_id)
+            return job.record.name if job is not None else None
+
+        self.homeassistant = JobAnnouncer(
+            self.transport, self.topics, self.config.homeassistant_prefix, job_name=job_name
+        )
+        dispatcher.listen(self.homeassistant.job_changed)
+        await self.homeassistant.start(
+            (j.record.id, j.record.phase, j.record.finished_at) for j in dispatcher.jobs.values()
+        )
+
     async def _start_embedded_agent(self) -> None:
         path = self.state_dir / EMBEDDED_CONFIG
         text = embedded_agent_toml(
@@ -331,6 +366,7 @@ class Coordinator:
             datasets=self.config.agent_datasets,
             protocol=self.config.broker.protocol,
             broker=self.config.broker,
+            homeassistant=self.config.homeassistant_prefix if self.config.homeassistant else None,
         )
 
         def write() -> None:
@@ -356,6 +392,8 @@ class Coordinator:
             await self.dispatcher.stop()
         if self.keeper is not None:
             await self.keeper.stop()
+        if self.homeassistant is not None:
+            await self.homeassistant.stop()
         if self.agent is not None:
             await self.agent.stop()
         if self.lan is not None:
@@ -368,7 +406,7 @@ class Coordinator:
             await self.store.close()
         await asyncio.to_thread(self._lock.release)
         self.rpc = self.dispatcher = self.agent = self.lan = self.registry = None
-        self.keeper = None
+        self.keeper = self.homeassistant = None
         self.transport = None
         self.store = None
 

@@ -53,6 +53,19 @@ from coordinator.cli.keys import state_dir_option
     help="Write a running job's newest model weights to the state directory at most this "
     "often (a job's final model at once).",
 )
+@click.option(
+    "--homeassistant/--no-homeassistant",
+    default=False,
+    show_default=True,
+    help="Announce running jobs and the embedded agent to Home Assistant (MQTT discovery).",
+)
+@click.option(
+    "--homeassistant-prefix",
+    default="homeassistant",
+    show_default=True,
+    metavar="PREFIX",
+    help="Home Assistant's MQTT discovery prefix.",
+)
 @click.option("--final-grace", type=click.FloatRange(min=0), default=15.0, hidden=True)
 @click.option("--settle", type=float, default=1.5, hidden=True)
 @click.option("--tick", type=float, default=1.0, hidden=True)
@@ -69,6 +82,8 @@ def serve(
     agent_id: str | None,
     agent_datasets: tuple[str, ...],
     weights_interval: float,
+    homeassistant: bool,
+    homeassistant_prefix: str,
     final_grace: float,
     settle: float,
     tick: float,
@@ -79,6 +94,7 @@ def serve(
     It keeps jobs in STATE_DIR/state.db (SQLite, WAL) and answers `ember` commands over MQTT.
     """
     from agent.logs import configure_logging
+    from agent.protocol.homeassistant import check_discovery_prefix
     from coordinator.dispatcher import Timings
     from coordinator.service import ServiceConfig, ServiceError
     from coordinator.service import serve as run_service
@@ -88,6 +104,10 @@ def serve(
     if root.get_parameter_source("log_level") == click.core.ParameterSource.DEFAULT:
         configure_logging("info")
     conn = connection(broker, prefix)
+    try:
+        check_discovery_prefix(homeassistant_prefix)
+    except ValueError as exc:
+        fail(f"--homeassistant-prefix: {exc}")
     datasets = []
     for item in agent_datasets:
         name, sep, path = item.partition("=")
@@ -104,6 +124,8 @@ def serve(
         agent_id=agent_id,
         agent_datasets=tuple(datasets),
         weights_interval=weights_interval,
+        homeassistant=homeassistant,
+        homeassistant_prefix=homeassistant_prefix,
         final_grace=final_grace,
         timings=Timings(settle=settle, tick=tick, dispatch_timeout=dispatch_timeout),
     )

@@ -35,6 +35,25 @@ def test_the_embedded_agent_config_is_what_the_agent_reads(tmp_path: Path) -> No
     assert config.coordinator_keys == (public_text(key),)
     assert config.zeroconf.enabled is False
     assert [(d.name, d.path) for d in config.datasets] == [("digits-test", holdout)]
+    assert config.homeassistant.enabled is False
+
+
+def test_ember_serve_homeassistant_announces_the_embedded_agent_too(tmp_path: Path) -> None:
+    key, _ = init_key(tmp_path)
+    path = tmp_path / "embedded-agent.toml"
+    path.write_text(
+        embedded_agent_toml(
+            agent_id="coordinator-host",
+            state_dir=tmp_path / "state",
+            prefix="ember/v1",
+            broker_url="mqtt://127.0.0.1:1883",
+            public_key=public_text(key),
+            homeassistant="hass",
+        )
+    )
+    config = load_config(path, env={})
+    assert config.homeassistant.enabled is True
+    assert config.homeassistant.discovery_prefix == "hass"
 
 
 def test_embedded_agent_id_is_a_topic_segment() -> None:
