@@ -10,6 +10,7 @@ from agent.logs import configure_logging
 from coordinator.cli._common import connection_options
 from coordinator.cli.agents import agents
 from coordinator.cli.broker import broker
+from coordinator.cli.dashboard import dashboard
 from coordinator.cli.demo import demo
 from coordinator.cli.jobs import jobs
 from coordinator.cli.keys import keys
@@ -33,6 +34,7 @@ cli.add_command(agents)
 cli.add_command(demo)
 cli.add_command(top)
 cli.add_command(broker)
+cli.add_command(dashboard)
 
 
 def main() -> None:
