@@ -161,12 +161,16 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float, what: str = "") -> Any:
-        """Poll ``expression`` until it is truthy; its last value otherwise, in the error."""
+        """Poll ``expression`` until it is truthy (errors, as while the page loads, count as
+        not yet); its last value otherwise, in the error."""
         deadline = time.monotonic() + timeout
-        value = None
+        value: Any = None
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
-            if value:
+            try:
+                value = self.evaluate(expression)
+            except CdpError as exc:  # e.g. the page is still loading
+                value = exc
+            if value and not isinstance(value, CdpError):
                 return value
             time.sleep(0.25)
         raise AssertionError(
