@@ -1,7 +1,8 @@
 """``ember-agent``: the command-line face of the edge agent.
 
 ``ember-agent run --config PATH`` runs the daemon; ``ember-agent info`` prints the capabilities
-document it would publish; ``ember-agent datasets check`` validates the configured datasets.
+document it would publish; ``ember-agent datasets check`` validates the configured datasets;
+``ember-agent enroll`` trades a one-time token for the device's broker login.
 A configuration or dataset problem prints one line, ``error: <key or dataset>: <reason>``, on
 stderr and exits with status 2 (systemd's unit does not restart on 2: see
 ``RestartPreventExitStatus``); it never prints a traceback.
@@ -144,6 +145,69 @@ def datasets_check(config_path: str) -> None:
         )
     if bad:
         fail(f"dataset {bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+
+
+@cli.command()
+@click.option(
+    "--coordinator",
+    "url",
+    required=True,
+    metavar="URL",
+    help="The broker with the enrolment login: mqtts://ember-enrol:PASSWORD@host:8883.",
+)
+@click.option("--token", required=True, help="The one-time token from 'ember agents token'.")
+@config_option
+@click.option("--id", "agent_id", default=None, help="This agent's id [host name + suffix].")
+@click.option("--prefix", default="ember/v1", show_default=True, help="Topic prefix.")
+@click.option(
+    "--ca",
+    "ca_file",
+    default=None,
+    type=click.Path(dir_okay=False, exists=True),
+    help="Check the broker's certificate already while enrolling (else the token vouches "
+    "for the CA that comes back).",
+)
+@click.option("--state-dir", default=None, help="Written into [agent] state_dir.")
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for an answer.")
+def enroll(
+    url: str,
+    token: str,
+    config_path: str,
+    agent_id: str | None,
+    prefix: str,
+    ca_file: str | None,
+    state_dir: str | None,
+    timeout: float,
+) -> None:
+    """Get this device's broker login and the coordinator's key with a one-time token, and
+    write them into the configuration (other settings in it are kept)."""
+    from pathlib import Path
+
+    from agent.config import new_agent_id
+    from agent.enroll import EnrolmentError, request_grant, write_config
+    from agent.protocol.enrolment import Token, TokenError
+    from agent.protocol.topics import check_segment
+
+    try:
+        parsed = Token.parse(token)
+        wanted = check_segment(agent_id or new_agent_id(), "--id")
+        grant = asyncio.run(
+            request_grant(
+                url=url,
+                token=parsed,
+                agent_id=wanted,
+                prefix=prefix,
+                ca_file=ca_file,
+                timeout=timeout,
+            )
+        )
+        done = write_config(Path(config_path), grant, state_dir=state_dir)
+    except (EnrolmentError, TokenError, ValueError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"--config: {exc}")
+    click.echo(f"enrolled as {done.agent}: wrote {done.config} and {done.ca}")
+    click.echo(f"start it: ember-agent run --config {done.config}", err=True)
 
 
 def main() -> None:

@@ -439,8 +439,7 @@ def resolve_agent_id(config: AgentConfig) -> str:
             return check_segment(existing, f"{file}")
         except ValueError as exc:
             raise ConfigError(f"agent.id: {exc}") from None
-    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:48] or "agent"
-    new_id = f"{host}-{secrets.token_hex(3)}"
+    new_id = new_agent_id()
     try:
         ensure_state_dir(config.state_dir)
         tmp = file.with_suffix(".tmp")
@@ -449,6 +448,12 @@ def resolve_agent_id(config: AgentConfig) -> str:
     except OSError as exc:
         raise ConfigError(f"agent.state_dir: cannot write {file}: {_reason(exc)}") from None
     return new_id
+
+
+def new_agent_id() -> str:
+    """The host name (lower case, topic-safe) and a random suffix: ``pi-kitchen-3f9a1c``."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().lower()).strip("-")[:48] or "agent"
+    return f"{host}-{secrets.token_hex(3)}"
 
 
 def ensure_state_dir(path: Path) -> None:

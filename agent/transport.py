@@ -116,6 +116,9 @@ class BrokerConfig:
     key_file: str | None = None
     tls_insecure: bool = False
     """Skip the broker hostname check (self-signed lab setups only)."""
+    tls_verify: bool = True
+    """Check the broker's certificate at all. Off only for ``ember-agent enroll`` without a CA,
+    whose payloads are authenticated and sealed with the enrolment token instead."""
     keepalive: int = 30
     protocol: ProtocolChoice = "auto"
     session_expiry: int = 0
@@ -472,7 +475,7 @@ class Transport:
             keepalive=cfg.keepalive,
             timeout=cfg.connect_timeout,
             tls_context=self._tls_context() if endpoint.tls else None,
-            tls_insecure=cfg.tls_insecure if endpoint.tls else None,
+            tls_insecure=(cfg.tls_insecure or not cfg.tls_verify) if endpoint.tls else None,
             max_inflight_messages=max(20, cfg.publish_window * 2),
             logger=logging.getLogger("ember.paho"),
         )
@@ -499,8 +502,10 @@ class Transport:
         context = ssl.create_default_context(cafile=cfg.ca_file)
         if cfg.cert_file:
             context.load_cert_chain(cfg.cert_file, cfg.key_file)
-        if cfg.tls_insecure:
+        if cfg.tls_insecure or not cfg.tls_verify:
             context.check_hostname = False
+        if not cfg.tls_verify:
+            context.verify_mode = ssl.CERT_NONE
         return context
 
     async def _serve(

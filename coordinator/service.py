@@ -38,8 +38,10 @@ from agent.protocol.messages import RpcRequest
 from agent.protocol.topics import DEFAULT_PREFIX, Topics, check_segment
 from agent.tasks import cancel_and_wait
 from agent.transport import BrokerConfig, Transport
+from coordinator.brokerkit import KitError
 from coordinator.bundles import INFERENCE, init_key, public_text
 from coordinator.dispatcher import Dispatcher, JobError, Timings
+from coordinator.enrolment import Enrolment
 from coordinator.homeassistant import JobAnnouncer
 from coordinator.model_keeper import DEFAULT_FINAL_GRACE, DEFAULT_INTERVAL, ModelKeeper
 from coordinator.registry import LanBrowser, Registry
@@ -80,6 +82,11 @@ class ServiceConfig:
     homeassistant: bool = False
     """Announce running jobs (and the embedded agent) to Home Assistant by MQTT discovery."""
     homeassistant_prefix: str = DEFAULT_DISCOVERY_PREFIX
+    broker_kit: Path | None = None
+    """The ``ember broker config`` kit of the broker this coordinator manages: enables
+    enrolment by token (``ember agents token``, ``ember-agent enroll``)."""
+    broker_pid_file: Path | None = None
+    """The local mosquitto's pid file, to SIGHUP it after an enrolment; default the kit's."""
 
 
 def embedded_agent_id(hostname: str | None = None) -> str:
@@ -262,6 +269,7 @@ class Coordinator:
         self.dispatcher: Dispatcher | None = None
         self.keeper: ModelKeeper | None = None
         self.rpc: RpcServer | None = None
+        self.enrolment: Enrolment | None = None
         self.lan: LanBrowser | None = None
         self.agent: EmbeddedAgent | None = None
         self.homeassistant: JobAnnouncer | None = None
@@ -309,6 +317,19 @@ class Coordinator:
             self.keeper.start((j.record.id, j.record.phase) for j in self.dispatcher.jobs.values())
             if cfg.homeassistant:
                 await self._start_homeassistant(self.dispatcher)
+            if cfg.broker_kit is not None:
+                self.enrolment = Enrolment(
+                    transport=self.transport,
+                    topics=self.topics,
+                    store=self.store,
+                    kit_dir=cfg.broker_kit,
+                    coordinator_keys=[self.public_key],
+                    pid_file=cfg.broker_pid_file,
+                )
+                try:
+                    await self.enrolment.start()
+                except KitError as exc:
+                    raise ServiceError(f"--broker-kit: {exc}") from None
             self.rpc = RpcServer(self.transport, self.topics)
             self._register_methods(self.rpc)
             await self.rpc.start()
@@ -387,6 +408,9 @@ class Coordinator:
         """Stop everything that was started, in reverse order."""
         if self.rpc is not None:
             await self.rpc.stop()
+        if self.enrolment is not None:
+            await self.enrolment.stop()
+            self.enrolment = None
         if self.dispatcher is not None:
             await self.dispatcher.drain(timeout=3.0)
             await self.dispatcher.stop()
@@ -423,6 +447,7 @@ class Coordinator:
         rpc.register("ping", self._ping)
         rpc.register("agents.ls", self._agents_ls)
         rpc.register("agents.show", self._agents_show)
+        rpc.register("agents.token", self._agents_token)
         rpc.register("jobs.plan", self._jobs_plan)
         rpc.register("jobs.submit", self._jobs_submit)
         rpc.register("jobs.ls", self._jobs_ls)
@@ -452,6 +477,28 @@ class Coordinator:
 
     async def _agents_ls(self, params: Mapping[str, Any], request: RpcRequest) -> Any:
         return [agent.summary() for agent in self._r.snapshot()]
+
+    async def _agents_token(self, params: Mapping[str, Any], request: RpcRequest) -> Any:
+        if self.enrolment is None:
+            raise RpcError(
+                "this coordinator does not manage a broker kit, so it cannot enrol agents "
+                "(start it with 'ember serve --broker-kit DIR', DIR from 'ember broker config')"
+            )
+        ttl = params.get("ttl", 3600.0)
+        agent = params.get("agent")
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+            raise RpcError("agents.token: ttl must be a number of seconds")
+        if agent is not None:
+            try:
+                check_segment(str(agent), "agent id")
+            except ValueError as exc:
+                raise RpcError(str(exc)) from None
+        try:
+            return await self.enrolment.make_token(
+                float(ttl), agent=agent, aggregator=bool(params.get("aggregator", False))
+            )
+        except (ValueError, OSError) as exc:
+            raise RpcError(str(exc)) from None
 
     async def _agents_show(self, params: Mapping[str, Any], request: RpcRequest) -> Any:
         wanted = _param(params, "agent")

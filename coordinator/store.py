@@ -35,7 +35,7 @@ log = structlog.get_logger("ember.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: jobs, assignments, events, model versions, applied updates.
@@ -104,11 +104,54 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN weights_final INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE jobs ADD COLUMN weights_at REAL;
     """,
+    # 3: one-time enrolment tokens (ember agents token / ember-agent enroll).
+    """
+    CREATE TABLE enrolment_tokens (
+        id          TEXT PRIMARY KEY,
+        secret      TEXT NOT NULL,
+        agent       TEXT,
+        aggregator  INTEGER NOT NULL DEFAULT 0,
+        created_at  REAL NOT NULL,
+        expires_at  REAL NOT NULL,
+        used_at     REAL,
+        used_by     TEXT
+    );
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
 TERMINAL_PHASES = frozenset({"completed", "failed", "cancelled"})
 PHASES = ("planned", "dispatching", "running", "completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class EnrolmentToken:
+    """A one-time token an agent enrols with (the secret is kept: both sides derive the
+    request's HMAC key and the reply's encryption key from it)."""
+
+    id: str
+    secret: str
+    expires_at: float
+    created_at: float
+    agent: str | None = None
+    """Only this agent id may enrol with it, when set."""
+    aggregator: bool = False
+    """The enrolled agent's login may host aggregator roles."""
+    used_at: float | None = None
+    used_by: str | None = None
+
+
+def _token_from_row(row: sqlite3.Row) -> EnrolmentToken:
+    return EnrolmentToken(
+        id=row["id"],
+        secret=row["secret"],
+        expires_at=float(row["expires_at"]),
+        created_at=float(row["created_at"]),
+        agent=row["agent"],
+        aggregator=bool(row["aggregator"]),
+        used_at=row["used_at"],
+        used_by=row["used_by"],
+    )
 
 
 class StoreError(RuntimeError):
@@ -563,6 +606,47 @@ class Store:
             return False
         self.blob_path(digest).unlink(missing_ok=True)
         return True
+
+    # enrolment tokens --------------------------------------------------------------------------
+    async def add_token(self, token: EnrolmentToken) -> None:
+        def run() -> None:
+            self.db.execute(
+                "INSERT INTO enrolment_tokens (id, secret, agent, aggregator, created_at, "
+                "expires_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    token.id,
+                    token.secret,
+                    token.agent,
+                    int(token.aggregator),
+                    token.created_at,
+                    token.expires_at,
+                ),
+            )
+
+        await self._call(run)
+
+    async def token(self, token_id: str) -> EnrolmentToken | None:
+        def run() -> EnrolmentToken | None:
+            row = self.db.execute(
+                "SELECT * FROM enrolment_tokens WHERE id = ?", (token_id,)
+            ).fetchone()
+            return None if row is None else _token_from_row(row)
+
+        return await self._call(run)
+
+    async def spend_token(self, token_id: str, agent: str, now: float) -> bool:
+        """Mark an unexpired, unused token used by ``agent``; ``False`` if it was not (any
+        more) both. Atomic: of two requests racing with one token, one wins."""
+
+        def run() -> bool:
+            cursor = self.db.execute(
+                "UPDATE enrolment_tokens SET used_at = ?, used_by = ? "
+                "WHERE id = ? AND used_at IS NULL AND expires_at > ?",
+                (now, agent, token_id, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._call(run)
 
     # blobs -------------------------------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:

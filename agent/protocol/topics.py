@@ -108,6 +108,16 @@ class Topics:
         """Filter for one leaf of every job (``state``, ``metrics``)."""
         return f"{self.prefix}/jobs/+/{leaf}"
 
+    # enrolment ---------------------------------------------------------------------------------
+    def enrol_requests(self) -> str:
+        """Where ``ember-agent enroll`` sends its token-proved request (the coordinator reads)."""
+        return f"{self.prefix}/enrol/requests"
+
+    def enrol_replies(self, client: str) -> str:
+        """Where the enrolling agent with MQTT client id ``client`` reads its answer (the broker
+        ACL lets each client read only the one named by its own client id)."""
+        return f"{self.prefix}/enrol/replies/{client}"
+
     # coordinator RPC ---------------------------------------------------------------------------
     def rpc_requests(self) -> str:
         """Where the CLI sends requests to the coordinator."""

@@ -39,16 +39,6 @@ ENROL_USER = "ember-enrol"
 COORDINATOR_USER = "ember-coordinator"
 
 
-def enrol_requests(topics: Topics) -> str:
-    """Where agents send enrolment requests (the coordinator listens)."""
-    return f"{topics.prefix}/enrol/requests"
-
-
-def enrol_replies(topics: Topics, client_id: str) -> str:
-    """Where the agent with MQTT client id ``client_id`` reads its enrolment reply."""
-    return f"{topics.prefix}/enrol/replies/{client_id}"
-
-
 @dataclass(frozen=True)
 class Account:
     """One broker login."""
@@ -71,7 +61,7 @@ class Account:
         if self.kind == "operator":
             return [("read", f"{p}/#"), ("write", topics.rpc_requests())]
         if self.kind == "enrol":
-            return [("write", enrol_requests(topics))]
+            return [("write", topics.enrol_requests())]
         me = self.username
         rules = [("write", topics.agent(me, leaf)) for leaf in AGENT_LEAVES]
         rules += [
@@ -94,7 +84,7 @@ def render_acl(topics: Topics, accounts: Iterable[Account]) -> str:
         "# Anonymous clients: nothing (allow_anonymous is false as well).",
         "",
         "# Everyone may read the enrolment reply addressed to its own MQTT client id.",
-        f"pattern read {enrol_replies(topics, '%c')}",
+        f"pattern read {topics.enrol_replies('%c')}",
     ]
     for account in sorted(accounts, key=lambda a: (KINDS.index(a.kind), a.username)):
         extra = " (aggregator)" if account.aggregator else ""

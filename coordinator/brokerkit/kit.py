@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.credentials import AgentCredentials
+from agent.credentials import AgentCredentials, write_atomic
 from agent.protocol.topics import DEFAULT_PREFIX, Topics
 from agent.transport import BrokerEndpoint
 from coordinator.brokerkit import pki
@@ -244,7 +244,7 @@ class BrokerKit:
         out = self.credentials_dir(account.username)
         out.mkdir(parents=True, exist_ok=True)
         ca = pki.load(self.root / "ca.crt", self.root / "ca.key")
-        pki.write_file(out / "ca.crt", ca.cert_pem(), 0o644)
+        write_atomic(out / "ca.crt", ca.cert_pem(), 0o644)
         pki.issue(ca, account.username, server=False).write(out / "client.crt", out / "client.key")
         url = self.settings.url()
         if account.kind == "agent":
@@ -265,7 +265,7 @@ class BrokerKit:
                 "[[datasets]] (and, if still empty, [trust] coordinator_keys from "
                 "'ember keys show')."
             )
-            pki.write_file(out / "agent.toml", creds.toml(header=header).encode(), 0o600)
+            write_atomic(out / "agent.toml", creds.toml(header=header).encode(), 0o600)
             return
         parts = BrokerEndpoint.parse(url)
         scheme = "mqtts" if parts.tls else "mqtt"
@@ -281,7 +281,7 @@ class BrokerKit:
                 f"EMBER_BROKER_CERT={out.resolve() / 'client.crt'}",
                 f"EMBER_BROKER_KEY={out.resolve() / 'client.key'}",
             ]
-        pki.write_file(out / "broker.env", ("\n".join(lines) + "\n").encode(), 0o600)
+        write_atomic(out / "broker.env", ("\n".join(lines) + "\n").encode(), 0o600)
 
     # rendering ------------------------------------------------------------------------------
     def mosquitto_conf(self) -> str:
@@ -321,7 +321,7 @@ class BrokerKit:
             },
             "enrol_password": self.enrol_password,
         }
-        write = pki.write_file
+        write = write_atomic
         write(self.root / KIT_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
         write(self.root / "passwd", render_password_file(known).encode(), 0o600)
         acl = render_acl(self.topics, self.accounts.values())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from agent.credentials import write_atomic
 
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -42,8 +43,8 @@ class Issued:
         )
 
     def write(self, cert_path: Path, key_path: Path) -> None:
-        write_file(cert_path, self.cert_pem(), 0o644)
-        write_file(key_path, self.key_pem(), 0o600)
+        write_atomic(cert_path, self.cert_pem(), 0o644)
+        write_atomic(key_path, self.key_pem(), 0o600)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -144,20 +145,3 @@ def load(cert_path: Path, key_path: Path) -> Issued:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{key_path}: not an EC private key")
     return Issued(cert, key)
-
-
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename) with ``mode``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -165,3 +165,55 @@ def agents_show(
         for key, r in a["roles"].items():
             table.add_row(key, r.get("state") or "", r.get("reason") or "")
         out.print(table)
+
+
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` → seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        return float(number) * units[unit]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r}: expected a duration such as 90s, 15m, 12h or 7d"
+        ) from None
+
+
+@agents.command("token")
+@click.option(
+    "--ttl", default="1h", show_default=True, help="How long the token is valid (s, m, h, d)."
+)
+@click.option("--id", "agent", default=None, help="Only an agent with this id may use it.")
+@click.option("--aggregator", is_flag=True, help="The agent's login may host aggregator roles.")
+@connection_options
+@timeout_option
+@json_option
+def agents_token(
+    ttl: str,
+    agent: str | None,
+    aggregator: bool,
+    broker: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Make a one-time enrolment token and print the command that enrols a device with it.
+
+    The coordinator keeps the token until it expires or an agent uses it; `ember-agent enroll`
+    then receives the agent's broker login, the broker's CA and the coordinator's key.
+    """
+    conn = connection(broker, prefix)
+    params = {"ttl": _duration(ttl), "agent": agent, "aggregator": aggregator}
+
+    async def go() -> Any:
+        async with coordinator_client(conn, timeout=timeout) as client:
+            return await client.call("agents.token", params, timeout=timeout)
+
+    made = run(go)
+    if as_json:
+        print_json(made)
+        return
+    expires = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(made["expires_at"]))
+    click.echo(made["token"])
+    click.echo(f"valid until {expires}, once; on the device run:", err=True)
+    click.echo(f"  {made['command']}", err=True)

@@ -66,6 +66,18 @@ from coordinator.cli.keys import state_dir_option
     metavar="PREFIX",
     help="Home Assistant's MQTT discovery prefix.",
 )
+@click.option(
+    "--broker-kit",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="The 'ember broker config' kit of the broker: enrol agents by token into it.",
+)
+@click.option(
+    "--broker-pid-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="mosquitto's pid file, to make it reload after an enrolment [the kit's].",
+)
 @click.option("--final-grace", type=click.FloatRange(min=0), default=15.0, hidden=True)
 @click.option("--settle", type=float, default=1.5, hidden=True)
 @click.option("--tick", type=float, default=1.0, hidden=True)
@@ -84,6 +96,8 @@ def serve(
     weights_interval: float,
     homeassistant: bool,
     homeassistant_prefix: str,
+    broker_kit: Path | None,
+    broker_pid_file: Path | None,
     final_grace: float,
     settle: float,
     tick: float,
@@ -127,6 +141,8 @@ def serve(
         homeassistant=homeassistant,
         homeassistant_prefix=homeassistant_prefix,
         final_grace=final_grace,
+        broker_kit=broker_kit,
+        broker_pid_file=broker_pid_file,
         timings=Timings(settle=settle, tick=tick, dispatch_timeout=dispatch_timeout),
     )
     stderr(f"ember serve: broker {conn.broker}, prefix {conn.prefix}, state {state_dir}")

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.store import SCHEMA_VERSION, AssignmentRecord, JobRecord, Store, StoreError
+from coordinator.store import (
+    SCHEMA_VERSION,
+    AssignmentRecord,
+    EnrolmentToken,
+    JobRecord,
+    Store,
+    StoreError,
+)
 
 
 def job(job_id: str = "digits-abc123", **changes: object) -> JobRecord:
@@ -198,4 +205,32 @@ async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path: Pat
     finally:
         await store.close()
     with sqlite3.connect(tmp_path / "state.db") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+async def test_an_enrolment_token_is_spent_once_and_never_after_it_expires(
+    tmp_path: Path,
+) -> None:
+    store = await Store.open(tmp_path)
+    try:
+        await store.add_token(EnrolmentToken("t1", "s" * 32, expires_at=100.0, created_at=0.0))
+        await store.add_token(EnrolmentToken("t2", "s" * 32, expires_at=50.0, created_at=0.0))
+        assert await store.token("nope") is None
+        first, second = await asyncio.gather(
+            store.spend_token("t1", "pi-a", 10.0), store.spend_token("t1", "pi-b", 10.0)
+        )
+        assert sorted([first, second]) == [False, True]
+        spent = await store.token("t1")
+        assert spent is not None
+        assert spent.used_at == 10.0
+        assert spent.used_by in ("pi-a", "pi-b")
+        assert not await store.spend_token("t2", "pi-c", 50.0)  # expired
+    finally:
+        await store.close()
+    store = await Store.open(tmp_path)  # kept across restarts
+    try:
+        kept = await store.token("t1")
+        assert kept is not None
+        assert kept.used_by in ("pi-a", "pi-b")
+    finally:
+        await store.close()
