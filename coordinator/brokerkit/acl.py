@@ -12,10 +12,15 @@ MQTT client id (``%c``). Grants, by kind of account:
   model topics and read every trainer's updates. An agent without the grant that is placed as
   an aggregator has its model versions dropped by the broker, so give the grant to the agents
   labelled ``role=aggregator`` (gateways) and no others.
-* **coordinator**: read and write everything under the prefix (it also runs the embedded agent
-  that hosts the top aggregator, under the same credential, on the same host).
-* **operator** (the ``ember`` CLI, dashboards): read everything under the prefix, write only
-  coordinator RPC requests.
+* **coordinator**: read and write everything under the prefix and the Home Assistant discovery
+  prefix (it also runs the embedded agent that hosts the top aggregator, under the same
+  credential, on the same host).
+* **operator** (the ``ember`` CLI, dashboards, Home Assistant): read everything under the
+  prefix and the discovery prefix, write only coordinator RPC requests and Home Assistant's
+  birth message (``<discovery prefix>/status``).
+
+Agents with Home Assistant discovery on also write their own discovery configs
+(``<discovery prefix>/+/ember_agent_<id>/+/config``) and read Home Assistant's status.
 * **enrol**: the shared, low-value enrolment credential: write enrolment requests only.
 
 Agents' Will (retained ``offline`` on their status topic) needs the write grant on that topic,
@@ -28,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from agent.protocol.homeassistant import DEFAULT_DISCOVERY_PREFIX, STATUS_LEAF, node_id
 from agent.protocol.topics import Topics
 from coordinator.brokerkit.passwords import check_username
 
@@ -53,13 +59,20 @@ class Account:
         if self.kind not in KINDS:
             raise ValueError(f"account {self.username}: kind must be one of {KINDS}")
 
-    def grants(self, topics: Topics) -> list[tuple[str, str]]:
+    def grants(
+        self, topics: Topics, discovery: str = DEFAULT_DISCOVERY_PREFIX
+    ) -> list[tuple[str, str]]:
         """``(access, topic filter)`` pairs for this account's ``user`` block."""
         p = topics.prefix
         if self.kind == "coordinator":
-            return [("readwrite", f"{p}/#")]
+            return [("readwrite", f"{p}/#"), ("readwrite", f"{discovery}/#")]
         if self.kind == "operator":
-            return [("read", f"{p}/#"), ("write", topics.rpc_requests())]
+            return [
+                ("read", f"{p}/#"),
+                ("write", topics.rpc_requests()),
+                ("read", f"{discovery}/#"),
+                ("write", f"{discovery}/{STATUS_LEAF}"),
+            ]
         if self.kind == "enrol":
             return [("write", topics.enrol_requests())]
         me = self.username
@@ -69,6 +82,8 @@ class Account:
             ("write", f"{p}/jobs/+/updates/{me}"),
             ("write", f"{p}/jobs/+/agents/{me}/progress"),
             ("write", f"{p}/jobs/+/metrics"),
+            ("write", f"{discovery}/+/{node_id('agent', me)}/+/config"),
+            ("read", f"{discovery}/{STATUS_LEAF}"),
         ]
         if self.aggregator:
             rules += [("readwrite", f"{p}/jobs/+/model/#"), ("read", f"{p}/jobs/+/updates/+")]
@@ -77,8 +92,10 @@ class Account:
         return rules
 
 
-def render_acl(topics: Topics, accounts: Iterable[Account]) -> str:
-    """The whole ACL file."""
+def render_acl(
+    topics: Topics, accounts: Iterable[Account], discovery: str = DEFAULT_DISCOVERY_PREFIX
+) -> str:
+    """The whole ACL file (``discovery``: Home Assistant's MQTT discovery prefix)."""
     lines = [
         "# Written by 'ember broker config'; regenerated on every change (change kit.json).",
         "# Anonymous clients: nothing (allow_anonymous is false as well).",
@@ -89,5 +106,5 @@ def render_acl(topics: Topics, accounts: Iterable[Account]) -> str:
     for account in sorted(accounts, key=lambda a: (KINDS.index(a.kind), a.username)):
         extra = " (aggregator)" if account.aggregator else ""
         lines += ["", f"# {account.kind}{extra}", f"user {account.username}"]
-        lines += [f"topic {access} {topic}" for access, topic in account.grants(topics)]
+        lines += [f"topic {access} {topic}" for access, topic in account.grants(topics, discovery)]
     return "\n".join(lines) + "\n"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agent.credentials import AgentCredentials, write_atomic
+from agent.protocol.homeassistant import DEFAULT_DISCOVERY_PREFIX, check_discovery_prefix
 from agent.protocol.topics import DEFAULT_PREFIX, Topics
 from agent.transport import BrokerEndpoint
 from coordinator.brokerkit import pki
@@ -100,6 +101,8 @@ class KitSettings:
     public_url: str = ""
     """How agents reach the broker; default ``mqtts://<first host>:<first TLS mqtt port>``."""
     require_client_cert: bool = False
+    discovery_prefix: str = DEFAULT_DISCOVERY_PREFIX
+    """Home Assistant's MQTT discovery prefix (agents and the coordinator announce there)."""
     install_dir: str = ""
     """Where the files live on the broker host (mosquitto.conf names them absolutely);
     default: the kit directory itself."""
@@ -161,6 +164,7 @@ class BrokerKit:
             public_url=s.get("public_url", ""),
             require_client_cert=bool(s.get("require_client_cert", False)),
             install_dir=s.get("install_dir", ""),
+            discovery_prefix=s.get("discovery_prefix", DEFAULT_DISCOVERY_PREFIX),
         )
         accounts = {
             name: Account(name, entry["kind"], bool(entry.get("aggregator", False)))
@@ -183,6 +187,7 @@ class BrokerKit:
             kit = cls(root, settings or KitSettings())
         try:
             Topics(kit.settings.prefix)
+            check_discovery_prefix(kit.settings.discovery_prefix)
             BrokerEndpoint.parse(kit.settings.url())
         except ValueError as exc:
             raise KitError(str(exc)) from None
@@ -324,7 +329,7 @@ class BrokerKit:
         write = write_atomic
         write(self.root / KIT_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
         write(self.root / "passwd", render_password_file(known).encode(), 0o600)
-        acl = render_acl(self.topics, self.accounts.values())
+        acl = render_acl(self.topics, self.accounts.values(), self.settings.discovery_prefix)
         write(self.root / "acl", acl.encode(), 0o644)
         write(self.root / "mosquitto.conf", self.mosquitto_conf().encode(), 0o644)
 

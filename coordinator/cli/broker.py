@@ -55,6 +55,12 @@ def broker() -> None:
     help="Written into new agents' [trust] coordinator_keys (see 'ember keys show').",
 )
 @click.option("--prefix", envvar=PREFIX_ENV, default=None, help="Topic prefix [ember/v1].")
+@click.option(
+    "--homeassistant-prefix",
+    default=None,
+    metavar="PREFIX",
+    help="Home Assistant's MQTT discovery prefix agents may announce under [homeassistant].",
+)
 @click.option("--public-url", default=None, help="How agents reach the broker [mqtts://HOST:PORT].")
 @click.option(
     "--install-dir",
@@ -77,6 +83,7 @@ def config(
     operators: tuple[str, ...],
     coordinator_key: str | None,
     prefix: str | None,
+    homeassistant_prefix: str | None,
     public_url: str | None,
     install_dir: str | None,
     require_client_cert: bool | None,
@@ -104,6 +111,7 @@ def config(
             hosts=tuple(dict.fromkeys(hosts)) or settings.hosts,
             listeners=(listener, *settings.listeners[1:]),
             prefix=prefix or settings.prefix,
+            discovery_prefix=homeassistant_prefix or settings.discovery_prefix,
             public_url=public_url if public_url is not None else settings.public_url,
             install_dir=install_dir if install_dir is not None else settings.install_dir,
             require_client_cert=settings.require_client_cert

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from agent.protocol.homeassistant import node_id
 from agent.protocol.topics import Topics
 from agent.transport import BrokerConfig, Inbound, NotConnectedError, Subscription, Transport
 from coordinator.brokerkit.acl import Account, render_acl
@@ -106,6 +107,7 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
     alice = await connected(secured.agent_config("alice"))
     try:
         everything = await coordinator.subscribe(f"{t.prefix}/#")
+        discovery = await coordinator.subscribe("homeassistant/#")
         forged = [
             t.agent_status("bob"),
             t.agent_roles("bob"),
@@ -119,6 +121,9 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
         ]
         for topic in forged:
             await alice.publish(topic, b"forged by alice")
+        ha = "homeassistant/sensor/{}/cpu/config"
+        await alice.publish(ha.format(node_id("agent", "bob")), b"forged by alice")
+        await alice.publish(ha.format(node_id("agent", "alice")), b"alice's discovery config")
         own = [
             t.agent_status("alice"),
             t.job_updates("j1", "alice"),
@@ -129,6 +134,8 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             await alice.publish(topic, b"alice's own")
         seen = await received_until(everything, own[-1])
         assert seen == own
+        assert (await discovery.get(timeout=10)).topic == ha.format(node_id("agent", "alice"))
+        assert await next_or_none(discovery, 0.3) is None
     finally:
         await alice.close()
         await coordinator.close()
