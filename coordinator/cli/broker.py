@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,6 +34,14 @@ def broker() -> None:
 )
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="TLS port [8883].")
 @click.option("--bind", default=None, metavar="ADDRESS", help="Listen only on this address.")
+@click.option(
+    "--websockets-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Also serve MQTT over WebSockets on this port, for browser dashboards (ember "
+    "dashboard), with the same address, TLS (wss://) and logins; 0 removes it [none; 9001 is "
+    "usual].",
+)
 @click.option(
     "--agent",
     "agents",
@@ -78,6 +87,7 @@ def config(
     hosts: tuple[str, ...],
     port: int | None,
     bind: str | None,
+    websockets_port: int | None,
     agents: tuple[str, ...],
     aggregators: tuple[str, ...],
     operators: tuple[str, ...],
@@ -106,10 +116,11 @@ def config(
         listener = settings.listeners[0] if settings.listeners else Listener()
         if port is not None or bind is not None:
             listener = replace(listener, port=port or listener.port, bind=bind or listener.bind)
+        listeners = _with_websockets((listener, *settings.listeners[1:]), websockets_port)
         settings = replace(
             settings,
             hosts=tuple(dict.fromkeys(hosts)) or settings.hosts,
-            listeners=(listener, *settings.listeners[1:]),
+            listeners=listeners,
             prefix=prefix or settings.prefix,
             discovery_prefix=homeassistant_prefix or settings.discovery_prefix,
             public_url=public_url if public_url is not None else settings.public_url,
@@ -138,6 +149,27 @@ def config(
         stderr(f"  new account {name}: {kit.credentials_dir(name)}")
     stderr(f"run: mosquitto -c {kit.install / 'mosquitto.conf'}   (reload: kill -HUP)")
     stderr(f"coordinator: {kit.credentials_dir('ember-coordinator') / 'broker.env'}")
+    for ws in (x for x in kit.settings.listeners if x.protocol == "websockets"):
+        scheme = "wss" if ws.tls else "ws"
+        stderr(
+            f"dashboard: ember dashboard --ws-url {scheme}://{kit.settings.hosts[0]}:{ws.port} "
+            f"(log in as an operator; the browser must trust {kit.install / 'ca.crt'})"
+        )
+
+
+def _with_websockets(listeners: tuple[Any, ...], port: int | None) -> tuple[Any, ...]:
+    """The listeners with the WebSockets one set to ``port`` (like the first listener: same
+    address and TLS), removed for 0, unchanged for ``None``."""
+    from dataclasses import replace
+
+    if port is None:
+        return listeners
+    first, rest = listeners[0], [x for x in listeners[1:] if x.protocol != "websockets"]
+    if port == first.port:
+        fail(f"--websockets-port {port} is the MQTT listener's port")
+    if port:
+        rest.append(replace(first, port=port, protocol="websockets"))
+    return (first, *rest)
 
 
 def _default_hosts() -> tuple[str, ...]:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,7 +35,15 @@ class CdpError(RuntimeError):
 class Chromium:
     """One headless browser with one page; :meth:`evaluate` runs JavaScript in it."""
 
-    def __init__(self, executable: str, workdir: Path, *, width: int = 1280, height: int = 1000):
+    def __init__(
+        self,
+        executable: str,
+        workdir: Path,
+        *,
+        width: int = 1280,
+        height: int = 1000,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         # Our ends and the child's, the child's first moved above 3 and 4 so dup2 cannot clash.
         to_child_r, self._to_child = os.pipe()
@@ -68,6 +77,7 @@ class Chromium:
                 "--password-store=basic",
                 f"--user-data-dir={workdir / 'profile'}",
                 f"--window-size={width},{height}",
+                *extra_args,
                 "about:blank",
             ],
             stdin=subprocess.DEVNULL,
