@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import time
+from pathlib import Path
 
+from agent.process import stop_process
 from agent.protocol import Topics
 from agent.transport import Subscription, Transport
 from coordinator.homeassistant import JobAnnouncer
@@ -52,3 +56,52 @@ async def test_jobs_are_announced_while_under_way_and_removed_when_they_end(
         assert set(gone) == set(live)
         assert not any(gone.values())
         await announcer.stop()
+
+
+async def test_ember_serve_homeassistant_announces_its_embedded_agent(
+    agents_transport: Transport, mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    from tests.coordinator.test_cli import environment, spawn_serve
+
+    sub = await agents_transport.subscribe("hass/#")
+    env = environment(mosquitto, topics)
+    log = tmp_path / "serve.log"
+    with log.open("wb") as sink:
+        process = await spawn_serve(
+            env,
+            tmp_path / "state",
+            sink,
+            "--homeassistant",
+            "--homeassistant-prefix",
+            "hass",
+            "--agent-id",
+            "hub",
+            "--no-zeroconf",
+        )
+    try:
+        configs = await messages(sub, 6)
+    finally:
+        await stop_process(process, 15)
+    assert {t.split("/")[2] for t in configs} == {"ember_agent_hub"}, log.read_text()
+    states = {json.loads(p)["state_topic"] for p in configs.values()}
+    assert states == {topics.agent_status("hub"), topics.agent_telemetry("hub")}
+
+
+async def test_ember_serve_refuses_a_bad_discovery_prefix(tmp_path: Path) -> None:
+    done = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "coordinator.cli",
+        "serve",
+        "--state-dir",
+        str(tmp_path),
+        "--homeassistant-prefix",
+        "ha/#",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(done.communicate(), 60)
+    assert done.returncode == 2
+    assert err.decode().strip() == (
+        "Error: --homeassistant-prefix: 'ha/#' is not a valid topic without wildcards"
+    )
