@@ -5,13 +5,15 @@ all users by ``pattern`` except reading one's own enrolment reply topic, which i
 MQTT client id (``%c``). Grants, by kind of account:
 
 * **agent** (username = agent id): write only its own ``agents/<id>/{status,info,telemetry,
-  roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests), its own
-  ``jobs/+/agents/<id>/progress`` and the job metrics topics; read only its own inbox and the
-  jobs' model topics (versions and update receipts).
+  roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests) and its own
+  ``jobs/+/agents/<id>/progress``; read only its own inbox and the jobs' model topics (versions
+  and update receipts).
 * **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
-  model topics and read every trainer's updates. An agent without the grant that is placed as
-  an aggregator has its model versions dropped by the broker, so give the grant to the agents
-  labelled ``role=aggregator`` (gateways) and no others.
+  model topics, read every trainer's updates and write the jobs' metrics topics (model
+  versions, completion: events the coordinator acts on, so a trainer may not send them). An
+  agent without the grant that is placed as an aggregator has its model versions dropped by
+  the broker, so give the grant to the agents labelled ``role=aggregator`` (gateways) and no
+  others.
 * **coordinator**: read and write everything under the prefix and the Home Assistant discovery
   prefix (it also runs the embedded agent that hosts the top aggregator, under the same
   credential, on the same host).
@@ -81,12 +83,15 @@ class Account:
             ("read", topics.agent_inbox(me)),
             ("write", f"{p}/jobs/+/updates/{me}"),
             ("write", f"{p}/jobs/+/agents/{me}/progress"),
-            ("write", f"{p}/jobs/+/metrics"),
             ("write", f"{discovery}/+/{node_id('agent', me)}/+/config"),
             ("read", f"{discovery}/{STATUS_LEAF}"),
         ]
         if self.aggregator:
-            rules += [("readwrite", f"{p}/jobs/+/model/#"), ("read", f"{p}/jobs/+/updates/+")]
+            rules += [
+                ("readwrite", f"{p}/jobs/+/model/#"),
+                ("read", f"{p}/jobs/+/updates/+"),
+                ("write", f"{p}/jobs/+/metrics"),
+            ]
         else:
             rules.append(("read", f"{p}/jobs/+/model/#"))
         return rules

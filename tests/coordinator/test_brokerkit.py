@@ -115,6 +115,7 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.agent_inbox("alice"),
             t.job_updates("j1", "bob"),
             t.job_progress("j1", "bob"),
+            t.job_metrics("j1"),  # "completed" there would end a job: aggregators only
             t.job_model("j1"),
             t.job_state("j1"),
             t.rpc_requests(),
@@ -128,7 +129,6 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.agent_status("alice"),
             t.job_updates("j1", "alice"),
             t.job_progress("j1", "alice"),
-            t.job_metrics("j1"),
         ]
         for topic in own:
             await alice.publish(topic, b"alice's own")
@@ -167,6 +167,9 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         await gw.publish(t.job_model("j1"), b"gw's version")
         assert (await models.get(timeout=10)).payload == b"gw's version"
         assert await next_or_none(models, 0.5) is None
+        metrics = await coordinator.subscribe(t.job_metrics("j1"))
+        await gw.publish(t.job_metrics("j1"), b'{"event": "model_version"}')
+        assert (await metrics.get(timeout=10)).payload == b'{"event": "model_version"}'
     finally:
         for client in (alice, gw, coordinator):
             await client.close()
