@@ -109,6 +109,16 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class SpoolConfig:
+    """Bounds of the disk spool that keeps a trainer's updates until the aggregator has them."""
+
+    max_updates: int = 32
+    """Updates kept at most; a full spool pauses training until receipts free room."""
+    max_mb: float = 256.0
+    """Megabytes of updates kept at most."""
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """The whole agent configuration, validated."""
 
@@ -125,6 +135,7 @@ class AgentConfig:
     datasets: tuple[DatasetConfig, ...] = ()
     simulation: SimulationConfig = SimulationConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    spool: SpoolConfig = SpoolConfig()
     source: Path | None = None
     """The file this configuration was read from."""
 
@@ -186,7 +197,17 @@ def _env_value(text: str) -> Any:
 
 
 _SECTIONS = frozenset(
-    {"agent", "broker", "trust", "telemetry", "zeroconf", "datasets", "simulation", "homeassistant"}
+    {
+        "agent",
+        "broker",
+        "trust",
+        "telemetry",
+        "zeroconf",
+        "datasets",
+        "simulation",
+        "homeassistant",
+        "spool",
+    }
 )
 _KEYS = {
     "agent": frozenset({"id", "state_dir", "labels", "topic_prefix", "allow_code"}),
@@ -213,6 +234,7 @@ _KEYS = {
     "datasets": frozenset({"name", "path", "tags", "format", "label_column"}),
     "simulation": frozenset({"slowdown"}),
     "homeassistant": frozenset({"enabled", "discovery_prefix"}),
+    "spool": frozenset({"max_updates", "max_mb"}),
 }
 
 
@@ -262,6 +284,7 @@ def _build(
         datasets=_datasets(raw.get("datasets", []), base),
         simulation=_simulation(sections["simulation"]),
         homeassistant=_homeassistant(sections["homeassistant"]),
+        spool=_spool(sections["spool"]),
         source=source,
     )
 
@@ -337,6 +360,16 @@ def _homeassistant(table: dict[str, Any]) -> HomeAssistantConfig:
         raise ConfigError(f"homeassistant.discovery_prefix: {exc}") from None
     return HomeAssistantConfig(
         enabled=_bool(table, "enabled", "homeassistant.enabled", False), discovery_prefix=prefix
+    )
+
+
+def _spool(table: dict[str, Any]) -> SpoolConfig:
+    default = SpoolConfig()
+    return SpoolConfig(
+        max_updates=_number(
+            table.get("max_updates", default.max_updates), "spool.max_updates", int, minimum=1
+        ),
+        max_mb=_number(table.get("max_mb", default.max_mb), "spool.max_mb", float, minimum=0.001),
     )
 
 

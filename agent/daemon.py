@@ -145,7 +145,11 @@ class AgentDaemon:
             trusted_keys=config.coordinator_keys,
             allow_code=config.allow_code,
             role_types=self.role_types,
-            role_extras={"slowdown": config.simulation.slowdown},
+            role_extras={
+                "slowdown": config.simulation.slowdown,
+                "spool_max_updates": config.spool.max_updates,
+                "spool_max_bytes": int(config.spool.max_mb * (1 << 20)),
+            },
         )
         presence.attach(transport)
         transport.on_connect(self._on_connect)

@@ -9,7 +9,10 @@ and FedDyn (Acar et al. 2021) change only the local objective, inside the train-
 FedDyn's client state is kept in the role's state directory across restarts.
 
 Training runs through ``ctx.run_cpu`` so the agent's event loop keeps answering pings, sending
-telemetry and watchdog pings while a step runs.
+telemetry and watchdog pings while a step runs. Updates go out through
+:class:`~agent.roles.delivery.Delivery`: spooled on disk until the aggregator acknowledges
+them, resent after reconnects and restarts; training goes on while the broker is away until the
+spool is full.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from agent.protocol import (
 )
 from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
 from agent.roles.base import Role, RoleContext, register_role
+from agent.roles.delivery import ACK_TIMEOUT, Delivery
+from agent.spool import Spool
 from agent.tasks import cancel_and_wait
 from agent.transport import Subscription
 
@@ -44,10 +49,9 @@ log = structlog.get_logger("ember.trainer")
 
 MODEL_REQUEST_INTERVAL = 2.0
 """Seconds between requests for the current model while none has arrived."""
-ACK_TIMEOUT = 5.0
-"""Seconds to wait for the aggregator's receipt of an update before training on regardless:
-receipts take milliseconds, but an aggregator that restarted never saw (and never acknowledges)
-an update sent while it was down."""
+SPOOL_MAX_UPDATES = 32
+SPOOL_MAX_BYTES = 256 << 20
+"""Default bounds of the update spool (``[spool]`` in the agent's config overrides them)."""
 
 
 class RoleError(RuntimeError):
@@ -65,8 +69,13 @@ class Trainer(Role):
         self.plan = TrainingPlan.from_config(ctx.bundle.config)
         self._latest: ModelVersion | None = None
         self._arrived = asyncio.Event()
-        self._acked: str | None = None
-        self._ack = asyncio.Event()
+        extras = ctx.extras
+        spool = Spool(
+            ctx.state_dir / "spool",
+            max_entries=int(extras.get("spool_max_updates", SPOOL_MAX_UPDATES)),
+            max_bytes=int(extras.get("spool_max_bytes", SPOOL_MAX_BYTES)),
+        )
+        self.delivery = Delivery(ctx, spool)
         self.updates_sent = 0
 
     async def run(self) -> None:
@@ -94,13 +103,18 @@ class Trainer(Role):
                 "last_update": None,
             }
         )
+        final = False
         try:
+            left, self.updates_sent = await self.delivery.start()
+            if left:
+                log.info("spooled_updates_resent", job=bundle.job, updates=left)
             await self._request_model(topic, have=-1)
             trained_on = -1
             while True:
                 version = await self._next_version(trained_on, topic)
                 if version.final:
                     log.info("job_final_version", job=bundle.job, version=version.version)
+                    final = True
                     return
                 trained_on = version.version
                 ctx.progress({"state": "training", "base_version": version.version})
@@ -132,8 +146,9 @@ class Trainer(Role):
                         "train_seconds": time.monotonic() - began,
                     },
                 )
+                payload = await ctx.run_cpu(update.to_msgpack)
                 ctx.progress({"state": "sending"})
-                await ctx.publish(topic, update.to_msgpack())
+                await self.delivery.put(update.id, topic, payload, version.version)
                 self.updates_sent += 1
                 ctx.progress(
                     {
@@ -147,10 +162,13 @@ class Trainer(Role):
                         },
                     }
                 )
-                log.debug("update_sent", job=bundle.job, base=version.version, loss=result.loss)
+                log.debug("update_spooled", job=bundle.job, base=version.version, loss=result.loss)
                 await self._wait_ack(update.id)
                 ctx.progress({"state": "waiting_model"})
         finally:
+            if final:  # nobody will apply what is left: say so in the ledger, free the disk
+                await self.delivery.discard_all("the job ended")
+            await self.delivery.close()
             await cancel_and_wait([follower])
             await models.close()
 
@@ -172,36 +190,31 @@ class Trainer(Role):
                 continue
             if isinstance(decoded, UpdateAck):
                 if decoded.job == job and me in decoded.acks:
-                    self._acked = decoded.acks[me]
-                    self._ack.set()
+                    self.delivery.acknowledged(decoded.acks[me])
                 continue
             if not isinstance(decoded, ModelVersion) or decoded.job != job:
                 continue
+            self.delivery.model_arrived()
             latest = self._latest
             # The same version comes again when a synchronous round opens on it (now naming
             # its trainers) or when the aggregator answers a request: take it too.
             if latest is None or decoded.version >= latest.version or decoded.final:
                 self._latest = decoded
                 self._arrived.set()
+                self.delivery.pulse()
                 if latest is None or decoded.version != latest.version:
                     self.ctx.progress({"model_version": decoded.version})
 
     async def _wait_ack(self, update_id: str) -> None:
-        """At most one update in flight: wait for its receipt (or a final version)."""
-        deadline = asyncio.get_running_loop().time() + ACK_TIMEOUT
-        while self._acked != update_id and not (self._latest and self._latest.final):
-            self._ack.clear()
-            self._arrived.clear()
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                log.warning("update_not_acknowledged", job=self.ctx.bundle.job, update=update_id)
-                return
-            waiters = [asyncio.ensure_future(e.wait()) for e in (self._ack, self._arrived)]
-            try:
-                await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
+        """Flow control: train again once the aggregator acknowledged the update (it then
+        publishes its newest version) or a final version came; after :data:`ACK_TIMEOUT` train
+        on regardless (the update stays spooled and is sent again), so an absent broker or
+        aggregator does not stop training until the spool is full."""
+        if not await self.delivery.wait(
+            lambda: self.delivery.is_acked(update_id) or bool(self._latest and self._latest.final),
+            ACK_TIMEOUT,
+        ):
+            log.info("update_not_yet_acknowledged", job=self.ctx.bundle.job, update=update_id)
 
     async def _next_version(self, trained_on: int, topic: str) -> ModelVersion:
         """The version to train on next: newer than ``trained_on`` in sync mode, and naming

@@ -1,0 +1,255 @@
+"""A trainer's updates, delivered at least once end to end: spooled, sent, resent until the
+aggregator acknowledges them.
+
+The transport's QoS 1 makes the broker acknowledge every chunk (PUBACK), but that is only half
+the road: a broker restarted without persistence, or an aggregator that was away with a clean
+session, loses a message the broker had taken. So :class:`Delivery` keeps every update in the
+agent's :class:`~agent.spool.Spool` until the aggregator's ``UpdateAck`` names it, sends the
+oldest first and one at a time (the ``UpdateAck`` carries one id per agent), and sends it again
+
+* at once after the connection to the broker came back (the receipt may have been lost with it),
+* when the aggregator shows it is alive (a model version arrives) and the receipt is overdue,
+* otherwise after a timeout that doubles up to :data:`RESEND_MAX` (an aggregator that is down),
+* and after the agent process restarts (the spool is on disk).
+
+The aggregator applies each update id at most once (``AppliedIds`` in its checkpoint), so a
+repeat costs bandwidth, never a double count. Training does not wait for any of this: the
+trainer goes on while the broker is away, until the bounded spool is full.
+
+Every update's fate is appended to ``updates.jsonl`` in the role's state directory (spooled,
+acknowledged, discarded when the job ended): an audit trail for operators and fault tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.roles.base import RoleContext
+from agent.spool import Spool, SpoolEntry
+from agent.tasks import cancel_and_wait
+
+log = structlog.get_logger("ember.delivery")
+
+ACK_TIMEOUT = 5.0
+"""Seconds to wait for the aggregator's receipt before sending an update again (doubling)."""
+RESEND_MAX = 30.0
+"""The longest wait between two sends of one unacknowledged update."""
+LEDGER = "updates.jsonl"
+LEDGER_MAX_BYTES = 4 << 20
+"""The audit trail is rotated to ``updates.jsonl.1`` beyond this size."""
+
+
+class UpdateLedger:
+    """An append-only JSON-lines record of what became of each update (one line per event)."""
+
+    def __init__(self, path: Path, max_bytes: int = LEDGER_MAX_BYTES) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+
+    def record(self, event: str, update_id: str, **fields: Any) -> None:
+        line = json.dumps({"ts": round(time.time(), 4), "event": event, "id": update_id, **fields})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size > self.max_bytes:
+            self.path.replace(self.path.with_name(self.path.name + ".1"))
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+    def ids(self, event: str) -> set[str]:
+        """Ids recorded with ``event`` (both files)."""
+        return {row["id"] for row in read_ledger(self.path) if row.get("event") == event}
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The events of a ledger and its rotated predecessor, oldest first; torn lines skipped."""
+    rows: list[dict[str, Any]] = []
+    for part in (path.with_name(path.name + ".1"), path):
+        if not part.exists():
+            continue
+        for line in part.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                rows.append(row)
+    return rows
+
+
+class Delivery:
+    """At-least-once delivery of spooled updates, acknowledged end to end by the aggregator."""
+
+    def __init__(
+        self,
+        ctx: RoleContext,
+        spool: Spool,
+        *,
+        ack_timeout: float = ACK_TIMEOUT,
+        resend_max: float = RESEND_MAX,
+    ) -> None:
+        self.ctx = ctx
+        self.spool = spool
+        self.ledger = UpdateLedger(ctx.state_dir / LEDGER)
+        self.ack_timeout = ack_timeout
+        self.resend_max = max(resend_max, ack_timeout)
+        self.sends = 0
+        self.resends = 0
+        self._acked: set[str] = set()
+        self._models = 0
+        self._pulse = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._full_logged = False
+
+    # -- life ------------------------------------------------------------------------------------
+    async def start(self) -> tuple[int, int]:
+        """Read what a previous run left in the spool and start sending. Returns how many
+        updates were left unacknowledged and how many this role has spooled in all."""
+        counts: tuple[int, int] = await self.ctx.run_cpu(self._recover)
+        self._task = asyncio.create_task(self._run(), name=f"{self.ctx.bundle.job}-delivery")
+        return counts
+
+    def _recover(self) -> tuple[int, int]:
+        entries = self.spool.load()
+        known = self.ledger.ids("spooled")
+        for entry in entries:
+            if entry.id not in known:  # spooled, then the process died before the ledger line
+                self.ledger.record("spooled", entry.id, recovered=True)
+                known.add(entry.id)
+        return len(entries), len(known)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait([self._task])
+            self._task = None
+
+    # -- what the trainer tells us ---------------------------------------------------------------
+    def acknowledged(self, update_id: str) -> None:
+        """The aggregator's receipt named ``update_id``."""
+        if update_id in self.spool:
+            self._acked.add(update_id)
+        self.pulse()
+
+    def model_arrived(self) -> None:
+        """A model version arrived: the aggregator is alive."""
+        self._models += 1
+        self.pulse()
+
+    def pulse(self) -> None:
+        """Wake everything waiting in :meth:`wait` to check its condition again."""
+        self._pulse.set()
+        self._pulse = asyncio.Event()
+
+    def is_acked(self, update_id: str) -> bool:
+        return update_id in self._acked or update_id not in self.spool
+
+    async def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Until ``predicate()`` holds (``True``) or ``timeout`` seconds passed (``False``)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not predicate():
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return False
+            # asyncio.wait, not wait_for: Python 3.10/3.11's wait_for swallows a cancellation
+            # that arrives just as the awaited event is set, and the role would never stop.
+            waiter = asyncio.ensure_future(self._pulse.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=left)
+            finally:
+                waiter.cancel()
+        return True
+
+    async def put(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
+        """Spool one update durably (waiting while the spool is full) and have it sent."""
+        size = len(payload)
+        if not self.spool.has_room(size):
+            if not self._full_logged:
+                log.warning(
+                    "spool_full_training_paused",
+                    job=self.ctx.bundle.job,
+                    entries=len(self.spool),
+                    bytes=self.spool.size,
+                )
+                self._full_logged = True
+            await self.wait(lambda: self.spool.has_room(size), None)
+            self._full_logged = False
+        await self.ctx.run_cpu(self._put, update_id, topic, payload, base_version)
+        self.pulse()
+
+    def _put(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
+        self.spool.put(update_id, topic, payload)
+        self.ledger.record("spooled", update_id, base=base_version, bytes=len(payload))
+
+    async def discard_all(self, reason: str) -> int:
+        """Drop every spooled update (the job ended: nobody will apply them); how many."""
+        await self.close()
+        entries = self.spool.entries()
+
+        def drop() -> None:
+            for entry in entries:
+                self.spool.remove(entry.id)
+                self.ledger.record("discarded", entry.id, reason=reason)
+
+        if entries:
+            await self.ctx.run_cpu(drop)
+            log.info(
+                "spool_discarded", job=self.ctx.bundle.job, updates=len(entries), reason=reason
+            )
+        return len(entries)
+
+    # -- the sender ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            await self.wait(lambda: len(self.spool) > 0, None)
+            entries = self.spool.entries()
+            if not entries:
+                continue
+            entry = entries[0]
+            await self._deliver(entry)
+            await self.ctx.run_cpu(self._done, entry)
+            self._acked.discard(entry.id)
+            self.pulse()  # room in the spool
+
+    async def _deliver(self, entry: SpoolEntry) -> None:
+        """Send ``entry`` until its receipt arrives."""
+        loop = asyncio.get_running_loop()
+        transport = self.ctx.transport
+        attempt = 0
+        while entry.id not in self._acked:
+            attempt += 1
+            if attempt > 1:
+                self.resends += 1
+                log.info("update_resent", job=self.ctx.bundle.job, update=entry.id, attempt=attempt)
+            await self.ctx.publish(entry.topic, entry.payload)  # QoS 1: PUBACK of every chunk
+            self.sends += 1
+            sent_at, session, models = loop.time(), transport.session, self._models
+            interval = min(self.ack_timeout * 2 ** (attempt - 1), self.resend_max)
+            resend_now = functools.partial(
+                self._resend_due, entry.id, sent_at, session, models, interval
+            )
+            # The session counter moves without a pulse: look at least once a second.
+            while not await self.wait(resend_now, 1.0):
+                pass
+
+    def _resend_due(
+        self, update_id: str, sent_at: float, session: int, models: int, interval: float
+    ) -> bool:
+        """Stop waiting for the receipt of ``update_id``: it came, or it is time to resend."""
+        waited = asyncio.get_running_loop().time() - sent_at
+        return (
+            update_id in self._acked
+            or self.ctx.transport.session != session  # reconnected: the receipt may be lost
+            or (self._models != models and waited >= self.ack_timeout)  # the aggregator is up
+            or waited >= interval
+        )
+
+    def _done(self, entry: SpoolEntry) -> None:
+        self.spool.remove(entry.id)
+        self.ledger.record("acked", entry.id)
