@@ -81,7 +81,7 @@ class Aggregator(Role):
         self._acks: dict[str, str] = {}
         self._acks_pending = False
         self._unsaved = False
-        """FedBuff updates went into the buffer since the last checkpoint."""
+        """Updates went into the buffer since the last checkpoint."""
 
     # -- set-up --------------------------------------------------------------------------------
     async def run(self) -> None:
@@ -105,7 +105,15 @@ class Aggregator(Role):
             self.history = list(meta.get("history", []))
             self.started_at = float(meta.get("started_at", self.started_at))
             self.trainers = set(meta.get("trainers", []))
-            log.info("aggregator_resumed", job=bundle.job, version=self.algo.version)
+            # A sync round that was open goes on with what it had; its timeout starts afresh
+            # (the clock is per process) so the updates of its trainers can still arrive.
+            self._round_opened = time.monotonic()
+            log.info(
+                "aggregator_resumed",
+                job=bundle.job,
+                version=self.algo.version,
+                applied=self.algo.counters.applied,
+            )
         updates = await ctx.transport.subscribe(
             ctx.topics.all_job_updates(bundle.job), max_messages=100_000
         )
@@ -261,9 +269,10 @@ class Aggregator(Role):
                 }
             )
             return
-        # FedBuff's buffer is part of its checkpoint; a sync round's is not (its timeout covers
-        # a lost update), so only asynchronous updates are saved before they are acknowledged.
-        self._unsaved = not isinstance(algo, SyncFedAvg)
+        # The buffer (FedBuff's, or the open sync round's with who reported) and the applied id
+        # are saved before the receipt goes out: the trainer forgets an acknowledged update, and
+        # a resumed round must neither lose it nor count it twice.
+        self._unsaved = True
         if isinstance(self.selector, OortSelector):
             # Oort's statistical utility wants the mean squared per-sample loss; a trainer
             # reports its mean loss, whose square is the closest (lower-bound) estimate.
@@ -397,6 +406,8 @@ class Aggregator(Role):
         )
 
     async def _finish(self, reason: str) -> None:
+        if self._acks_pending:  # receipts first: trainers discard what is unacknowledged at the end
+            await self._send_acks()
         await self._publish(final=True)
         last = self.history[-1] if self.history else {}
         await self.ctx.report(

@@ -20,6 +20,7 @@ import numpy.typing as npt
 import pytest
 
 from agent.learning.assets import load_demo_model
+from agent.learning.fedavg import SyncFedAvg
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.protocol import (
     ModelRequest,
@@ -392,6 +393,68 @@ async def test_acknowledged_updates_survive_an_aggregator_restart(federation: Fe
     assert resumed.algo.counters.applied == 2
     assert isinstance(resumed.algo, FedBuffAggregator)
     assert resumed.algo.pending == 2
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_sync_round_resumes_with_its_acknowledged_updates_once(
+    federation: Federation,
+) -> None:
+    """A synchronous FedAvg round open when its aggregator dies goes on after the restart with
+    the updates it acknowledged (saved before the receipt), and a resent one counts once."""
+    cfg = config(mode="sync", min_trainers=2, round_timeout=120, stop={"max_versions": 5})
+    _, holdout = digits(2)
+    topics = federation.topics
+
+    async def start() -> tuple[Aggregator, asyncio.Task[None]]:
+        ctx = await federation.context(
+            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+        )
+        aggregator = Aggregator(ctx)
+        return aggregator, asyncio.create_task(aggregator.run())
+
+    _, task = await start()
+    listener = federation.transports[0]
+    models = await listener.subscribe(topics.job_model("digits"))
+    await asyncio.wait_for(federation.wait_for(lambda e: e["event"] == "model_version"), 30)
+    for agent in ("pi-0", "pi-1"):
+        request = ModelRequest(job="digits", agent=agent, have_version=-1)
+        await listener.publish(topics.job_updates("digits", agent), request.to_msgpack())
+    zeros = {k: np.zeros_like(v) for k, v in load_demo_model().initial_params.items()}
+    update = ModelUpdate(job="digits", agent="pi-0", base_version=0, num_samples=10, tensors=zeros)
+    sent = False
+    while True:
+        decoded = decode_message((await models.get(timeout=10)).payload)
+        if isinstance(decoded, ModelVersion) and decoded.participants and not sent:
+            assert sorted(decoded.participants) == ["pi-0", "pi-1"]
+            await listener.publish(topics.job_updates("digits", "pi-0"), update.to_msgpack())
+            sent = True
+        if isinstance(decoded, UpdateAck) and decoded.acks.get("pi-0") == update.id:
+            break
+    task.cancel()  # the aggregator's agent dies mid-round, right after the receipt
+    await asyncio.gather(task, return_exceptions=True)
+
+    resumed, task = await start()
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if getattr(resumed, "algo", None) is not None and resumed.algo.counters.applied:
+            break
+    assert isinstance(resumed.algo, SyncFedAvg)
+    current = resumed.algo.current_round
+    assert current is not None
+    assert current.number == 0
+    assert current.reported == {"pi-0"}
+    # The trainer did not see the receipt and sends the update again: a duplicate, not a second
+    # report; pi-1's update then closes the round with both.
+    await listener.publish(topics.job_updates("digits", "pi-0"), update.to_msgpack())
+    other = ModelUpdate(job="digits", agent="pi-1", base_version=0, num_samples=10, tensors=zeros)
+    await listener.publish(topics.job_updates("digits", "pi-1"), other.to_msgpack())
+    for _ in range(200):
+        await asyncio.sleep(0.05)
+        if resumed.algo.version == 1:
+            break
+    counters = resumed.algo.counters
+    assert (resumed.algo.version, counters.applied, counters.duplicates) == (1, 2, 1)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
 
