@@ -477,6 +477,11 @@ class Dispatcher:
     ) -> None:
         online = agent is not None and agent.online
         mode = job.spec.algorithm.mode
+        if a.state in ACTIVE and observed is not None and observed.state == "cancelled":
+            # The coordinator cancels only roles it no longer wants; one it still wants was
+            # cancelled by its agent stopping (SIGTERM, or the embedded agent going down with
+            # a killed coordinator). Not the role's end: it is sent again once the agent is back.
+            observed = None
         if a.state in ACTIVE:
             if observed is not None and observed.state in ("running", "starting"):
                 if a.state != "running":

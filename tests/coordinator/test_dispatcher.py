@@ -412,3 +412,26 @@ def test_history_summary_keeps_first_last_and_evenly_spread_points() -> None:
         "lowest_loss": None,
         "points": [],
     }
+
+
+async def test_a_role_cancelled_by_its_stopping_agent_is_sent_again(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    """An agent that stops (SIGTERM, or the embedded agent of a killed coordinator) cancels its
+    roles itself and says so: not the job's end. Once it is back, the role is sent again."""
+    agents = await fleet(agents_transport, topics, {"a": 300})
+    job = await core.dispatcher.submit(job_spec(), artifacts())
+    bundle = await agents["gw"].accept(core.key)
+    await agents["a"].accept(core.key)
+    await eventually(lambda: job.record.phase == "running")
+    gw = agents["gw"]
+    await gw.set_role(
+        job.record.id, "aggregator", "cancelled", bundle=bundle.digest, reason="agent stopping"
+    )
+    await gw.go_offline("stopping")
+    await gw.go_online()
+    _, again = await gw.assignment(core.key)
+    assert again.digest == bundle.digest
+    await gw.set_role(job.record.id, "aggregator", "running", bundle=again.digest)
+    await eventually(lambda: job.assignments[("gw", "aggregator")].state == "running")
+    assert job.record.phase == "running"
