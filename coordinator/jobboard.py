@@ -1,5 +1,6 @@
-"""Every job as a dashboard sees it: the retained ``jobs/<id>/state`` documents and an accuracy
-history per job, read straight from the broker (no coordinator RPC).
+"""Every job as a dashboard sees it: the retained ``jobs/<id>/state`` documents, an accuracy
+history per job and what each agent's roles are doing in it (the retained
+``jobs/<id>/agents/<agent>/progress``), read straight from the broker (no coordinator RPC).
 
 The job state is the MQTT "last known good value" of a job (retained, so a new subscriber has
 every job at once); the accuracy history comes from the state document's ``history`` when it
@@ -115,6 +116,8 @@ class JobBoard:
         self.topics = topics
         self.clock = clock
         self._jobs: dict[str, JobView] = {}
+        self._progress: dict[tuple[str, str], Mapping[str, Any]] = {}
+        """(job, agent) → that agent's progress document for the job."""
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -125,6 +128,9 @@ class JobBoard:
             )
             self._subs.append(sub)
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"jobboard-{leaf}"))
+        sub = await self.transport.subscribe(self.topics.all_job_progress(), 1, max_bytes=64 << 20)
+        self._subs.append(sub)
+        self._tasks.append(asyncio.create_task(self._consume(sub), name="jobboard-progress"))
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
@@ -145,6 +151,12 @@ class JobBoard:
     def get(self, job: str) -> JobView | None:
         return self._jobs.get(job)
 
+    def role_progress(self, job: str, agent: str, role: str) -> Mapping[str, Any] | None:
+        """What ``agent``'s ``role`` in ``job`` last reported (``state``, ``updates_sent``...)."""
+        roles = self._progress.get((job, agent), {}).get("roles")
+        entry = roles.get(role) if isinstance(roles, Mapping) else None
+        return entry if isinstance(entry, Mapping) else None
+
     async def _consume(self, sub: Subscription) -> None:
         async for message in sub:
             try:
@@ -155,17 +167,24 @@ class JobBoard:
     def apply(self, message: Inbound) -> None:
         """Fold one received job document into the board."""
         levels = message.topic[len(self.topics.prefix) + 1 :].split("/")
-        if len(levels) != 3 or levels[0] != "jobs" or levels[2] not in LEAVES:
+        if len(levels) == 5 and levels[2] == "agents" and levels[4] == "progress":
+            levels = [*levels[:3], levels[3]]  # jobs/<job>/agents/<agent>
+        elif len(levels) != 3 or levels[2] not in LEAVES:
+            return
+        if levels[0] != "jobs":
             return
         job, leaf = levels[1], levels[2]
         try:
-            check_segment(job, "job id")
+            for name in levels[1::2]:
+                check_segment(name, "job or agent id")
         except ValueError:
             return
         payload = bytes(message.payload)
-        if not payload:
-            if leaf == "state":  # a cleared retained state: the job is gone
+        if not payload:  # a cleared retained document: the job (or the agent's part) is gone
+            if leaf == "state":
                 self._jobs.pop(job, None)
+            elif leaf == "agents":
+                self._progress.pop((job, levels[3]), None)
             return
         if len(payload) > MAX_DOCUMENT_BYTES:
             log.warning("job_document_too_large", job=job, leaf=leaf, bytes=len(payload))
@@ -180,6 +199,8 @@ class JobBoard:
             return
         if leaf == "state":
             self.update_state(job, doc)
+        elif leaf == "agents":
+            self._progress[(job, levels[3])] = doc
         else:
             self.update_metrics(job, doc)
 

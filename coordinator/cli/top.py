@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,9 @@ def _percent(value: Any) -> str:
 
 
 def _temperature(telemetry: Mapping[str, Any]) -> str:
+    hottest = _num(telemetry.get("temperature_max"))
+    if hottest is not None:
+        return f"{hottest:.0f}°C"
     readings = telemetry.get("temperature")
     values = (
         [v for v in (_num(x) for x in readings.values()) if v is not None]
@@ -106,12 +109,14 @@ def _temperature(telemetry: Mapping[str, Any]) -> str:
     return f"{max(values):.0f}°C" if values else ""
 
 
-def _trainers(counts: Any) -> str:
+def _trainers(counts: Any, stragglers: Any = None) -> str:
     if not isinstance(counts, Mapping):
         return ""
     numbers = {k: v for k, v in counts.items() if isinstance(v, int)}
     total = sum(v for k, v in numbers.items() if k != "standby")
-    return f"{numbers.get('running', 0)}/{total}" if total else "0"
+    text = f"{numbers.get('running', 0)}/{total}" if total else "0"
+    lagging = len(stragglers) if isinstance(stragglers, list) else 0
+    return f"{text} · {lagging} lagging" if lagging else text
 
 
 # -- the frame -----------------------------------------------------------------------------------
@@ -128,6 +133,8 @@ class Frame:
     source: str
     now: float
     connected: bool = True
+    role_progress: Callable[[str, str, str], Mapping[str, Any] | None] = lambda *_: None
+    """``(job, agent, role)`` → what that role last reported (its ``state``: training, ...)."""
 
 
 def render(frame: Frame) -> Any:
@@ -151,10 +158,11 @@ def agents_table(frame: Frame) -> Any:
     from rich.table import Table
 
     table = Table(title="Agents", title_justify="left", box=None, pad_edge=False, expand=False)
-    for column in ("AGENT", "STATE", "CPU", "MEM", "TEMP", "LOAD", "ROLES", "SAMPLED"):
+    numbers = ("CPU", "MEM", "TEMP", "LOAD", "UPDATES", "SAMPLED")
+    for column in ("AGENT", "STATE", "CPU", "MEM", "TEMP", "LOAD", "UPDATES", "ROLES", "SAMPLED"):
         table.add_column(
             column,
-            justify="right" if column in ("CPU", "MEM", "TEMP", "LOAD", "SAMPLED") else "left",
+            justify="right" if column in numbers else "left",
             overflow="fold" if column == "ROLES" else "ellipsis",
         )
     if not frame.agents:
@@ -168,11 +176,14 @@ def agents_table(frame: Frame) -> Any:
         else:
             reason = f" ({a.offline_reason})" if a.offline_reason else ""
             state = f"[red]offline{reason}[/]"
-        roles = [
-            f"{key} [dim]{r.state}[/]" if r.state != "running" else key
-            for key, r in sorted(a.roles.items())
-            if r.state in ("running", "starting", "failed", "refused")
-        ]
+        roles = []
+        for key, r in sorted(a.roles.items()):
+            if r.state not in ("running", "starting", "failed", "refused"):
+                continue
+            live = frame.role_progress(r.job, a.id, r.role) if r.state == "running" else None
+            doing = live.get("state") if live else r.state
+            roles.append(f"{key} [dim]{doing}[/]" if isinstance(doing, str) else key)
+        sent = _num(telemetry.get("updates_sent"))
         table.add_row(
             a.id,
             state,
@@ -180,6 +191,7 @@ def agents_table(frame: Frame) -> Any:
             _percent(memory.get("percent") if isinstance(memory, Mapping) else None),
             _temperature(telemetry),
             f"{load[0]:.2f}" if isinstance(load, list) and load and _num(load[0]) else "",
+            "" if sent is None else f"{sent:.0f}",
             ", ".join(roles),
             age(frame.now - sampled) if (sampled := _num(telemetry.get("ts"))) else "",
         )
@@ -217,7 +229,7 @@ def jobs_table(frame: Frame) -> Any:
             str(state.get("updates_applied", "")),
             "" if accuracy is None else f"{accuracy:.4f}",
             Text(sparkline(curve), style="cyan"),
-            _trainers(state.get("trainers")),
+            _trainers(state.get("trainers"), state.get("stragglers")),
             stop_rules(state.get("stop")),
             age((finished or frame.now) - started) if started is not None else "",
         )
@@ -242,6 +254,7 @@ class Watch:
             source=source,
             now=time.time(),
             connected=self.transport.connected,
+            role_progress=self.board.role_progress,
         )
 
     async def settle(self, quiet: float, limit: float) -> None:

@@ -82,7 +82,9 @@ def telemetry(agent: str) -> dict[str, Any]:
         "load": [0.43, 0.94, 1.01],
         "memory": {"total": 4 << 30, "available": 1 << 30, "percent": 75.0},
         "temperature": {"cpu_thermal": 61.3, "gpu": 55.0},
+        "temperature_max": 61.3,
         "roles": ["digits-3f9a1c/trainer"],
+        "updates_sent": 17,
     }
 
 
@@ -165,6 +167,15 @@ def test_job_board_skips_bad_documents_and_forgets_a_cleared_job(
     assert board.get("unknown-job") is None
     board.apply(message(state_topic, b""))
     assert board.snapshot() == []
+    progress = topics.job_progress("a-1", "pi-1")
+    board.apply(message(progress, json.dumps({"roles": {"trainer": {"state": "sending"}}})))
+    assert board.role_progress("a-1", "pi-1", "trainer") == {"state": "sending"}
+    assert board.role_progress("a-1", "pi-1", "aggregator") is None
+    board.apply(message(progress, b'{"roles": ["not", "a", "map"]}'))
+    assert board.role_progress("a-1", "pi-1", "trainer") is None
+    board.apply(message(progress, json.dumps({"roles": {"trainer": {"state": "sending"}}})))
+    board.apply(message(progress, b""))
+    assert board.role_progress("a-1", "pi-1", "trainer") is None
 
 
 def test_running_job_progress_moves_with_the_clock_towards_its_time_limit() -> None:
@@ -192,19 +203,30 @@ def test_render_shows_agent_health_roles_and_job_progress() -> None:
     registry.update("pi-kitchen", "roles", roles("pi-kitchen", "digits-3f9a1c"))
     registry.update("pi-shed", "status", status("pi-shed", "offline", "connection lost"))
     board = JobBoard(None, topics, clock=lambda: NOW)  # type: ignore[arg-type]
-    history = [{"version": v, "accuracy": a} for v, a in ((1, 0.2), (4, 0.5), (8, 0.8))]
-    board.update_state("digits-3f9a1c", job_state(history=history))
+    points = [{"version": v, "accuracy": a} for v, a in ((1, 0.2), (4, 0.5), (8, 0.8))]
+    board.update_state(
+        "digits-3f9a1c", job_state(history={"points": points}, stragglers=["pi-shed"])
+    )
+    progress = {"v": 1, "roles": {"trainer": {"state": "training", "updates_sent": 17}}}
+    board.apply(message(topics.job_progress("digits-3f9a1c", "pi-kitchen"), json.dumps(progress)))
     board.update_state(
         "old-000001", job_state("old-000001", phase="completed", progress=1.0, finished=NOW - 5)
     )
     text = capture(
-        Frame(registry.snapshot(), board.snapshot(), source="mqtt://broker:1883 t/v1", now=NOW)
+        Frame(
+            registry.snapshot(),
+            board.snapshot(),
+            source="mqtt://broker:1883 t/v1",
+            now=NOW,
+            role_progress=board.role_progress,
+        )
     )
     lines = text.splitlines()
     assert "agents 1/2 online" in lines[0]
     assert "jobs 1 running/2" in lines[0]
     kitchen = next(line for line in lines if line.startswith("pi-kitchen"))
-    for shown in ("online", "37%", "75%", "61°C", "0.43", "digits-3f9a1c/trainer", "4s"):
+    assert kitchen.rstrip().endswith("4s")  # the telemetry sample's age
+    for shown in ("online", "37%", "75%", "61°C", "0.43", " 17 ", "digits-3f9a1c/trainer training"):
         assert shown in kitchen, (shown, kitchen)
     shed = next(line for line in lines if line.startswith("pi-shed"))
     assert "offline (connection lost)" in shed
@@ -216,7 +238,7 @@ def test_render_shows_agent_health_roles_and_job_progress() -> None:
         "36",
         "0.8710",
         "▁▄▇█",
-        "3/3",
+        "3/3 · 1 lagging",
         "acc ≥ 0.95 · 50 versions",
     ):
         assert shown in running, (shown, running)
@@ -370,6 +392,14 @@ def test_top_live_in_a_terminal_follows_a_running_job(live_fleet: LiveFleet) -> 
         assert "agents 3/3 online" in frame
         agg = next(x for x in frame.splitlines() if x.startswith("demo-aggregator"))
         assert "/aggregator" in agg
+
+        def trainers_report(text: str) -> bool:  # what they publish on their progress topics
+            rows = [x for x in last_frame(text).splitlines() if x.startswith("demo-pi-")]
+            states = ("training", "sending", "waiting_ack", "waiting_model")
+            return len(rows) == 2 and all(any(w in x for w in states) for x in rows)
+
+        more = read_until(master, trainers_report, timeout=60)
+        assert trainers_report(plain(screen + more)), last_frame(plain(screen + more))
         os.write(master, b"\x03")  # Ctrl-C, through the terminal's line discipline
         assert process.wait(15) == 0
     finally:
