@@ -368,7 +368,11 @@ async def test_job_state_summarises_history_stragglers_and_refusals(
         await agents_transport.publish(metrics, json.dumps(refusal))
     await eventually(lambda: len(job.recent_refusals) == 4, what="refusals folded")
     state = await retained_state(agents_transport, topics, job_id, "running")
-    while state["rejected"]["count"] < 4 or state["model_version"] < 2:
+    while (
+        state["rejected"]["count"] < 4
+        or state["model_version"] < 2
+        or state["trainers"].get("running") != 2  # b's roles document may come later
+    ):
         state = await retained_state(agents_transport, topics, job_id, "running")
     assert state["participants"] == ["a", "b"]
     assert state["stragglers"] == ["b"]
