@@ -49,8 +49,12 @@ def environment(mosquitto: MosquittoProcess, topics: Topics) -> dict[str, str]:
 
 
 async def ember(*args: str, env: dict[str, str], timeout: float = 60) -> Result:
+    return await run_command(*COMMAND, *args, env=env, timeout=timeout)
+
+
+async def run_command(*args: str, env: dict[str, str], timeout: float = 60) -> Result:
+    """A command's exit status and output (stdin closed)."""
     process = await asyncio.create_subprocess_exec(
-        *COMMAND,
         *args,
         env=env,
         stdin=asyncio.subprocess.DEVNULL,
@@ -479,15 +483,11 @@ async def test_the_embedded_agent_hosts_the_aggregator(
             await process.wait()
 
 
-@pytest.mark.slow
-async def test_a_real_job_runs_to_completion_on_real_agents(
-    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
-) -> None:
-    """The whole road: ``ember serve`` with its embedded agent (the aggregator, evaluating on a
-    held-out set), a real ``ember-agent`` trainer, the digits demo model as ONNX, and
-    ``ember jobs submit --watch`` until the stop rule."""
-    assets = DIGITS_ASSETS
-    if not (assets / "train_step.onnx").exists():
+def digits_job(tmp_path: Path, name: str, concurrency: int = 1) -> Path:
+    """scikit-learn's digits as ``train.npz`` and held-out ``test.npz`` in ``tmp_path``, and a
+    three-version job on the demo's ONNX model evaluating on ``digits-test``; its path. Skips
+    the test when the demo assets are not in this checkout."""
+    if not (DIGITS_ASSETS / "train_step.onnx").exists():
         pytest.skip("the digits demo assets are not in this checkout")
     from sklearn.datasets import load_digits
 
@@ -496,6 +496,32 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
     y = digits.target.astype(np.int64)
     np.savez(tmp_path / "train.npz", x=x[:900], y=y[:900])
     np.savez(tmp_path / "test.npz", x=x[900:], y=y[900:])
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        textwrap.dedent(
+            f"""
+            name: {name}
+            model: {{ onnx: {DIGITS_ASSETS / "train_step.onnx"} }}
+            data: {{ dataset: digits, min_samples: 50, eval_dataset: digits-test }}
+            algorithm:
+              buffer_size: 2
+              concurrency: {concurrency}
+              client: {{ local_steps: 10, batch_size: 32, lr: 0.1 }}
+            stop: {{ max_versions: 3, max_minutes: 2 }}
+            """
+        )
+    )
+    return job
+
+
+@pytest.mark.slow
+async def test_a_real_job_runs_to_completion_on_real_agents(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """The whole road: ``ember serve`` with its embedded agent (the aggregator, evaluating on a
+    held-out set), a real ``ember-agent`` trainer, the digits demo model as ONNX, and
+    ``ember jobs submit --watch`` until the stop rule."""
+    job = digits_job(tmp_path, "digits-real")
     env = environment(mosquitto, topics)
     keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=env)
     trainer_toml = tmp_path / "trainer.toml"
@@ -515,21 +541,6 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
             [[datasets]]
             name = "digits"
             path = "{tmp_path / "train.npz"}"
-            """
-        )
-    )
-    job = tmp_path / "job.yaml"
-    job.write_text(
-        textwrap.dedent(
-            f"""
-            name: digits-real
-            model: {{ onnx: {assets / "train_step.onnx"} }}
-            data: {{ dataset: digits, min_samples: 50, eval_dataset: digits-test }}
-            algorithm:
-              buffer_size: 2
-              concurrency: 1
-              client: {{ local_steps: 10, batch_size: 32, lr: 0.1 }}
-            stop: {{ max_versions: 3, max_minutes: 2 }}
             """
         )
     )

@@ -22,24 +22,14 @@ from agent.process import stop_process
 from agent.protocol.topics import Topics
 from coordinator.brokerkit.passwords import parse_password_file
 from tests.coordinator.brokerkit_fixtures import SecuredBroker, start_kit_broker
-from tests.coordinator.test_cli import Result, ember, spawn_serve
+from tests.coordinator.test_cli import Result, ember, run_command, spawn_serve
 
 AGENT_CLI = str(Path(sys.executable).parent / "ember-agent")
 _toml: Any = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "tomli")
 
 
-async def agent_cli(*args: str, env: dict[str, str], timeout: float = 60) -> Result:
-    process = await asyncio.create_subprocess_exec(
-        AGENT_CLI,
-        *args,
-        env=env,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), timeout)
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
+async def agent_cli(*args: str, env: dict[str, str]) -> Result:
+    return await run_command(AGENT_CLI, *args, env=env)
 
 
 @dataclass

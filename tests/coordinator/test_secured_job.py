@@ -8,10 +8,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -19,23 +17,16 @@ from agent.process import stop_process
 from agent.protocol.bundle import public_key_to_text
 from agent.protocol.topics import Topics
 from tests.coordinator.brokerkit_fixtures import start_kit_broker
-from tests.coordinator.test_cli import DIGITS_ASSETS, ember, spawn_serve
+from tests.coordinator.test_cli import digits_job, ember, spawn_serve
 
 AGENT_CLI = str(Path(sys.executable).parent / "ember-agent")
 
 
+@pytest.mark.slow
 async def test_a_job_runs_through_the_secured_broker_and_refusals_reach_the_coordinator(
     tmp_path: Path, topics: Topics
 ) -> None:
-    if not (DIGITS_ASSETS / "train_step.onnx").exists():
-        pytest.skip("the digits demo assets are not in this checkout")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.data / 16).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    np.savez(tmp_path / "train.npz", x=x[:900], y=y[:900])
-    np.savez(tmp_path / "test.npz", x=x[900:], y=y[900:])
+    job = digits_job(tmp_path, "digits-secured", concurrency=2)
     base = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
     keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=base)
     secured = start_kit_broker(
@@ -87,22 +78,6 @@ async def test_a_job_runs_through_the_secured_broker_and_refusals_reach_the_coor
                         stderr=sink,
                     )
                 )
-        job = tmp_path / "job.yaml"
-        job.write_text(
-            textwrap.dedent(
-                f"""
-                name: digits-secured
-                model: {{ onnx: {DIGITS_ASSETS / "train_step.onnx"} }}
-                data: {{ dataset: digits, min_samples: 50, eval_dataset: digits-test }}
-                algorithm:
-                  buffer_size: 2
-                  concurrency: 2
-                  min_trainers: 1
-                  client: {{ local_steps: 10, batch_size: 32, lr: 0.1 }}
-                stop: {{ max_versions: 3, max_minutes: 2 }}
-                """
-            )
-        )
         for _ in range(150):  # until the coordinator, its aggregator and both trainers are up
             plan = await ember("jobs", "plan", "--json", str(job), env=operator_env)
             if plan.code == 0 and len(plan.json()["selected"]) == 3:
