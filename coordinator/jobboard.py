@@ -13,7 +13,6 @@ logged and skipped, never a crash.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -25,11 +24,11 @@ import structlog
 from agent.protocol.topics import Topics, check_segment
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription, Transport
+from coordinator.registry import json_document
 
 log = structlog.get_logger("ember.jobboard")
 
 LEAVES = ("state", "metrics")
-MAX_DOCUMENT_BYTES = 1 << 20
 MAX_HISTORY = 1000
 """Accuracy points kept per job (the newest ones)."""
 TERMINAL = ("completed", "failed", "cancelled")
@@ -186,16 +185,8 @@ class JobBoard:
             elif leaf == "agents":
                 self._progress.pop((job, levels[3]), None)
             return
-        if len(payload) > MAX_DOCUMENT_BYTES:
-            log.warning("job_document_too_large", job=job, leaf=leaf, bytes=len(payload))
-            return
-        try:
-            doc = json.loads(payload)
-        except (UnicodeDecodeError, ValueError) as exc:
-            log.warning("job_document_invalid", job=job, leaf=leaf, error=str(exc))
-            return
-        if not isinstance(doc, dict):
-            log.warning("job_document_invalid", job=job, leaf=leaf, error="not an object")
+        doc = json_document(payload, log=log, kind="job", job=job, leaf=leaf)
+        if doc is None:
             return
         if leaf == "state":
             self.update_state(job, doc)

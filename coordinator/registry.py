@@ -43,6 +43,23 @@ MAX_DOCUMENT_BYTES = 1 << 20
 # -- parsed documents ----------------------------------------------------------------------------
 
 
+def json_document(payload: bytes, *, log: Any, kind: str, **context: Any) -> dict[str, Any] | None:
+    """A retained JSON document: an object of at most :data:`MAX_DOCUMENT_BYTES`; otherwise
+    ``None`` and a logged ``<kind>_document_too_large`` or ``<kind>_document_invalid``."""
+    if len(payload) > MAX_DOCUMENT_BYTES:
+        log.warning(f"{kind}_document_too_large", **context, bytes=len(payload))
+        return None
+    try:
+        parsed = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        log.warning(f"{kind}_document_invalid", **context, error=str(exc))
+        return None
+    if not isinstance(parsed, dict):
+        log.warning(f"{kind}_document_invalid", **context, error="not an object")
+        return None
+    return parsed
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """One dataset an agent holds, as its info document describes it (the data stays there)."""
@@ -421,18 +438,9 @@ class Registry:
         payload = bytes(message.payload)
         doc: Mapping[str, Any] | None = None
         if payload:
-            if len(payload) > MAX_DOCUMENT_BYTES:
-                log.warning("agent_document_too_large", agent=agent, leaf=leaf, bytes=len(payload))
+            doc = json_document(payload, log=log, kind="agent", agent=agent, leaf=leaf)
+            if doc is None:
                 return
-            try:
-                parsed = json.loads(payload)
-            except (UnicodeDecodeError, ValueError) as exc:
-                log.warning("agent_document_invalid", agent=agent, leaf=leaf, error=str(exc))
-                return
-            if not isinstance(parsed, dict):
-                log.warning("agent_document_invalid", agent=agent, leaf=leaf, error="not an object")
-                return
-            doc = parsed
         self.update(agent, leaf, doc)
 
     def update(self, agent: str, leaf: str, doc: Mapping[str, Any] | None) -> None:

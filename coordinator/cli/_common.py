@@ -122,20 +122,32 @@ def quiet_transport_logs() -> None:
 
 
 @contextlib.asynccontextmanager
-async def coordinator_client(conn: Connection, *, timeout: float) -> AsyncIterator[Any]:
-    """An RPC client talking to the coordinator, checked with a ping first."""
-    from coordinator.rpc import RpcClient
-
+async def broker_transport(
+    conn: Connection, *, timeout: float, name: str = "ember-cli", backoff_max: float = 1.0
+) -> AsyncIterator[Transport]:
+    """A connected transport for a command; one error line (exit 2) when the broker cannot
+    be reached within ``timeout`` seconds."""
     quiet_transport_logs()
-    config = conn.broker_config(connect_timeout=min(timeout, 10.0), backoff_max=1.0)
-    async with Transport(config, name="ember-cli") as transport:
+    config = conn.broker_config(connect_timeout=min(timeout, 10.0), backoff_max=backoff_max)
+    async with Transport(config, name=name) as transport:
         try:
             await transport.wait_connected(timeout)
         except NotConnectedError:
             fail(f"cannot reach the MQTT broker at {conn.broker} within {timeout:g} s")
-        async with RpcClient(transport, conn.topics, broker=conn.broker) as client:
-            await client.call("ping", timeout=timeout)
-            yield client
+        yield transport
+
+
+@contextlib.asynccontextmanager
+async def coordinator_client(conn: Connection, *, timeout: float) -> AsyncIterator[Any]:
+    """An RPC client talking to the coordinator, checked with a ping first."""
+    from coordinator.rpc import RpcClient
+
+    async with (
+        broker_transport(conn, timeout=timeout) as transport,
+        RpcClient(transport, conn.topics, broker=conn.broker) as client,
+    ):
+        await client.call("ping", timeout=timeout)
+        yield client
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:

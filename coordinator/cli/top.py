@@ -20,22 +20,14 @@ import click
 
 from coordinator.cli._common import (
     Connection,
+    broker_transport,
     connection,
     connection_options,
     console,
-    fail,
-    quiet_transport_logs,
 )
+from coordinator.cli.jobs import PHASE_STYLE
 
 SPARKS = "▁▂▃▄▅▆▇█"
-PHASE_STYLE = {
-    "planned": "yellow",
-    "dispatching": "cyan",
-    "running": "green",
-    "completed": "bold green",
-    "failed": "bold red",
-    "cancelled": "magenta",
-}
 
 
 # -- small pieces of text ------------------------------------------------------------------------
@@ -273,17 +265,12 @@ class Watch:
 
 @contextlib.asynccontextmanager
 async def watching(conn: Connection, *, timeout: float) -> AsyncIterator[Watch]:
-    from agent.transport import NotConnectedError, Transport
     from coordinator.jobboard import JobBoard
     from coordinator.registry import Registry
 
-    quiet_transport_logs()
-    config = conn.broker_config(connect_timeout=min(timeout, 10.0), backoff_max=2.0)
-    async with Transport(config, name="ember-top") as transport:
-        try:
-            await transport.wait_connected(timeout)
-        except NotConnectedError:
-            fail(f"cannot reach the MQTT broker at {conn.broker} within {timeout:g} s")
+    async with broker_transport(
+        conn, timeout=timeout, name="ember-top", backoff_max=2.0
+    ) as transport:
         registry = Registry(transport, conn.topics)
         board = JobBoard(transport, conn.topics)
         await registry.start()
