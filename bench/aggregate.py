@@ -27,7 +27,7 @@ from agent.protocol import Topics
 from agent.roles.aggregator import Aggregator
 from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
 from bench.harness import Host, bundle
-from bench.models import mlp, tensor_layout
+from bench.models import mlp, parameter_count, tensor_layout
 
 MB = 1e6
 MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
@@ -102,7 +102,7 @@ async def run() -> dict[str, Any]:
     trainer_counts = scaled(TRAINERS, (2,))
     warmup, window = scaled((2.0, 8.0), (0.5, 1.0))
     figures: dict[str, Any] = {
-        "models": {label: mlp_parameters(p) for label, p in models.items()},
+        "models": {label: parameter_count(p) for label, p in models.items()},
         "trainer_counts": list(trainer_counts),
         "window_s": window,
     }
@@ -119,12 +119,6 @@ async def run() -> dict[str, Any]:
         finally:
             broker.stop()
     return with_ceiling(figures)
-
-
-def mlp_parameters(parameters: int) -> int:
-    from bench.models import hidden_for
-
-    return 75 * hidden_for(parameters) + 10
 
 
 def with_ceiling(figures: dict[str, Any]) -> dict[str, Any]:

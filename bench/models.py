@@ -17,8 +17,16 @@ DEMO_HIDDEN = 128
 
 
 def hidden_for(parameters: int) -> int:
-    """The hidden width whose MLP 64-H-10 has about ``parameters`` parameters."""
+    """The hidden width whose MLP 64-H-10 has about ``parameters`` parameters (the demo's for
+    10 K or fewer)."""
+    if parameters <= 10_000:
+        return DEMO_HIDDEN
     return max(1, round((parameters - 10) / 75))
+
+
+def parameter_count(parameters: int) -> int:
+    """How many parameters :func:`mlp` of ``parameters`` really has."""
+    return 75 * hidden_for(parameters) + 10
 
 
 def mlp(parameters: int) -> ExportedModel:
