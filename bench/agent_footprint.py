@@ -51,7 +51,9 @@ def digits(path: Path) -> Path:
     return path
 
 
-async def measure(work: Path) -> dict[str, float | int | str]:
+async def measure(
+    work: Path, idle_from: float = IDLE_FROM, idle_until: float = IDLE_UNTIL
+) -> dict[str, float | int | str]:
     broker = MosquittoProcess(work / "mosquitto").start()
     try:
         config = work / "agent.toml"
@@ -96,10 +98,10 @@ tags = ["vision"]
                 document = json.loads(bytes((await info.get(timeout=60)).payload))
                 to_info = time.perf_counter() - started
                 process = psutil.Process(child.pid)
-                await asyncio.sleep(max(0.0, IDLE_FROM - (time.perf_counter() - started)))
+                await asyncio.sleep(max(0.0, idle_from - (time.perf_counter() - started)))
                 cpu_from = process.cpu_times()
                 mark = time.perf_counter()
-                await asyncio.sleep(IDLE_UNTIL - IDLE_FROM)
+                await asyncio.sleep(idle_until - idle_from)
                 cpu_until = process.cpu_times()
                 window = time.perf_counter() - mark
                 memory = process.memory_full_info()
