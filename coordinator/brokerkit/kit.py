@@ -103,6 +103,9 @@ class KitSettings:
     require_client_cert: bool = False
     discovery_prefix: str = DEFAULT_DISCOVERY_PREFIX
     """Home Assistant's MQTT discovery prefix (agents and the coordinator announce there)."""
+    pid_file: str = ""
+    """Where mosquitto writes its pid (it must be able to, after dropping to its own user);
+    default ``mosquitto.pid`` in the install directory."""
     install_dir: str = ""
     """Where the files live on the broker host (mosquitto.conf names them absolutely);
     default: the kit directory itself."""
@@ -137,7 +140,7 @@ class BrokerKit:
 
     @property
     def pid_file(self) -> Path:
-        return self.root / PID_FILE
+        return Path(self.settings.pid_file or self.install / PID_FILE)
 
     def credentials_dir(self, username: str) -> Path:
         return self.root / "credentials" / username
@@ -164,6 +167,7 @@ class BrokerKit:
             public_url=s.get("public_url", ""),
             require_client_cert=bool(s.get("require_client_cert", False)),
             install_dir=s.get("install_dir", ""),
+            pid_file=s.get("pid_file", ""),
             discovery_prefix=s.get("discovery_prefix", DEFAULT_DISCOVERY_PREFIX),
         )
         accounts = {
@@ -191,8 +195,10 @@ class BrokerKit:
             BrokerEndpoint.parse(kit.settings.url())
         except ValueError as exc:
             raise KitError(str(exc)) from None
-        root.mkdir(parents=True, exist_ok=True)
-        os.chmod(root, 0o700)
+        if not root.exists():
+            # Group-readable: the group can be mosquitto's (see docs/security.md); the secrets
+            # in it (ca.key, kit.json, credentials) are 0600 each.
+            root.mkdir(parents=True, mode=0o750)
         kit._ensure_pki()
         if COORDINATOR_USER not in kit.accounts:
             kit.add_account(COORDINATOR_USER, "coordinator")
@@ -213,7 +219,7 @@ class BrokerKit:
             if tuple(_san(current)) == self.settings.hosts:
                 return
         pki.issue(ca, self.settings.hosts[0], hosts=self.settings.hosts, server=True).write(
-            server_cert, self.root / "server.key"
+            server_cert, self.root / "server.key", key_mode=0o640
         )
 
     # accounts -------------------------------------------------------------------------------
@@ -294,11 +300,9 @@ class BrokerKit:
         lines = [
             "# Written by 'ember broker config' for mosquitto 2.0; regenerated from kit.json.",
             "# Run: mosquitto -c " + str(install / "mosquitto.conf"),
-            "# Reload accounts and ACL after a change: kill -HUP $(cat "
-            + str(install / PID_FILE)
-            + ")",
+            "# Reload accounts and ACL after a change: kill -HUP $(cat " + str(self.pid_file) + ")",
             "per_listener_settings true",
-            f"pid_file {install / PID_FILE}",
+            f"pid_file {self.pid_file}",
             "persistence true",
             f"persistence_location {install / 'data'}/",
             "",
@@ -328,7 +332,7 @@ class BrokerKit:
         }
         write = write_atomic
         write(self.root / KIT_FILE, (json.dumps(document, indent=2) + "\n").encode(), 0o600)
-        write(self.root / "passwd", render_password_file(known).encode(), 0o600)
+        write(self.root / "passwd", render_password_file(known).encode(), 0o640)
         acl = render_acl(self.topics, self.accounts.values(), self.settings.discovery_prefix)
         write(self.root / "acl", acl.encode(), 0o644)
         write(self.root / "mosquitto.conf", self.mosquitto_conf().encode(), 0o644)

@@ -42,9 +42,9 @@ class Issued:
             serialization.NoEncryption(),
         )
 
-    def write(self, cert_path: Path, key_path: Path) -> None:
+    def write(self, cert_path: Path, key_path: Path, key_mode: int = 0o600) -> None:
         write_atomic(cert_path, self.cert_pem(), 0o644)
-        write_atomic(key_path, self.key_pem(), 0o600)
+        write_atomic(key_path, self.key_pem(), key_mode)
 
 
 def _name(common_name: str) -> x509.Name:

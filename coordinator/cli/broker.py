@@ -70,6 +70,12 @@ def broker() -> None:
     metavar="PREFIX",
     help="Home Assistant's MQTT discovery prefix agents may announce under [homeassistant].",
 )
+@click.option(
+    "--pid-file",
+    default=None,
+    metavar="PATH",
+    help="Where mosquitto writes its pid, e.g. /run/mosquitto/mosquitto.pid [INSTALL_DIR].",
+)
 @click.option("--public-url", default=None, help="How agents reach the broker [mqtts://HOST:PORT].")
 @click.option(
     "--install-dir",
@@ -94,6 +100,7 @@ def config(
     coordinator_key: str | None,
     prefix: str | None,
     homeassistant_prefix: str | None,
+    pid_file: str | None,
     public_url: str | None,
     install_dir: str | None,
     require_client_cert: bool | None,
@@ -125,6 +132,7 @@ def config(
             discovery_prefix=homeassistant_prefix or settings.discovery_prefix,
             public_url=public_url if public_url is not None else settings.public_url,
             install_dir=install_dir if install_dir is not None else settings.install_dir,
+            pid_file=pid_file if pid_file is not None else settings.pid_file,
             require_client_cert=settings.require_client_cert
             if require_client_cert is None
             else require_client_cert,
@@ -149,6 +157,7 @@ def config(
         stderr(f"  new account {name}: {kit.credentials_dir(name)}")
     stderr(f"run: mosquitto -c {kit.install / 'mosquitto.conf'}   (reload: kill -HUP)")
     stderr(f"coordinator: {kit.credentials_dir('ember-coordinator') / 'broker.env'}")
+    stderr(f"enrolment: ember serve --broker-kit {out}, then ember agents token")
     for ws in (x for x in kit.settings.listeners if x.protocol == "websockets"):
         scheme = "wss" if ws.tls else "ws"
         stderr(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent.transport import BrokerConfig, Inbound, NotConnectedError, Subscripti
 from coordinator.brokerkit.acl import Account, render_acl
 from coordinator.brokerkit.passwords import check_password, hash_password, parse_password_file
 from tests.coordinator.brokerkit_fixtures import FAST, SecuredBroker, secured
+from tests.coordinator.test_cli import Result, ember
 
 __all__ = ["secured"]
 
@@ -188,3 +190,49 @@ async def test_operators_send_rpc_requests_and_nothing_else(secured: SecuredBrok
     finally:
         await operator.close()
         await coordinator.close()
+
+
+async def test_config_runs_again_keep_accounts_and_the_ca(tmp_path: Path) -> None:
+    out = tmp_path / "kit"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBER_")}
+
+    async def config(*args: str) -> Result:
+        return await ember("broker", "config", "--out", str(out), *args, env=env)
+
+    first = await config("--host", "broker.lan", "--port", "18883", "--agent", "pi-a")
+    assert first.code == 0, first.err
+    conf = (out / "mosquitto.conf").read_text()
+    for line in ("per_listener_settings true", "listener 18883", "allow_anonymous false"):
+        assert line in conf.splitlines()
+    modes = {
+        name: oct((out / name).stat().st_mode & 0o777)
+        for name in ("passwd", "ca.key", "server.key", "kit.json", "credentials/pi-a/agent.toml")
+    }
+    assert modes == {
+        "passwd": "0o640",
+        "ca.key": "0o600",
+        "server.key": "0o640",
+        "kit.json": "0o600",
+        "credentials/pi-a/agent.toml": "0o600",
+    }
+    hashes = parse_password_file((out / "passwd").read_text())
+    ca, server = (out / "ca.crt").read_bytes(), (out / "server.crt").read_bytes()
+
+    again = await config("--agent", "pi-b", "--operator", "alice")
+    assert again.code == 0, again.err
+    now = parse_password_file((out / "passwd").read_text())
+    assert now["pi-a"] == hashes["pi-a"]
+    assert {"pi-a", "pi-b", "alice", "ember-coordinator", "ember-enrol"} == now.keys()
+    assert (out / "ca.crt").read_bytes() == ca
+    assert (out / "server.crt").read_bytes() == server
+    assert "listener 18883" in (out / "mosquitto.conf").read_text()
+
+    moved = await config("--host", "broker2.lan")
+    assert moved.code == 0, moved.err
+    assert (out / "ca.crt").read_bytes() == ca
+    assert (out / "server.crt").read_bytes() != server
+
+    bad = await config("--agent", "pi/c")
+    assert bad.code == 2
+    assert bad.err.count("\n") == 1
+    assert "contains '/'" in bad.err
