@@ -9,7 +9,9 @@ A trainer is a straggler when
 
 * its time per update, ``(now − first seen) / max(1, updates received)``, is more than
   ``factor`` (2) times the median time per update of the other trainers that have delivered at
-  least one update: a trainer that goes silent drifts into the list as its time grows; or
+  least one update: a trainer that goes silent drifts into the list as its time grows. A trainer
+  that has not delivered its first update yet (which includes loading the model) is compared
+  with the slowest of the others instead of their median; or
 * (synchronous rounds) it missed the deadline of the last round it was sampled for, until its
   next update arrives.
 """
@@ -96,7 +98,8 @@ class StragglerTracker:
         out = []
         for agent, stats in self.trainers.items():
             others = [intervals[a] for a in delivered if a != agent]
-            slow = bool(others) and intervals[agent] > self.factor * statistics.median(others)
+            typical = (statistics.median if stats.received else max)(others) if others else 0.0
+            slow = bool(others) and intervals[agent] > self.factor * typical
             if slow or stats.missed_round:
                 out.append(agent)
         return sorted(out)

@@ -63,3 +63,18 @@ def test_missing_a_round_deadline_counts_until_the_next_update() -> None:
     assert tracker.stragglers() == ["b"]
     tracker.update("b", applied=True, staleness=0)
     assert tracker.stragglers() == []
+
+
+def test_a_newcomer_gets_the_slowest_others_time_for_its_first_update() -> None:
+    clock = Clock()
+    tracker = StragglerTracker(clock=clock)
+    for agent, updates in (("a", 10), ("b", 8), ("c", 6)):
+        tracker.seen(agent)
+        for _ in range(updates):
+            tracker.update(agent, applied=True, staleness=0)
+    clock.now += 10
+    tracker.seen("new")
+    clock.now += 4  # a: 1.4 s, b: 1.75 s, c: 2.33 s per update; new: 4 s, no update yet
+    assert tracker.stragglers() == []  # 4 < 2 × 2.33 (twice the median, 3.5, would name it)
+    clock.now += 2
+    assert tracker.stragglers() == ["new"]  # 6 > 2 × 2.67
