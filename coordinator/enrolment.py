@@ -28,6 +28,7 @@ from agent.protocol.topics import Topics
 from agent.tasks import cancel_and_wait
 from agent.transport import NotConnectedError, Subscription, Transport
 from coordinator.brokerkit import ENROL_USER, BrokerKit, KitError
+from coordinator.brokerkit.kit import kit_lock
 from coordinator.store import EnrolmentToken, Store
 
 log = structlog.get_logger("ember.enrolment")
@@ -171,21 +172,24 @@ class Enrolment:
         if not await self.store.spend_token(record.id, request.agent, now):
             raise Refused("enrolment token already used or expired")
 
-        def add() -> str:
-            try:
-                password = kit.add_account(
-                    request.agent,
-                    "agent",
-                    aggregator=record.aggregator,
-                    coordinator_keys=self.coordinator_keys,
-                )
-            except KitError as exc:
-                raise Refused(str(exc)) from None
-            assert password is not None
-            kit.save()
-            return password
+        def add() -> tuple[BrokerKit, str]:
+            with kit_lock(self.kit_dir):  # against a concurrent 'ember broker config'
+                fresh = BrokerKit.load(self.kit_dir)
+                try:
+                    password = fresh.add_account(
+                        request.agent,
+                        "agent",
+                        aggregator=record.aggregator,
+                        coordinator_keys=self.coordinator_keys,
+                    )
+                except KitError as exc:
+                    raise Refused(str(exc)) from None
+                if password is None:
+                    raise Refused(f"agent id {request.agent!r} already has a broker login")
+                fresh.save()
+                return fresh, password
 
-        password = await asyncio.to_thread(add)
+        kit, password = await asyncio.to_thread(add)
         pid = await asyncio.to_thread(kit.reload_broker, self.pid_file)
         if pid is None:
             log.warning(

@@ -19,10 +19,12 @@ and then asks mosquitto to reload (SIGHUP re-reads the password and ACL files).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +50,20 @@ RESERVED = frozenset({COORDINATOR_USER, ENROL_USER})
 
 class KitError(ValueError):
     """The kit directory cannot be used as asked; the message says why."""
+
+
+@contextlib.contextmanager
+def kit_lock(root: Path) -> Iterator[None]:
+    """Hold the kit's lock (``flock`` on ``.lock``) while reading, changing and saving it, so
+    ``ember broker config`` and an enrolment in ``ember serve`` never lose each other's
+    accounts. Blocking: call it off the event loop."""
+    root.mkdir(parents=True, exist_ok=True, mode=0o750)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @dataclass(frozen=True)

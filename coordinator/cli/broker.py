@@ -115,41 +115,45 @@ def config(
     from dataclasses import replace
 
     from coordinator.brokerkit import BrokerKit, KitError, KitSettings, Listener
-    from coordinator.brokerkit.kit import KIT_FILE
+    from coordinator.brokerkit.kit import KIT_FILE, kit_lock
 
     try:
-        current = BrokerKit.load(out).settings if (out / KIT_FILE).exists() else None
-        settings = current or KitSettings(hosts=_default_hosts())
-        listener = settings.listeners[0] if settings.listeners else Listener()
-        if port is not None or bind is not None:
-            listener = replace(listener, port=port or listener.port, bind=bind or listener.bind)
-        listeners = _with_websockets((listener, *settings.listeners[1:]), websockets_port)
-        settings = replace(
-            settings,
-            hosts=tuple(dict.fromkeys(hosts)) or settings.hosts,
-            listeners=listeners,
-            prefix=prefix or settings.prefix,
-            discovery_prefix=homeassistant_prefix or settings.discovery_prefix,
-            public_url=public_url if public_url is not None else settings.public_url,
-            install_dir=install_dir if install_dir is not None else settings.install_dir,
-            pid_file=pid_file if pid_file is not None else settings.pid_file,
-            require_client_cert=settings.require_client_cert
-            if require_client_cert is None
-            else require_client_cert,
-        )
-        kit = BrokerKit.open(out, settings)
-        keys = (coordinator_key,) if coordinator_key else ()
-        made: list[str] = []
-        for name in agents:
-            if kit.add_account(name, "agent", coordinator_keys=keys) is not None:
-                made.append(name)
-        for name in aggregators:
-            if kit.add_account(name, "agent", aggregator=True, coordinator_keys=keys) is not None:
-                made.append(name)
-        for name in operators:
-            if kit.add_account(name, "operator") is not None:
-                made.append(name)
-        kit.save()
+        with kit_lock(out):
+            current = BrokerKit.load(out).settings if (out / KIT_FILE).exists() else None
+            settings = current or KitSettings(hosts=_default_hosts())
+            listener = settings.listeners[0] if settings.listeners else Listener()
+            if port is not None or bind is not None:
+                listener = replace(listener, port=port or listener.port, bind=bind or listener.bind)
+            listeners = _with_websockets((listener, *settings.listeners[1:]), websockets_port)
+            settings = replace(
+                settings,
+                hosts=tuple(dict.fromkeys(hosts)) or settings.hosts,
+                listeners=listeners,
+                prefix=prefix or settings.prefix,
+                discovery_prefix=homeassistant_prefix or settings.discovery_prefix,
+                public_url=public_url if public_url is not None else settings.public_url,
+                install_dir=install_dir if install_dir is not None else settings.install_dir,
+                pid_file=pid_file if pid_file is not None else settings.pid_file,
+                require_client_cert=settings.require_client_cert
+                if require_client_cert is None
+                else require_client_cert,
+            )
+            kit = BrokerKit.open(out, settings)
+            keys = (coordinator_key,) if coordinator_key else ()
+            made: list[str] = []
+            for name in agents:
+                if kit.add_account(name, "agent", coordinator_keys=keys) is not None:
+                    made.append(name)
+            for name in aggregators:
+                if (
+                    kit.add_account(name, "agent", aggregator=True, coordinator_keys=keys)
+                    is not None
+                ):
+                    made.append(name)
+            for name in operators:
+                if kit.add_account(name, "operator") is not None:
+                    made.append(name)
+            kit.save()
     except (KitError, ValueError, OSError) as exc:
         fail(str(exc))
     stderr(f"wrote {out}: mosquitto.conf, passwd, acl, CA and certificates")
