@@ -55,7 +55,7 @@ import structlog
 
 from agent.protocol.errors import ProtocolError
 from agent.protocol.messages import AssignRole, CancelRole, Ping, Pong, decode_message
-from agent.protocol.topics import Topics
+from agent.protocol.topics import Topics, check_segment
 from agent.tasks import cancel_and_wait
 from agent.transport import NotConnectedError, Subscription, Transport
 
@@ -340,8 +340,16 @@ class RoleRuntime:
         if not ping.reply_to:
             log.info("ping", id=ping.id)
             return
-        if any(c in ping.reply_to for c in "+#\0"):
-            log.warning("ping_rejected", reason=f"reply_to {ping.reply_to!r} is not a topic name")
+        head = self.topics.rpc_replies("x")[:-1]
+        client = ping.reply_to[len(head) :] if ping.reply_to.startswith(head) else ""
+        try:
+            check_segment(client, "reply_to")
+        except ValueError:
+            # Pongs go to RPC reply topics only: a ping must not make the agent write elsewhere.
+            self.rejected += 1
+            log.warning(
+                "ping_rejected", reason=f"reply_to {ping.reply_to[:200]!r} is not a reply topic"
+            )
             return
         pong = Pong(ping_id=ping.id, agent=self.agent_id).to_msgpack()
         self._spawn(self._reply(ping.reply_to, pong), "pong")
@@ -526,7 +534,9 @@ class RoleRuntime:
         }
         with contextlib.suppress(NotConnectedError):
             await self.transport.publish(
-                topics.job_metrics(job), json.dumps(document, separators=(",", ":")), qos=0
+                topics.job_metrics(job, self.agent_id),
+                json.dumps(document, separators=(",", ":")),
+                qos=0,
             )
 
     def _spawn(self, coro: Any, name: str) -> None:

@@ -555,9 +555,7 @@ class Transport:
     # receiving ---------------------------------------------------------------------------------
     def _route(self, message: aiomqtt.Message) -> None:
         raw = message.payload  # paho always hands over bytes; aiomqtt's type is wider
-        payload: bytes | bytearray = (
-            raw if isinstance(raw, (bytes, bytearray)) else str(raw or "").encode()
-        )
+        payload: Payload = raw if isinstance(raw, (bytes, bytearray)) else str(raw or "").encode()
         topic = message.topic.value
         if is_chunk(payload):
             try:

@@ -71,7 +71,7 @@ class Host:
             self.events.append({"agent": agent, **event})
             self.changed.set()
             await transport.publish(
-                self.topics.job_metrics(role_bundle.job), json.dumps(event), qos=0
+                self.topics.job_metrics(role_bundle.job, agent), json.dumps(event), qos=0
             )
 
         state = self.root / agent / role_bundle.job / role_bundle.role

@@ -14,7 +14,7 @@ The lifecycle (Flame's job/role model, run on our agents)::
   offline are replaced from the standby agents in ``async`` mode (FedBuff keeps ``concurrency``
   clients busy) and dropped from the next round in ``sync`` mode (FedAvg rounds). Trainers
   that refuse or fail are replaced and never asked again for this job. Metric events from the
-  roles on ``jobs/<id>/metrics`` are folded into the job (model version, updates applied,
+  roles on ``jobs/<id>/metrics/<agent>`` are folded into the job (model version, updates applied,
   latest accuracy and loss) and the stop rules are checked.
 * The end: the aggregator finishes or says ``completed``, a stop rule is met, the aggregator
   fails, or the operator cancels; remaining roles get ``cancel_role``.
@@ -88,6 +88,11 @@ REFUSALS = {
     "update_duplicate": "duplicate",
 }
 """Aggregator events about an update that was not applied, and their kind in the job state."""
+JOB_EVENTS = frozenset({"model_version", "completed", "failed"})
+"""Metric events that move a job: believed only from the job's aggregator (as are
+:data:`REFUSALS`)."""
+MAX_METRICS_BYTES = 256 * 1024
+"""A metric event is a small JSON object; anything larger is refused unread."""
 CODE_PREFIX = "code:"
 """Artifact-name prefix under which Python sources are kept in the job's blobs."""
 
@@ -127,6 +132,9 @@ class _Job:
     """As the aggregator named them in its latest model_version event."""
     counters: dict[str, int] = field(default_factory=dict)
     """The aggregator's update counters from its latest model_version event."""
+    rejected_codes: dict[str, int] = field(default_factory=dict)
+    """The aggregator's totals of refused messages by reason code (``rejected`` of its
+    ``model_version`` events): exact, where the refusal events are rate limited."""
     refused: dict[str, int] = field(default_factory=dict)
     """Updates not applied, by kind, as seen in the aggregator's events since start."""
     recent_refusals: deque[dict[str, Any]] = field(
@@ -170,6 +178,9 @@ class Dispatcher:
         self._dirty_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._metrics: Subscription | None = None
+        self.metrics_refused = 0
+        """Metric events refused (malformed, or a job event from another agent than the
+        job's aggregator)."""
         self._listeners: list[Callable[[str, str], None]] = []
 
     # lifecycle ---------------------------------------------------------------------------------
@@ -202,7 +213,7 @@ class Dispatcher:
         self.registry.listen(lambda agent, leaf: self._wake.set())
         self.transport.on_connect(self._on_connect)
         self._metrics = await self.transport.subscribe(
-            f"{self.topics.prefix}/jobs/+/metrics", 0, max_messages=100_000
+            self.topics.all_job_metrics(), 0, max_messages=100_000
         )
         self._tasks = [
             asyncio.create_task(self._follow(), name="dispatcher-follow"),
@@ -308,6 +319,7 @@ class Dispatcher:
             "rejected": {
                 "count": sum(job.refused.values()),
                 "by_kind": dict(job.refused),
+                "by_code": dict(job.rejected_codes),
                 "recent": list(job.recent_refusals),
             },
             "history": history_summary(job.history),
@@ -861,21 +873,52 @@ class Dispatcher:
                 log.exception("metrics_event_failed", topic=message.topic)
 
     async def apply_metrics(self, message: Inbound) -> None:
-        """Fold one metric event from ``jobs/<id>/metrics`` into its job."""
-        job_id = self.topics.job_of(message.topic)
-        job = self.jobs.get(job_id or "")
+        """Fold one metric event from ``jobs/<id>/metrics/<agent>`` into its job.
+
+        Events that move a job (``model_version``, ``completed``, ``failed``) and the
+        aggregator's refusals count only from the agent assigned the job's aggregator, named by
+        the topic (which broker ACLs let only that agent write); anything else is logged with
+        its reason, counted in :attr:`metrics_refused` and dropped."""
+        sender = self.topics.metrics_sender(message.topic)
+        if sender is None:
+            self._refuse_metrics(message.topic, "not a jobs/<job>/metrics/<agent> topic")
+            return
+        job_id, agent = sender
+        job = self.jobs.get(job_id)
         if job is None or job.record.terminal:
+            return
+        size = memoryview(message.payload).nbytes
+        if size > MAX_METRICS_BYTES:
+            self._refuse_metrics(message.topic, f"{size} bytes, above {MAX_METRICS_BYTES}")
             return
         try:
             event = json.loads(bytes(message.payload))
-        except (UnicodeDecodeError, ValueError):
-            log.warning("metrics_event_invalid", job=job_id)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            self._refuse_metrics(message.topic, f"invalid JSON: {exc}")
             return
         if not isinstance(event, dict):
+            self._refuse_metrics(
+                message.topic, f"expected a JSON object, got {type(event).__name__}"
+            )
             return
         kind = event.get("event")
+        if not isinstance(kind, str) or (kind not in JOB_EVENTS and kind not in REFUSALS):
+            return  # informational (trainer events): dashboards read them
+        # A refusal names the trainer whose update it was; a job event names its own sender.
+        named = event.get("agent", agent)
+        if kind in JOB_EVENTS and named != agent:
+            self._refuse_metrics(message.topic, f"{kind} names agent {_text(named)!r:.80}")
+            return
         async with self._lock:
             if job.record.terminal:
+                return
+            aggregator = self._aggregator(job)
+            if aggregator is None or aggregator.agent != agent:
+                holder = aggregator.agent if aggregator is not None else "nobody"
+                self._refuse_metrics(
+                    message.topic,
+                    f"{kind} from {agent!r}, but the job's aggregator is {holder!r}",
+                )
                 return
             if kind == "model_version":
                 await self._model_version(job, event)
@@ -887,7 +930,7 @@ class Dispatcher:
                 await self._finish(
                     job, "failed", _text(event.get("reason")) or "the aggregator failed"
                 )
-            elif isinstance(kind, str) and kind in REFUSALS:
+            else:
                 self._refusal(job, REFUSALS[kind], event)
 
     def _refusal(self, job: _Job, kind: str, event: Mapping[str, Any]) -> None:
@@ -909,6 +952,10 @@ class Dispatcher:
             }
         )
         self._announce(job)
+
+    def _refuse_metrics(self, topic: str, reason: str) -> None:
+        self.metrics_refused += 1
+        log.warning("metrics_event_refused", topic=topic, reason=reason)
 
     async def _model_version(
         self, job: _Job, event: Mapping[str, Any], *, check_stop: bool = True
@@ -948,6 +995,13 @@ class Dispatcher:
             job.counters = {
                 str(k)[:64]: v
                 for k, v in counters.items()
+                if isinstance(v, int) and not isinstance(v, bool)
+            }
+        codes = event.get("rejected")
+        if isinstance(codes, dict):
+            job.rejected_codes = {
+                str(k)[:64]: v
+                for k, v in list(codes.items())[:100]
                 if isinstance(v, int) and not isinstance(v, bool)
             }
         if record.phase == "dispatching" and record.started_at is None:

@@ -5,9 +5,9 @@ history per job and what each agent's roles are doing in it (the retained
 The job state is the MQTT "last known good value" of a job (retained, so a new subscriber has
 every job at once); the accuracy history comes from the state document's ``history`` when it
 carries one, and otherwise is gathered from the ``metrics`` and ``accuracy`` of successive state
-documents and the aggregator's ``model_version`` events on ``jobs/<id>/metrics``. Documents are
-read defensively, as :mod:`coordinator.registry` reads agent documents: anything malformed is
-logged and skipped, never a crash.
+documents and the aggregator's ``model_version`` events on ``jobs/<id>/metrics/<agent>``.
+Documents are read defensively, as :mod:`coordinator.registry` reads agent documents: anything
+malformed is logged and skipped, never a crash.
 """
 
 from __future__ import annotations
@@ -122,8 +122,11 @@ class JobBoard:
 
     async def start(self) -> None:
         for leaf in LEAVES:
+            filter_ = (
+                self.topics.all_job_metrics() if leaf == "metrics" else self.topics.all_jobs(leaf)
+            )
             sub = await self.transport.subscribe(
-                self.topics.all_jobs(leaf), 1 if leaf == "state" else 0, max_bytes=64 << 20
+                filter_, 1 if leaf == "state" else 0, max_bytes=64 << 20
             )
             self._subs.append(sub)
             self._tasks.append(asyncio.create_task(self._consume(sub), name=f"jobboard-{leaf}"))
@@ -166,6 +169,8 @@ class JobBoard:
     def apply(self, message: Inbound) -> None:
         """Fold one received job document into the board."""
         levels = message.topic[len(self.topics.prefix) + 1 :].split("/")
+        if len(levels) == 4 and levels[2] == "metrics":  # jobs/<job>/metrics/<agent>
+            levels = levels[:-1]
         if len(levels) == 5 and levels[2] == "agents" and levels[4] == "progress":
             levels = [*levels[:3], levels[3]]  # jobs/<job>/agents/<agent>
         elif len(levels) != 3 or levels[2] not in LEAVES:

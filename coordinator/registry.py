@@ -27,6 +27,8 @@ from typing import Any
 
 import structlog
 
+from agent.protocol.errors import ProtocolError
+from agent.protocol.messages import AgentStatus, decode_message
 from agent.protocol.topics import Topics, check_segment
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription, Transport
@@ -51,7 +53,7 @@ def json_document(payload: bytes, *, log: Any, kind: str, **context: Any) -> dic
         return None
     try:
         parsed = json.loads(payload)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         log.warning(f"{kind}_document_invalid", **context, error=str(exc))
         return None
     if not isinstance(parsed, dict):
@@ -441,6 +443,10 @@ class Registry:
             doc = json_document(payload, log=log, kind="agent", agent=agent, leaf=leaf)
             if doc is None:
                 return
+            problem = _status_problem(agent, payload) if leaf == "status" else None
+            if problem:
+                log.warning("agent_document_invalid", agent=agent, leaf=leaf, error=problem)
+                return
         self.update(agent, leaf, doc)
 
     def update(self, agent: str, leaf: str, doc: Mapping[str, Any] | None) -> None:
@@ -474,6 +480,18 @@ class Registry:
                 listener(agent, leaf)
             except Exception:
                 log.exception("registry_listener_failed", agent=agent, leaf=leaf)
+
+
+def _status_problem(agent: str, payload: bytes) -> str | None:
+    """Why a status document is not the ``agent_status`` message of ``agent``, or ``None``: the
+    online/offline state drives placement, so it is read as strictly as any message."""
+    try:
+        status = decode_message(payload, expect=AgentStatus)
+    except ProtocolError as exc:
+        return str(exc)
+    if status.agent != agent:
+        return f"agent_status names agent {status.agent!r}"
+    return None
 
 
 # -- zeroconf ------------------------------------------------------------------------------------

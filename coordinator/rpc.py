@@ -8,8 +8,12 @@ its own reply topic ``coordinator/rpc/replies/<client>``, sends a request naming
 request's ``id``). It works the same on every broker.
 
 The server answers only on reply topics (never on an arbitrary topic a request names), runs
-each request in its own task, and remembers recent answers by request id so a redelivered
-QoS 1 request gets the same answer instead of running twice.
+each request in its own task, and remembers recent answers by reply topic and request id so a
+redelivered QoS 1 request gets the same answer instead of running twice (and nobody else's
+answer). Whoever can publish on the requests topic is bounded too (broker ACLs decide who that
+is): requests above :data:`MAX_REQUEST_BYTES` are refused unread, at most
+:data:`MAX_CONCURRENT` are answered at once and :data:`RATE` a second on average; each refusal
+is logged with its reason and counted in :attr:`RpcServer.refused`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any
 import structlog
 
 from agent.protocol.errors import ProtocolError
+from agent.protocol.limits import MiB, ProtocolLimits
 from agent.protocol.messages import RpcRequest, RpcResponse, decode_message
 from agent.protocol.topics import Topics, check_segment
+from agent.ratelimit import TokenBucket
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, NotConnectedError, Subscription, Transport
 from coordinator.spec import SpecError
@@ -33,6 +39,14 @@ log = structlog.get_logger("ember.rpc")
 
 DEFAULT_TIMEOUT = 5.0
 MAX_ERROR = 4096
+MAX_REQUEST_BYTES = 256 * MiB
+"""A job submission carries the model's artifacts; nothing else comes close."""
+RPC_LIMITS = ProtocolLimits(max_message_bytes=MAX_REQUEST_BYTES, max_collection_length=10_000)
+MAX_CONCURRENT = 32
+"""Requests being answered at once; more are refused until some finish."""
+RATE = 100.0
+"""Requests a second on average, in bursts of up to :data:`BURST`."""
+BURST = 400.0
 
 
 class RpcError(Exception):
@@ -53,13 +67,17 @@ class RpcServer:
         self.transport = transport
         self.topics = topics
         self._handlers: dict[str, Handler] = {}
-        self._answers: OrderedDict[str, RpcResponse] = OrderedDict()
-        self._running: dict[str, asyncio.Task[RpcResponse]] = {}
+        self._answers: OrderedDict[tuple[str, str], RpcResponse] = OrderedDict()
+        self._running: dict[tuple[str, str], asyncio.Task[RpcResponse]] = {}
         self._remember = remember
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reply_prefix = topics.rpc_replies("x")[:-1]
+        self._bucket = TokenBucket(RATE, BURST)
+        self.refused = 0
+        """Requests refused: malformed, too large, a bad reply topic, over the rate or the
+        concurrency bound."""
 
     def register(self, method: str, handler: Handler) -> None:
         self._handlers[method] = handler
@@ -83,6 +101,12 @@ class RpcServer:
 
     async def _serve(self, sub: Subscription) -> None:
         async for message in sub:
+            if len(self._tasks) >= MAX_CONCURRENT:
+                self._refuse(f"{MAX_CONCURRENT} requests are being answered already")
+                continue
+            if not self._bucket.take():
+                self._refuse(f"more than {RATE:g} requests a second")
+                continue
             task = asyncio.create_task(self._handle(message))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -96,26 +120,33 @@ class RpcServer:
             return False
         return True
 
+    def _refuse(self, reason: str, **fields: Any) -> None:
+        self.refused += 1
+        log.warning("rpc_request_refused", reason=reason, **fields)
+
     async def _handle(self, message: Inbound) -> None:
         try:
-            request = decode_message(message.payload, expect=RpcRequest)
+            request = decode_message(message.payload, expect=RpcRequest, limits=RPC_LIMITS)
         except ProtocolError as exc:
-            log.warning("rpc_request_invalid", reason=str(exc))
+            self._refuse(str(exc))
             return
         if not self._reply_topic_ok(request.reply_to):
-            log.warning("rpc_reply_topic_refused", reply_to=request.reply_to, id=request.id)
+            self._refuse(f"reply_to {request.reply_to[:200]!r} is not a reply topic", id=request.id)
             return
-        response = self._answers.get(request.id)
+        key = (request.reply_to, request.id)
+        response = self._answers.get(key)
         if response is None:
-            running = self._running.get(request.id)
+            running = self._running.get(key)
             if running is None:  # not a redelivery of a request being answered right now
                 running = asyncio.ensure_future(self._answer(request))
-                self._running[request.id] = running
-                running.add_done_callback(lambda _: self._running.pop(request.id, None))
+                self._running[key] = running
+                running.add_done_callback(lambda _: self._running.pop(key, None))
             response = await running
-            self._answers[request.id] = response
+            self._answers[key] = response
             while len(self._answers) > self._remember:
                 self._answers.popitem(last=False)
+        if not response.ok:
+            log.info("rpc_request_failed", method=request.method[:128], reason=response.error)
         try:
             await self.transport.publish(request.reply_to, response.to_msgpack(), qos=1, timeout=30)
         except NotConnectedError as exc:

@@ -158,6 +158,7 @@ class AlgorithmSpec:
     clients_per_round: int | None = None
     round_timeout: float = 60.0
     max_norm: float | None = None
+    clip_norm: float | None = None
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
@@ -243,6 +244,7 @@ class JobSpec:
                 "clients_per_round": algo.clients_per_round,
                 "round_timeout": algo.round_timeout,
                 "max_norm": algo.max_norm,
+                "clip_norm": algo.clip_norm,
                 "staleness": {"weight": algo.staleness.weight, "max": algo.staleness.max},
                 "server_optimizer": optimizer,
                 "client": dict(vars(algo.client)),
@@ -575,6 +577,7 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         clients_per_round=f.take("clients_per_round", _int(1), None),
         round_timeout=f.take("round_timeout", _float(0.0, exclusive_min=True), 60.0),
         max_norm=f.take("max_norm", _float(0.0, exclusive_min=True), None),
+        clip_norm=f.take("clip_norm", _float(0.0, exclusive_min=True), None),
         staleness=f.take("staleness", _staleness, StalenessSpec()),
         server_optimizer=f.take("server_optimizer", _server_optimizer, ServerOptimizerSpec()),
         client=f.take("client", _client, ClientSpec()),

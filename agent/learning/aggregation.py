@@ -14,7 +14,7 @@ import enum
 import math
 import types
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -37,6 +37,7 @@ from agent.learning.arrays import (
     scaled_add,
     unprefixed,
 )
+from agent.learning.clipping import Measured, Rejection, UpdateGuard, norm_guards, screen
 from agent.learning.optimizers import ServerOptimizer
 from agent.protocol.codec import all_finite
 
@@ -68,6 +69,9 @@ class Outcome:
     update_id: str
     reason: str = ""
     """Why it was not applied, naming the tensor or field at fault."""
+    code: str = ""
+    """With ``REJECTED``: a short category to count rejections by (``shape``, ``dtype``,
+    ``non_finite``, ``norm``, ...)."""
     staleness: int | None = None
     """τ = t − t_i where known."""
     weight: float = 0.0
@@ -158,29 +162,48 @@ class ModelSpec:
         return sum(math.prod(spec.shape) for spec in self._tensors.values())
 
     def problem(self, delta: Mapping[str, Any], *, max_norm: float | None = None) -> str | None:
-        """Why ``delta`` cannot be aggregated into this model, or ``None`` when it can.
+        """Why ``delta`` cannot be aggregated into this model, or ``None`` when it can
+        (:meth:`examine`, then with ``max_norm`` the bound on the delta's global L2 norm)."""
+        measured = self.examine(delta)
+        if isinstance(measured, Rejection):
+            return measured.reason
+        verdict = screen(norm_guards(max_norm=max_norm), measured)
+        return verdict.reason if isinstance(verdict, Rejection) else None
+
+    def examine(self, delta: Mapping[str, Any]) -> Measured | Rejection:
+        """Check ``delta`` against the model and measure it.
 
         Checks, cheapest first: the names (none missing, none extra), each tensor's type, dtype
-        and shape, then in one pass over the data that every value is finite and, with
-        ``max_norm``, that the delta's global L2 norm is at most ``max_norm``.
+        and shape, then in one pass over the data that every value is finite, measuring the
+        delta's global L2 norm on the way.
         """
         if not isinstance(delta, Mapping):
-            return f"expected a map of tensor names to arrays, got {type(delta).__name__}"
+            return Rejection(
+                "structure", f"expected a map of tensor names to arrays, got {type(delta).__name__}"
+            )
         missing = [name for name in self._tensors if name not in delta]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            return f"tensor {missing[0]!r} is missing from the update{more}"
+            return Rejection("names", f"tensor {missing[0]!r} is missing from the update{more}")
         extra = [name for name in delta if name not in self._tensors]
         if extra:
-            return f"tensor {str(extra[0])[:100]!r} is not in the model"
+            return Rejection("names", f"tensor {str(extra[0])[:100]!r} is not in the model")
         for name, spec in self._tensors.items():
             array = delta[name]
             if not isinstance(array, np.ndarray):
-                return f"tensor {name!r}: expected a numpy array, got {type(array).__name__}"
+                return Rejection(
+                    "structure",
+                    f"tensor {name!r}: expected a numpy array, got {type(array).__name__}",
+                )
             if array.dtype.name != spec.dtype.name:
-                return f"tensor {name!r}: dtype {array.dtype.name}, the model has {spec.dtype}"
+                return Rejection(
+                    "dtype",
+                    f"tensor {name!r}: dtype {array.dtype.name}, the model has {spec.dtype}",
+                )
             if array.shape != spec.shape:
-                return f"tensor {name!r}: shape {array.shape}, the model has {spec.shape}"
+                return Rejection(
+                    "shape", f"tensor {name!r}: shape {array.shape}, the model has {spec.shape}"
+                )
         total = 0.0
         largest, largest_sq = "", -1.0
         for name in self._tensors:
@@ -189,17 +212,12 @@ class ModelSpec:
             if not math.isfinite(squares):
                 if not all_finite(array):
                     bad = array.size - int(np.count_nonzero(np.isfinite(array)))
-                    return f"tensor {name!r} has {bad} non-finite values"
+                    return Rejection("non_finite", f"tensor {name!r} has {bad} non-finite values")
                 squares = float(np.sum(np.square(array, dtype=np.float64)))
             total += squares
             if squares > largest_sq:
                 largest, largest_sq = name, squares
-        if max_norm is not None and math.sqrt(total) > max_norm:
-            return (
-                f"update L2 norm {math.sqrt(total):.6g} exceeds the bound {max_norm:g}; "
-                f"largest tensor {largest!r} has norm {math.sqrt(largest_sq):.6g}"
-            )
-        return None
+        return Measured(math.sqrt(total), largest, math.sqrt(max(largest_sq, 0.0)))
 
     def check_weights(self, weights: Mapping[str, Array], what: str) -> None:
         """``ValueError`` if ``weights`` (called ``what``) does not have this spec exactly."""
@@ -309,10 +327,12 @@ class DeltaBuffer:
         self.total_weight = 0.0
         """Sum of the weights they were added with."""
 
-    def add(self, delta: Weights, weight: float) -> None:
-        """sums += weight·delta (delta already checked against the spec; never written)."""
+    def add(self, delta: Weights, weight: float, scale: float = 1.0) -> None:
+        """sums += weight·scale·delta (delta already checked against the spec; never written).
+        ``scale`` shrinks the delta itself (clipping) and so does not count in the total
+        weight a round's mean divides by."""
         for name, acc in self._sums.items():
-            scaled_add(acc, weight, delta[name], self._scratch[acc.dtype])
+            scaled_add(acc, weight * scale, delta[name], self._scratch[acc.dtype])
         self.count += 1
         self.total_weight += weight
 
@@ -418,6 +438,7 @@ class BaseAggregator:
         accumulate_dtype: npt.DTypeLike,
         remember_ids: int,
         version: int,
+        guards: Sequence[UpdateGuard] = (),
     ) -> None:
         self._spec = ModelSpec.of(weights)
         self._weights: dict[str, Array] = {
@@ -425,11 +446,9 @@ class BaseAggregator:
         }
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise ValueError(f"version: expected an integer ≥ 0, got {version!r}")
-        if max_norm is not None and not (math.isfinite(max_norm) and max_norm > 0):
-            raise ValueError(f"max_norm: expected a finite value > 0 or None, got {max_norm!r}")
         self._version = version
         self._optimizer = optimizer
-        self._max_norm = max_norm
+        self._guards: tuple[UpdateGuard, ...] = (*norm_guards(max_norm=max_norm), *guards)
         self._buffer = DeltaBuffer(self._spec, accumulate_dtype)
         self._metrics = MetricsMean()
         self._ids = AppliedIds(remember_ids)
@@ -474,7 +493,7 @@ class BaseAggregator:
         self._counters.received += 1
         reason = id_problem(update_id)
         if reason is not None:
-            return self._reject(str(update_id)[:MAX_UPDATE_ID_LENGTH], reason)
+            return self._reject(str(update_id)[:MAX_UPDATE_ID_LENGTH], reason, "id")
         if update_id in self._ids:
             self._counters.duplicates += 1
             return Outcome(Status.DUPLICATE, update_id, reason="update id already applied")
@@ -484,20 +503,26 @@ class BaseAggregator:
             or num_samples < 1
         ):
             return self._reject(
-                update_id, f"num_samples must be an integer ≥ 1, got {num_samples!r}"
+                update_id, f"num_samples must be an integer ≥ 1, got {num_samples!r}", "num_samples"
             )
         if isinstance(base_version, bool) or not isinstance(base_version, (int, np.integer)):
-            return self._reject(update_id, f"base version must be an integer, got {base_version!r}")
+            return self._reject(
+                update_id, f"base version must be an integer, got {base_version!r}", "version"
+            )
         return None
 
-    def _check(self, update_id: str, delta: Weights) -> Outcome | None:
-        """A rejection if ``delta`` does not fit the model, else ``None``."""
-        reason = self._spec.problem(delta, max_norm=self._max_norm)
-        return None if reason is None else self._reject(update_id, reason)
+    def _check(self, update_id: str, delta: Weights) -> Outcome | float:
+        """A rejection if ``delta`` does not fit the model or a guard refuses it, else the
+        factor the guards scale it by (1.0 when no guard clips it)."""
+        measured = self._spec.examine(delta)
+        verdict = measured if isinstance(measured, Rejection) else screen(self._guards, measured)
+        if isinstance(verdict, Rejection):
+            return self._reject(update_id, verdict.reason, verdict.code)
+        return verdict
 
-    def _reject(self, update_id: str, reason: str) -> Outcome:
+    def _reject(self, update_id: str, reason: str, code: str) -> Outcome:
         self._counters.rejected += 1
-        return Outcome(Status.REJECTED, update_id, reason=reason)
+        return Outcome(Status.REJECTED, update_id, reason=reason, code=code)
 
     def _accept(
         self,
@@ -506,9 +531,10 @@ class BaseAggregator:
         weight: float,
         num_samples: int,
         metrics: Mapping[str, float] | None,
+        scale: float = 1.0,
     ) -> None:
-        """Add ``weight``·``delta`` to the buffer and remember the id."""
-        self._buffer.add(delta, weight)
+        """Add ``weight``·``scale``·``delta`` to the buffer and remember the id."""
+        self._buffer.add(delta, weight, scale)
         self._metrics.add(metrics, float(num_samples))
         self._ids.add(update_id)
         self._counters.applied += 1

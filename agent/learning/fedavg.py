@@ -12,7 +12,7 @@ weights when nobody reported). Updates for an older round are late: counted and 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -30,6 +30,7 @@ from agent.learning.arrays import (
     scalar,
     unprefixed,
 )
+from agent.learning.clipping import UpdateGuard
 from agent.learning.optimizers import FedAvg, ServerOptimizer
 
 Weighting = Literal["samples", "uniform"]
@@ -84,7 +85,7 @@ class SyncFedAvg(BaseAggregator):
     * ``optimizer``: default :class:`FedAvg` with η = 1 (w ← w + Σ n_k·Δ_k / Σ n_k).
     * ``weighting``: ``"samples"`` (FedAvg's n_k / n) or ``"uniform"`` (plain mean, what FedDyn's
       formula uses; the default for rules that ask for it).
-    * ``max_norm``, ``accumulate_dtype``, ``remember_ids``, ``version``: as in
+    * ``max_norm``, ``guards``, ``accumulate_dtype``, ``remember_ids``, ``version``: as in
       :class:`~agent.learning.fedbuff.FedBuffAggregator`.
 
     Duplicates and rejections follow the same rules as FedBuff (one shared check); in addition
@@ -101,6 +102,7 @@ class SyncFedAvg(BaseAggregator):
         accumulate_dtype: npt.DTypeLike = np.float32,
         remember_ids: int = 100_000,
         version: int = 0,
+        guards: Sequence[UpdateGuard] = (),
     ) -> None:
         rule = optimizer if optimizer is not None else FedAvg()
         if weighting is None:
@@ -116,6 +118,7 @@ class SyncFedAvg(BaseAggregator):
             accumulate_dtype=accumulate_dtype,
             remember_ids=remember_ids,
             version=version,
+            guards=guards,
         )
         self._weighting: Weighting = weighting
         self._round: SyncRound | None = None
@@ -178,25 +181,28 @@ class SyncFedAvg(BaseAggregator):
             )
         if base_version > self._version:
             return self._reject(
-                update_id, f"base version {base_version} is ahead of the current {self._version}"
+                update_id,
+                f"base version {base_version} is ahead of the current {self._version}",
+                "version",
             )
         current = self._round
         if current is None:
-            return self._reject(update_id, f"no round is open for version {self._version}")
+            return self._reject(update_id, f"no round is open for version {self._version}", "round")
         if client not in current.participants:
             return self._reject(
                 update_id,
                 f"client {str(client)[:100]!r} was not sampled for round {current.number}",
+                "round",
             )
         if client in current.reported:
             return self._reject(
-                update_id, f"client {client!r} already reported for round {current.number}"
+                update_id, f"client {client!r} already reported for round {current.number}", "round"
             )
-        verdict = self._check(update_id, delta)
-        if verdict is not None:
-            return verdict
+        factor = self._check(update_id, delta)
+        if isinstance(factor, Outcome):
+            return factor
         weight = float(num_samples) if self._weighting == "samples" else 1.0
-        self._accept(update_id, delta, weight, int(num_samples), metrics)
+        self._accept(update_id, delta, weight, int(num_samples), metrics, scale=factor)
         self._round = SyncRound(current.number, current.participants, current.reported | {client})
         if not self._round.complete:
             return Outcome(Status.APPLIED, update_id, staleness=0, weight=weight)

@@ -9,13 +9,14 @@ t += 1, and the buffer is reset.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.learning.aggregation import BaseAggregator, Outcome, Status
 from agent.learning.arrays import Weights, read_int
+from agent.learning.clipping import UpdateGuard
 from agent.learning.optimizers import FedAvg, ServerOptimizer
 from agent.learning.staleness import Staleness
 
@@ -28,6 +29,8 @@ class FedBuffAggregator(BaseAggregator):
     * ``optimizer``: the server optimizer (default :class:`FedAvg` with η = 1: w ← w + Δ̄).
     * ``staleness``: s(τ) and the optional max staleness (default 1/sqrt(1+τ), no bound).
     * ``max_norm``: reject deltas whose global L2 norm exceeds it.
+    * ``guards``: more update guards after the bound, e.g.
+      :class:`~agent.learning.clipping.NormClip` (their factor scales the delta).
     * ``accumulate_dtype``: float32 (default) or float64 for the buffer.
     * ``remember_ids``: how many applied update ids are kept to refuse duplicates.
     * ``version``: the version of ``weights``.
@@ -47,6 +50,7 @@ class FedBuffAggregator(BaseAggregator):
         accumulate_dtype: npt.DTypeLike = np.float32,
         remember_ids: int = 100_000,
         version: int = 0,
+        guards: Sequence[UpdateGuard] = (),
     ) -> None:
         if isinstance(buffer_size, bool) or not isinstance(buffer_size, int) or buffer_size < 1:
             raise ValueError(f"buffer_size: expected an integer ≥ 1, got {buffer_size!r}")
@@ -63,6 +67,7 @@ class FedBuffAggregator(BaseAggregator):
             accumulate_dtype=accumulate_dtype,
             remember_ids=remember_ids,
             version=version,
+            guards=guards,
         )
         self._k = buffer_size
         self._staleness = staleness if staleness is not None else Staleness()
@@ -104,7 +109,9 @@ class FedBuffAggregator(BaseAggregator):
         tau = self._version - int(base_version)
         if tau < 0:
             return self._reject(
-                update_id, f"base version {base_version} is ahead of the current {self._version}"
+                update_id,
+                f"base version {base_version} is ahead of the current {self._version}",
+                "version",
             )
         if self._staleness.too_stale(tau):
             self._counters.stale_dropped += 1
@@ -114,11 +121,11 @@ class FedBuffAggregator(BaseAggregator):
                 reason=f"staleness {tau} exceeds the maximum {self._staleness.max_staleness}",
                 staleness=tau,
             )
-        verdict = self._check(update_id, delta)
-        if verdict is not None:
-            return verdict
+        factor = self._check(update_id, delta)
+        if isinstance(factor, Outcome):
+            return factor
         weight = self._staleness.weight(tau)
-        self._accept(update_id, delta, weight, int(num_samples), metrics)
+        self._accept(update_id, delta, weight, int(num_samples), metrics, scale=factor)
         if self._buffer.count < self._k:
             return Outcome(Status.APPLIED, update_id, staleness=tau, weight=weight)
         version, mean_metrics = self._advance(self._k)

@@ -68,7 +68,9 @@ class TrainingPlan:
     feddyn_alpha: float | None = None
     """FedDyn (Acar et al. 2021): α of the client objective and server correction, if used."""
     max_norm: float | None = None
-    """Reject deltas whose L2 norm is above this."""
+    """Reject deltas whose L2 norm is above this (:class:`~agent.learning.clipping.NormBound`)."""
+    clip_norm: float | None = None
+    """Scale deltas down to this L2 norm (:class:`~agent.learning.clipping.NormClip`)."""
     eval_every: int = 1
     stop: StopRules = field(default_factory=StopRules)
 
@@ -113,6 +115,7 @@ class TrainingPlan:
             client=hyper,
             feddyn_alpha=_opt_float(client.get("feddyn_alpha")),
             max_norm=_opt_float(algorithm.get("max_norm")),
+            clip_norm=_opt_float(algorithm.get("clip_norm")),
             eval_every=_int(algorithm, "eval_every", 1, "algorithm."),
             stop=StopRules(
                 target_accuracy=_opt_float(stop.get("target_accuracy")),

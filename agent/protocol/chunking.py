@@ -19,13 +19,17 @@ followed by the chunk's bytes::
 
 :class:`Reassembler` takes frames in any order, ignores duplicates (also after completion, for
 QoS 1 redeliveries), rejects corrupt or inconsistent frames with a :class:`ChunkError`, keeps the
-memory reserved for incomplete messages under a bound (evicting the least recently active) and
-expires messages that stop making progress.
+memory reserved for incomplete messages under a bound (evicting the least recently active, of
+the same source first) and expires messages that stop making progress. A header's declared
+size is only a claim: large messages are reassembled in anonymous memory maps, which the
+kernel backs with memory only as chunks arrive, so a forged first chunk claiming hundreds of
+megabytes costs nothing resident.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import secrets
 import struct
 import time
@@ -161,11 +165,27 @@ class ReassemblyStats:
     evicted: int = 0
 
 
+MAP_ABOVE = 1024 * 1024
+"""Messages above this many bytes are reassembled in an anonymous memory map."""
+
+
+def _reserve(total: int) -> bytearray | mmap.mmap:
+    """A zeroed buffer of ``total`` bytes whose pages cost memory only once written."""
+    if total <= MAP_ABOVE:
+        return bytearray(total)
+    try:
+        return mmap.mmap(-1, total)
+    except (OSError, ValueError) as exc:
+        raise ChunkError(f"cannot reserve {total} bytes for a chunked message: {exc}") from None
+
+
 @dataclass
 class _Partial:
     geometry: tuple[int, int, int, bytes]
-    buffer: bytearray
-    missing: set[int]
+    buffer: bytearray | mmap.mmap
+    received: bytearray
+    """One flag per chunk: a byte each, not a set of ints (a forged count is cheap to hold)."""
+    missing: int
     last_seen: float
 
 
@@ -173,10 +193,11 @@ class _Partial:
 class Reassembler:
     """Rebuilds chunked messages, with bounded memory and a timeout for stalled ones.
 
-    ``add`` returns the whole message (a ``bytearray`` the caller now owns) when its last chunk
-    arrives, ``None`` while chunks are missing or for a duplicate, and raises
-    :class:`ChunkError` for a frame that cannot belong to a good message. Messages are keyed by
-    ``(source, message_id)`` where the source is usually the topic.
+    ``add`` returns the whole message (a ``bytearray``, or a ``memoryview`` of a memory map for
+    large ones, that the caller now owns) when its last chunk arrives, ``None`` while chunks
+    are missing or for a duplicate, and raises :class:`ChunkError` for a frame that cannot
+    belong to a good message. Messages are keyed by ``(source, message_id)`` where the source
+    is usually the topic.
     """
 
     max_message_bytes: int = 512 * MiB
@@ -184,6 +205,11 @@ class Reassembler:
     max_pending_bytes: int = 1024 * MiB
     """Bytes reserved for incomplete messages never exceed this."""
     max_pending_messages: int = 256
+    max_pending_per_source: int = 8
+    max_chunks: int = 1 << 16
+    """Chunks of one message at most (512 MiB in chunks of 8 KiB; senders use 256 KiB–1 MiB)."""
+    """Incomplete messages of one source (topic) at most; its own oldest is evicted first, so
+    one noisy topic cannot push out the messages of the others."""
     timeout: float = 60.0
     """Seconds without a new chunk after which an incomplete message is dropped."""
     remember_completed: int = 4096
@@ -208,14 +234,14 @@ class Reassembler:
     def pending_messages(self) -> int:
         return len(self._partial)
 
-    def add(self, source: str, frame: Buffer) -> bytearray | None:
+    def add(self, source: str, frame: Buffer) -> bytearray | memoryview | None:
         try:
             return self._add(source, frame)
         except ChunkError:
             self.stats.rejected += 1
             raise
 
-    def _add(self, source: str, frame: Buffer) -> bytearray | None:
+    def _add(self, source: str, frame: Buffer) -> bytearray | memoryview | None:
         now = self.clock()
         self.expire(now)
         header, data = parse_frame(frame)
@@ -231,12 +257,13 @@ class Reassembler:
                 f"chunk {header.message_id.hex()[:8]}#{header.index}: count, size or digest "
                 "differs from earlier chunks of the same message"
             )
-        if header.index not in partial.missing:
+        if partial.received[header.index]:
             self.stats.duplicates += 1
             return None
         offset = header.index * header.chunk_size
         partial.buffer[offset : offset + data.nbytes] = data
-        partial.missing.discard(header.index)
+        partial.received[header.index] = 1
+        partial.missing -= 1
         partial.last_seen = now
         self._partial.move_to_end(key)
         if partial.missing:
@@ -249,7 +276,8 @@ class Reassembler:
             )
         self._remember(key, now)
         self.stats.completed += 1
-        return partial.buffer
+        buffer = partial.buffer
+        return buffer if isinstance(buffer, bytearray) else memoryview(buffer)
 
     def _start(self, key: tuple[str, bytes], header: ChunkHeader, now: float) -> _Partial:
         total = header.total_size
@@ -258,11 +286,20 @@ class Reassembler:
                 f"chunked message {header.message_id.hex()[:8]} of {total} bytes is above the "
                 f"limit of {self.max_message_bytes}"
             )
+        if header.count > self.max_chunks:
+            raise ChunkError(
+                f"chunked message {header.message_id.hex()[:8]} claims {header.count} chunks, "
+                f"more than {self.max_chunks} (chunks of {header.chunk_size} bytes are too small)"
+            )
         if total > self.max_pending_bytes:
             raise ChunkError(
                 f"chunked message {header.message_id.hex()[:8]} of {total} bytes cannot fit the "
                 f"reassembly bound of {self.max_pending_bytes}"
             )
+        own = [k for k in self._partial if k[0] == key[0]]
+        while len(own) >= self.max_pending_per_source:
+            self._drop(own.pop(0), f"evicted: {self.max_pending_per_source} incomplete messages")
+            self.stats.evicted += 1
         while self._partial and (
             self._pending_bytes + total > self.max_pending_bytes
             or len(self._partial) >= self.max_pending_messages
@@ -271,7 +308,7 @@ class Reassembler:
             self._drop(oldest, "evicted to keep reassembly memory bounded")
             self.stats.evicted += 1
         partial = _Partial(
-            header.geometry(), bytearray(total), set(range(header.count)), last_seen=now
+            header.geometry(), _reserve(total), bytearray(header.count), header.count, now
         )
         self._partial[key] = partial
         self._pending_bytes += total

@@ -89,9 +89,23 @@ class Topics:
     def all_job_updates(self, job: str) -> str:
         return self.job(job, "updates", "+")
 
-    def job_metrics(self, job: str) -> str:
-        """JSON metric events from every role of the job, QoS 0."""
-        return self.job(job, "metrics")
+    def job_metrics(self, job: str, agent: str) -> str:
+        """JSON metric events of the job's roles on one agent, QoS 0. One topic per agent, as
+        for updates, so broker ACLs can pin its writer: the coordinator believes a job-ending
+        event only from the agent it assigned the job's aggregator."""
+        return self.job(job, "metrics", check_segment(agent, "agent id"))
+
+    def all_job_metrics(self, job: str = "+") -> str:
+        """Filter for every agent's metric events of one job (``+``: of every job)."""
+        head = f"{self.prefix}/jobs/+" if job == "+" else self.job(job)
+        return f"{head}/metrics/+"
+
+    def metrics_sender(self, topic: str) -> tuple[str, str] | None:
+        """``(job, agent)`` of a ``jobs/<job>/metrics/<agent>`` topic, or ``None``."""
+        levels = self._levels(topic)
+        if levels is None or len(levels) != 4 or levels[0] != "jobs" or levels[2] != "metrics":
+            return None
+        return levels[1], levels[3]
 
     def job_progress(self, job: str, agent: str) -> str:
         """Retained JSON: how each of ``agent``'s roles in ``job`` is doing right now (state,

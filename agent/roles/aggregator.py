@@ -28,6 +28,7 @@ import structlog
 
 from agent.learning.aggregation import Outcome, Status
 from agent.learning.backend import EvalResult, TrainingBackend
+from agent.learning.clipping import norm_guards
 from agent.learning.fedavg import SyncFedAvg
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.learning.feddyn import FedDynServer
@@ -46,14 +47,19 @@ from agent.protocol import (
     decode_message,
 )
 from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
+from agent.protocol.errors import PayloadTooLarge
+from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.trainer import RoleError
+from agent.transport import Inbound
 
 log = structlog.get_logger("ember.aggregator")
 
 REPUBLISH_INTERVAL = 0.5
 """Model requests within this many seconds of a publish are answered by that publish."""
 KEEP_CHECKPOINTS = 3
+REJECTION_REPORTS_PER_SECOND = 10
+"""Refused messages are each logged and counted, but reported as events at most this often."""
 
 
 @register_role
@@ -82,9 +88,36 @@ class Aggregator(Role):
         self._acks_pending = False
         self._unsaved = False
         """Updates went into the buffer since the last checkpoint."""
+        self._report_budget = TokenBucket(
+            REJECTION_REPORTS_PER_SECOND, 2 * REJECTION_REPORTS_PER_SECOND
+        )
+        self.rejections: dict[str, int] = {}
+        """Refused messages on the updates topics by reason code (``malformed``, ``sender``,
+        ``shape``, ``dtype``, ``non_finite``, ``norm``, ...), kept across restarts and sent
+        with every ``model_version`` event."""
 
     # -- set-up --------------------------------------------------------------------------------
     async def run(self) -> None:
+        ctx = self.ctx
+        resumed = await self.prepare()
+        updates = await ctx.transport.subscribe(
+            ctx.topics.all_job_updates(ctx.bundle.job), max_messages=100_000
+        )
+        try:
+            if not resumed:
+                await self._evaluate_and_record(metrics={})
+            await self._open_round_if_ready()
+            self._progress()
+            await self._publish()
+            await self._serve(updates)
+        finally:
+            if self._republish is not None:
+                self._republish.cancel()
+            await updates.close()
+
+    async def prepare(self) -> bool:
+        """Load the model, the evaluator and the algorithm, resuming from the newest checkpoint
+        if there is one (then True); after this :meth:`handle` can take messages."""
         ctx = self.ctx
         bundle = ctx.bundle
         model = exported_model(bundle)
@@ -105,6 +138,7 @@ class Aggregator(Role):
             self.history = list(meta.get("history", []))
             self.started_at = float(meta.get("started_at", self.started_at))
             self.trainers = set(meta.get("trainers", []))
+            self.rejections = {str(k): int(v) for k, v in meta.get("rejections", {}).items()}
             # A sync round that was open goes on with what it had; its timeout starts afresh
             # (the clock is per process) so the updates of its trainers can still arrive.
             self._round_opened = time.monotonic()
@@ -114,20 +148,7 @@ class Aggregator(Role):
                 version=self.algo.version,
                 applied=self.algo.counters.applied,
             )
-        updates = await ctx.transport.subscribe(
-            ctx.topics.all_job_updates(bundle.job), max_messages=100_000
-        )
-        try:
-            if resumed is None:
-                await self._evaluate_and_record(metrics={})
-            await self._open_round_if_ready()
-            self._progress()
-            await self._publish()
-            await self._serve(updates)
-        finally:
-            if self._republish is not None:
-                self._republish.cancel()
-            await updates.close()
+        return resumed is not None
 
     def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
         plan = self.plan
@@ -140,14 +161,15 @@ class Aggregator(Role):
             optimizer = FedDynServer(alpha=alpha, num_devices=plan.concurrency)
         else:
             optimizer = make_server_optimizer(name, **params)
+        guards = norm_guards(max_norm=plan.max_norm, clip_norm=plan.clip_norm)
         if plan.mode == "sync":
-            return SyncFedAvg(initial, optimizer=optimizer, max_norm=plan.max_norm)
+            return SyncFedAvg(initial, optimizer=optimizer, guards=guards)
         return FedBuffAggregator(
             initial,
             buffer_size=plan.buffer_size,
             optimizer=optimizer,
             staleness=make_staleness(plan.staleness_weight, max_staleness=plan.staleness_max),
-            max_norm=plan.max_norm,
+            guards=guards,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -162,32 +184,51 @@ class Aggregator(Role):
             except asyncio.TimeoutError:
                 await self._on_timer()
                 continue
-            try:
-                decoded = decode_message(message.payload, expect=(ModelUpdate, ModelRequest))
-            except ProtocolError as exc:
-                await self._refuse(message.topic, str(exc))
-                continue
-            assert isinstance(decoded, ModelUpdate | ModelRequest)
-            sender = self.ctx.topics.job_updates(self.ctx.bundle.job, decoded.agent)
-            if message.topic != sender:
-                # Broker ACLs pin who may write each agent's updates topic; the agent named
-                # inside the payload is only believed on that agent's own topic.
-                reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
-                await self._refuse(message.topic, reason)
-                continue
-            if isinstance(decoded, ModelRequest) and decoded.job == self.ctx.bundle.job:
-                await self._on_request(decoded)
-            elif isinstance(decoded, ModelUpdate) and decoded.job == self.ctx.bundle.job:
-                await self._on_update(decoded)
-                self._acks[decoded.agent] = decoded.id
-                self._acks_pending = True
+            await self.handle(message)
             if self._acks_pending and not len(updates):
                 await self._send_acks()
 
-    async def _refuse(self, topic: str, reason: str) -> None:
+    async def handle(self, message: Inbound) -> None:
+        """One message from the updates topics: validated, then applied or refused with its
+        reason (logged, reported and counted by reason in :attr:`rejections`)."""
+        job = self.ctx.bundle.job
+        try:
+            decoded = decode_message(message.payload, expect=(ModelUpdate, ModelRequest))
+        except PayloadTooLarge as exc:
+            await self._refuse(message.topic, str(exc), "too_large")
+            return
+        except ProtocolError as exc:
+            await self._refuse(message.topic, str(exc), "malformed")
+            return
+        assert isinstance(decoded, ModelUpdate | ModelRequest)
+        if message.topic != self.ctx.topics.job_updates(job, decoded.agent):
+            # Broker ACLs pin who may write each agent's updates topic; the agent named
+            # inside the payload is only believed on that agent's own topic.
+            reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
+            await self._refuse(message.topic, reason, "sender")
+            return
+        if decoded.job != job:
+            reason = f"{decoded.TYPE} for job {decoded.job!r} arrived on job {job!r}'s topic"
+            await self._refuse(message.topic, reason, "job")
+            return
+        if isinstance(decoded, ModelRequest):
+            await self._on_request(decoded)
+            return
+        await self._on_update(decoded)
+        self._acks[decoded.agent] = decoded.id
+        self._acks_pending = True
+
+    async def _refuse(self, topic: str, reason: str, code: str) -> None:
         """A message on the updates topic that is not a usable update: log and report why."""
-        log.warning("update_rejected", topic=topic, reason=reason)
-        await self.ctx.report({"event": "update_rejected", "topic": topic, "reason": reason})
+        self._count_rejection(code)
+        log.warning("update_rejected", topic=topic, reason=reason, code=code)
+        if self._report_budget.take():  # a flood is counted, not echoed event for event
+            await self.ctx.report(
+                {"event": "update_rejected", "topic": topic, "reason": reason, "code": code}
+            )
+
+    def _count_rejection(self, code: str) -> None:
+        self.rejections[code] = self.rejections.get(code, 0) + 1
 
     async def _send_acks(self) -> None:
         """Receipts for every update processed since the last ones, in one small message."""
@@ -253,19 +294,25 @@ class Aggregator(Role):
         )
         self._progress()
         if outcome.status is not Status.APPLIED:
+            if outcome.status is Status.REJECTED:
+                self._count_rejection(outcome.code or "other")
             log.info(
                 "update_not_applied",
                 job=update.job,
                 agent=update.agent,
                 status=outcome.status.value,
                 reason=outcome.reason,
+                code=outcome.code,
             )
+            if not self._report_budget.take():
+                return
             await self.ctx.report(
                 {
                     "event": f"update_{outcome.status.value}",
                     "agent": update.agent,
                     "update": update.id,
                     "reason": outcome.reason,
+                    "code": outcome.code,
                 }
             )
             return
@@ -332,6 +379,7 @@ class Aggregator(Role):
             "updates_applied": counters["applied"],
             "elapsed": round(time.time() - self.started_at, 3),
             "counters": counters,
+            "rejected": dict(sorted(self.rejections.items())),
             "trainers": len(self.trainers),
             "stragglers": self.tracker.stragglers(),
         }
@@ -365,6 +413,7 @@ class Aggregator(Role):
             "history": self.history,
             "started_at": self.started_at,
             "trainers": sorted(self.trainers),
+            "rejections": self.rejections,
         }
         await self.ctx.run_cpu(self.checkpoints.save, self.algo.version, state, meta)
         self._unsaved = False

@@ -59,7 +59,8 @@ class RoleContext:
     run_cpu: Callable[..., Awaitable[Any]]
     """``await ctx.run_cpu(fn, *args)``: ``fn(*args)`` off the event loop; returns its result."""
     report: Callable[[Mapping[str, Any]], Awaitable[None]]
-    """Publish a progress/metrics event for this role (JSON on the job's metrics topic)."""
+    """Publish a progress/metrics event for this role (JSON on this agent's metrics topic of the
+    job)."""
     extras: dict[str, Any] = field(default_factory=dict)
     progress: Callable[[Mapping[str, Any]], None] = lambda _fields: None
     """``ctx.progress({"state": "training", ...})``: merge these fields into this role's entry

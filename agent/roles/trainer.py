@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import structlog
 
+from agent.learning.aggregation import ModelSpec
 from agent.learning.backend import Array, TrainingBackend
+from agent.learning.clipping import Rejection
 from agent.learning.feddyn import client_state_update, initial_client_state
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.plan import TrainingPlan
@@ -43,7 +45,7 @@ from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.delivery import ACK_TIMEOUT, Delivery
 from agent.spool import Spool
 from agent.tasks import cancel_and_wait
-from agent.transport import Subscription
+from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.trainer")
 
@@ -77,6 +79,10 @@ class Trainer(Role):
         )
         self.delivery = Delivery(ctx, spool)
         self.updates_sent = 0
+        self.rejected = 0
+        """Messages on the model topic refused (malformed, another job's, wrong shapes)."""
+        self.spec: ModelSpec | None = None
+        """The job's model: a version whose tensors do not match it is refused."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -86,6 +92,7 @@ class Trainer(Role):
         if dataset is None:
             raise RoleError(f"dataset {name!r} is not on this agent (has {sorted(ctx.datasets)})")
         model = exported_model(bundle)
+        self.spec = ModelSpec.of(model.initial_params)
         backend: TrainingBackend = await ctx.run_cpu(make_backend, bundle, model)
         x, y = dataset.x, dataset.y
         topic = ctx.topics.job_updates(bundle.job, ctx.agent_id)
@@ -179,31 +186,46 @@ class Trainer(Role):
             await asyncio.sleep((slowdown - 1.0) * trained_for)
 
     async def _follow(self, models: Subscription) -> None:
-        """Keep the newest model version (older ones are useless to a trainer) and the
-        aggregator's receipts for this agent's updates."""
-        job, me = self.ctx.bundle.job, self.ctx.agent_id
         async for message in models:
-            try:
-                decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
-            except ProtocolError as exc:
-                log.warning("model_message_rejected", topic=message.topic, reason=str(exc))
-                continue
-            if isinstance(decoded, UpdateAck):
-                if decoded.job == job and me in decoded.acks:
-                    self.delivery.acknowledged(decoded.acks[me])
-                continue
-            if not isinstance(decoded, ModelVersion) or decoded.job != job:
-                continue
-            self.delivery.model_arrived()
-            latest = self._latest
-            # The same version comes again when a synchronous round opens on it (now naming
-            # its trainers) or when the aggregator answers a request: take it too.
-            if latest is None or decoded.version >= latest.version or decoded.final:
-                self._latest = decoded
-                self._arrived.set()
-                self.delivery.pulse()
-                if latest is None or decoded.version != latest.version:
-                    self.ctx.progress({"model_version": decoded.version})
+            self.handle(message)
+
+    def handle(self, message: Inbound) -> None:
+        """One message from the job's model topic: keep the newest model version (older ones
+        are useless to a trainer) and the aggregator's receipts for this agent's updates.
+        Anything malformed, for another job or not shaped like this job's model is logged with
+        its reason, counted in :attr:`rejected` and dropped."""
+        job, me = self.ctx.bundle.job, self.ctx.agent_id
+        try:
+            decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
+        except ProtocolError as exc:
+            self._reject(message.topic, str(exc))
+            return
+        assert isinstance(decoded, ModelVersion | UpdateAck)
+        if decoded.job != job:
+            self._reject(message.topic, f"{decoded.TYPE} for job {decoded.job!r}")
+            return
+        if isinstance(decoded, UpdateAck):
+            if me in decoded.acks:
+                self.delivery.acknowledged(decoded.acks[me])
+            return
+        verdict = self.spec.examine(decoded.tensors) if self.spec is not None else None
+        if isinstance(verdict, Rejection):
+            self._reject(message.topic, f"model_version {decoded.version}: {verdict.reason}")
+            return
+        self.delivery.model_arrived()
+        latest = self._latest
+        # The same version comes again when a synchronous round opens on it (now naming
+        # its trainers) or when the aggregator answers a request: take it too.
+        if latest is None or decoded.version >= latest.version or decoded.final:
+            self._latest = decoded
+            self._arrived.set()
+            self.delivery.pulse()
+            if latest is None or decoded.version != latest.version:
+                self.ctx.progress({"model_version": decoded.version})
+
+    def _reject(self, topic: str, reason: str) -> None:
+        self.rejected += 1
+        log.warning("model_message_rejected", topic=topic, reason=reason)
 
     async def _wait_ack(self, update_id: str) -> None:
         """Flow control: train again once the aggregator acknowledged the update (it then

@@ -9,8 +9,9 @@ MQTT client id (``%c``). Grants, by kind of account:
   ``jobs/+/agents/<id>/progress``; read only its own inbox and the jobs' model topics (versions
   and update receipts).
 * **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
-  model topics, read every trainer's updates and write the jobs' metrics topics (model
-  versions, completion: events the coordinator acts on, so a trainer may not send them). An
+  model topics, read every trainer's updates and write its own ``jobs/+/metrics/<id>`` (model
+  versions, completion: events the coordinator acts on, so a trainer may not send them; the
+  coordinator also believes them only from the agent it made the job's aggregator). An
   agent without the grant that is placed as an aggregator has its model versions dropped by
   the broker, so give the grant to the agents labelled ``role=aggregator`` (gateways) and no
   others.
@@ -90,7 +91,7 @@ class Account:
             rules += [
                 ("readwrite", f"{p}/jobs/+/model/#"),
                 ("read", f"{p}/jobs/+/updates/+"),
-                ("write", f"{p}/jobs/+/metrics"),
+                ("write", f"{p}/jobs/+/metrics/{me}"),
             ]
         else:
             rules.append(("read", f"{p}/jobs/+/model/#"))

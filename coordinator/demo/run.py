@@ -315,7 +315,9 @@ class Demo:
         job = await coordinator.dispatcher.submit(spec, artifacts.artifacts, code=artifacts.code)
         job_id = job.record.id
         transport = coordinator.transport
-        metrics = await transport.subscribe(self.topics.job_metrics(job_id), max_messages=10_000)
+        metrics = await transport.subscribe(
+            self.topics.all_job_metrics(job_id), max_messages=10_000
+        )
         started = time.monotonic()
         self._update(phase="training")
         try:

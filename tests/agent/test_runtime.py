@@ -169,7 +169,7 @@ async def role_state(
 
 async def test_a_role_runs_reports_and_finishes(rig: Rig) -> None:
     roles = await rig.coordinator.subscribe(rig.topics.agent_roles(AGENT))
-    metrics = await rig.coordinator.subscribe(rig.topics.job_metrics("j1"))
+    metrics = await rig.coordinator.subscribe(rig.topics.job_metrics("j1", AGENT))
     await rig.runtime({"trainer": Finishes})
     bundle = rig.bundle()
     await rig.assign(bundle)

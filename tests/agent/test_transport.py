@@ -269,10 +269,10 @@ async def test_a_full_queue_drops_are_counted_and_logged(
     pair: tuple[Transport, Transport], topics: Topics
 ) -> None:
     publisher, subscriber = pair
-    sub = await subscriber.subscribe(topics.job_metrics("j"), max_messages=3)
+    sub = await subscriber.subscribe(topics.job_metrics("j", "a"), max_messages=3)
     with capture_logs() as logs:
         for i in range(10):
-            await publisher.publish(topics.job_metrics("j"), f'{{"i":{i}}}')
+            await publisher.publish(topics.job_metrics("j", "a"), f'{{"i":{i}}}')
         await eventually(lambda: subscriber.stats.messages_in == 10)
     assert len(sub) == 3
     assert sub.dropped == 7
@@ -289,9 +289,9 @@ async def test_a_full_queue_drops_are_counted_and_logged(
 
 async def test_queue_bound_by_bytes(pair: tuple[Transport, Transport], topics: Topics) -> None:
     publisher, subscriber = pair
-    sub = await subscriber.subscribe(topics.job_metrics("j"), max_bytes=2500)
+    sub = await subscriber.subscribe(topics.job_metrics("j", "a"), max_bytes=2500)
     for _ in range(4):
-        await publisher.publish(topics.job_metrics("j"), b"x" * 1000)
+        await publisher.publish(topics.job_metrics("j", "a"), b"x" * 1000)
     await eventually(lambda: subscriber.stats.messages_in == 4)
     assert (len(sub), sub.dropped) == (2, 2)
 

@@ -117,7 +117,8 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.agent_inbox("alice"),
             t.job_updates("j1", "bob"),
             t.job_progress("j1", "bob"),
-            t.job_metrics("j1"),  # "completed" there would end a job: aggregators only
+            t.job_metrics("j1", "alice"),  # "completed" there would end a job: aggregators only
+            t.job_metrics("j1", "bob"),
             t.job_model("j1"),
             t.job_state("j1"),
             t.rpc_requests(),
@@ -169,9 +170,10 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         await gw.publish(t.job_model("j1"), b"gw's version")
         assert (await models.get(timeout=10)).payload == b"gw's version"
         assert await next_or_none(models, 0.5) is None
-        metrics = await coordinator.subscribe(t.job_metrics("j1"))
-        await gw.publish(t.job_metrics("j1"), b'{"event": "model_version"}')
-        assert (await metrics.get(timeout=10)).payload == b'{"event": "model_version"}'
+        metrics = await coordinator.subscribe(t.all_job_metrics("j1"))
+        await gw.publish(t.job_metrics("j1", "bob"), b"gw is not bob")
+        await gw.publish(t.job_metrics("j1", "gw"), b'{"event": "model_version"}')
+        assert (await metrics.get(timeout=10)).payload == b'{"event": "model_version"}''
     finally:
         for client in (alice, gw, coordinator):
             await client.close()

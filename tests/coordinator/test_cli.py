@@ -354,7 +354,7 @@ async def test_jobs_survive_sigkill_and_can_be_watched_and_cancelled(
         detail = await shown()
     assert detail["phase"] == "running"
     event = {"event": "model_version", "version": 7, "updates_applied": 70, "accuracy": 0.5}
-    await transport.publish(topics.job_metrics(job_id), json.dumps(event))
+    await transport.publish(topics.job_metrics(job_id, "gateway"), json.dumps(event))
     states = await transport.subscribe(topics.job_state(job_id))
 
     async def state_with(predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -395,7 +395,7 @@ async def test_jobs_survive_sigkill_and_can_be_watched_and_cancelled(
     watcher = asyncio.ensure_future(ember("jobs", "watch", "digits-fedbuff", env=env))
     # (The watcher may subscribe before or after the end: the retained state tells it either way.)
     await transport.publish(
-        topics.job_metrics(job_id),
+        topics.job_metrics(job_id, "gateway"),
         json.dumps(
             {"event": "model_version", "version": 8, "updates_applied": 80, "accuracy": 0.96}
         ),

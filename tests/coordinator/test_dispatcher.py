@@ -116,7 +116,7 @@ async def test_dispatch_run_and_complete(
     assert state["trainers"] == {"running": 2, "standby": 1}
 
     # The aggregator's progress events are folded into the job; a stale one is ignored.
-    metrics = topics.job_metrics(job_id)
+    metrics = topics.job_metrics(job_id, "gw")
     event = {
         "event": "model_version",
         "version": 3,
@@ -265,7 +265,7 @@ async def test_aggregator_failure_fails_the_job_and_cancel_stops_roles(
         await core.dispatcher.cancel(second.record.id)
 
 
-async def test_completed_event_from_the_aggregator(
+async def test_job_ending_events_count_only_from_the_aggregator(
     core: Core, agents_transport: Transport, topics: Topics
 ) -> None:
     agents = await fleet(agents_transport, topics, {"a": 300})
@@ -281,7 +281,23 @@ async def test_completed_event_from_the_aggregator(
         "accuracy": 0.8,
         "elapsed": 12.5,
     }
-    await agents_transport.publish(topics.job_metrics(job.record.id), json.dumps(final))
+    # Job-ending events from anyone but the aggregator's agent are refused: a trainer, an agent
+    # naming the aggregator in its payload, the old shared topic.
+    refused = core.dispatcher.metrics_refused
+    forged = [
+        (topics.job_metrics(job.record.id, "a"), final),
+        (topics.job_metrics(job.record.id, "a"), {**final, "agent": "gw"}),
+        (topics.job_metrics(job.record.id, "gw"), {**final, "agent": "a"}),
+        (topics.job_metrics(job.record.id, "a"), {"event": "failed", "reason": "forged"}),
+        (topics.job_metrics(job.record.id, "a"), {**final, "event": "model_version"}),
+    ]
+    for topic, event in forged:
+        await agents_transport.publish(topic, json.dumps(event))
+    await eventually(lambda: core.dispatcher.metrics_refused == refused + len(forged))
+    await agents_transport.publish(f"{topics.job(job.record.id)}/metrics", json.dumps(final))
+    assert job.record.phase == "running"
+    assert job.record.model_version == 0
+    await agents_transport.publish(topics.job_metrics(job.record.id, "gw"), json.dumps(final))
     await eventually(lambda: job.record.phase == "completed")
     assert job.record.reason == "converged"
     assert (job.record.model_version, job.record.updates_applied) == (5, 50)
@@ -345,7 +361,7 @@ async def test_job_state_summarises_history_stragglers_and_refusals(
     for name in ("gw", "a", "b"):
         await agents[name].accept(core.key)
     await eventually(lambda: job.record.phase == "running", what="running")
-    metrics = topics.job_metrics(job_id)
+    metrics = topics.job_metrics(job_id, "gw")
     counters = {"received": 9, "applied": 6, "stale_dropped": 2, "rejected": 1, "versions": 2}
     for version, accuracy in ((0, 0.1), (1, 0.6), (2, 0.4)):
         event = {
@@ -355,6 +371,7 @@ async def test_job_state_summarises_history_stragglers_and_refusals(
             "accuracy": accuracy,
             "loss": 2.0 - version,
             "counters": counters,
+            "rejected": {"norm": version, "malformed": 4},
             "stragglers": ["b"] if version == 2 else [],
         }
         await agents_transport.publish(metrics, json.dumps(event))
@@ -378,6 +395,7 @@ async def test_job_state_summarises_history_stragglers_and_refusals(
     assert state["stragglers"] == ["b"]
     assert state["counters"] == counters
     assert state["rejected"]["by_kind"] == {"stale": 2, "rejected": 1, "duplicate": 1}
+    assert state["rejected"]["by_code"] == {"norm": 2, "malformed": 4}
     recent = state["rejected"]["recent"]
     assert [(r["kind"], r["agent"], r["reason"]) for r in recent] == [
         ("stale", "b", "staleness 9 > 8"),

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.protocol import Topics
+from agent.protocol.messages import AgentStatus
 from agent.transport import Transport
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.registry import LanBrowser, Registry
@@ -80,12 +81,19 @@ async def test_retained_documents_build_the_fleet(
                 topics.agent_info("junk"), b"\xff\x00 not json", retain=True
             )
             await agents_transport.publish(topics.agent_info("list"), b"[1, 2]", retain=True)
+            # A status is read as strictly as a message: online/offline drives placement.
             await agents_transport.publish(
-                topics.agent_status("ok"), b'{"state": "online"}', retain=True
+                topics.agent_status("bare"), b'{"state": "online"}', retain=True
             )
+            forged = AgentStatus(agent="pi-1", state="online", session=1).to_json()
+            await agents_transport.publish(topics.agent_status("other"), forged, retain=True)
+            ok = AgentStatus(agent="ok", state="online", session=1).to_json()
+            await agents_transport.publish(topics.agent_status("ok"), ok, retain=True)
             await eventually(lambda: reg.get("ok") is not None)
             assert reg.get("junk") is None
             assert reg.get("list") is None
+            assert reg.get("bare") is None
+            assert reg.get("other") is None
 
             # Clearing every retained document forgets the agent.
             for leaf in ("status", "info", "roles", "telemetry"):
@@ -93,8 +101,8 @@ async def test_retained_documents_build_the_fleet(
             await eventually(lambda: reg.get("pi-1") is None)
         finally:
             await reg.stop()
-        for leaf in ("info",):
-            for name in ("junk", "list"):
+        for leaf in ("info", "status"):
+            for name in ("junk", "list", "bare", "other", "ok"):
                 await agents_transport.publish(topics.agent(name, leaf), b"", retain=True)
 
 

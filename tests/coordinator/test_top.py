@@ -139,7 +139,7 @@ def test_job_board_keeps_the_state_and_an_accuracy_history() -> None:
     history = [{"version": 2, "accuracy": 0.41}, {"version": 6, "accuracy": 0.72}, [9, 0.8]]
     board.apply(message(state_topic, json.dumps(job_state(history=history))))
     event = {"v": 1, "event": "model_version", "version": 13, "accuracy": 0.88, "loss": 0.3}
-    board.apply(message(topics.job_metrics("digits-3f9a1c"), json.dumps(event)))
+    board.apply(message(topics.job_metrics("digits-3f9a1c", "gw"), json.dumps(event)))
     job = board.get("digits-3f9a1c")
     assert job is not None
     assert job.phase == "running"
@@ -156,8 +156,8 @@ def test_job_board_skips_bad_documents_and_forgets_a_cleared_job(
     for bad in (b"\xff\xfe", b"[1, 2]", b"{not json", json.dumps({"history": "x"}).encode()):
         board.apply(message(state_topic, bad))
     nan_event = b'{"event": "model_version", "version": 14, "accuracy": NaN}'
-    board.apply(message(topics.job_metrics("a-1"), nan_event))
-    board.apply(message(topics.job_metrics("unknown-job"), nan_event))
+    board.apply(message(topics.job_metrics("a-1", "gw"), nan_event))
+    board.apply(message(topics.job_metrics("unknown-job", "gw"), nan_event))
     board.apply(message(f"{topics.prefix}/jobs/a-1/model/global", b"\xc1EC1"))
     job = board.get("a-1")
     assert job is not None

@@ -307,3 +307,51 @@ def test_a_frame_without_the_magic_is_named_as_such() -> None:
     frame[1:4] = b"XYZ"
     with pytest.raises(ChunkError, match="not a chunk frame"):
         parse_frame(bytes(frame))
+
+
+def test_a_forged_huge_first_chunk_costs_no_resident_memory() -> None:
+    """Regression (hostile-input fuzzing): the first chunk of a message claiming 400 MiB used to
+    allocate and zero 400 MiB at once; now only what arrives is backed by memory."""
+    import psutil
+
+    process = psutil.Process()
+    total, size = 400 * 1024 * 1024, 512 * 1024
+    count = chunk_count(total, size)
+    forged = [
+        build_frame(bytes([n]) * 16, 0, count, total, size, b"\0" * 32, bytes(size))
+        for n in range(2)
+    ]
+    before = process.memory_info().rss
+    r = Reassembler(max_message_bytes=512 * 1024 * 1024)
+    for n, frame in enumerate(forged):
+        r.add(f"hostile-{n}", frame)
+    grown = process.memory_info().rss - before
+    assert r.pending_messages == 2
+    assert grown < 32 * 1024 * 1024, f"RSS grew by {grown / 2**20:.0f} MiB"
+
+
+def test_a_noisy_source_evicts_its_own_incomplete_messages_first() -> None:
+    r = Reassembler(max_pending_per_source=3)
+    honest = split(bytes(1500), 500)
+    r.add("honest", honest[0])
+    for n in range(10):
+        r.add("noisy", split(bytes([n]) * 1500, 500)[0])
+    assert r.pending_messages == 4
+    assert r.stats.evicted == 7
+    assert feed(r, honest[1:], source="honest") == [bytearray(1500)]
+
+
+def test_large_messages_reassemble_from_a_memory_map() -> None:
+    payload = bytes(range(256)) * 8192  # 2 MiB: above MAP_ABOVE
+    [whole] = feed(Reassembler(), split(payload, 300_000))
+    assert isinstance(whole, memoryview)
+    assert whole == payload
+
+
+def test_a_forged_chunk_count_is_bounded() -> None:
+    """Regression (hostile-input fuzzing): a 76-byte frame claiming 256 MiB in 1-byte chunks made
+    the reassembler build a set of 268 million chunk indices."""
+    total = 256 * 1024 * 1024
+    forged = build_frame(b"\x09" * 16, 0, total, total, 1, b"\0" * 32, b"x")
+    with pytest.raises(ChunkError, match="claims 268435456 chunks, more than 65536"):
+        Reassembler().add("t", forged)

@@ -20,7 +20,13 @@ def test_design_topics_under_the_default_prefix() -> None:
     assert t.job_model("j") == "ember/v1/jobs/j/model/global"
     assert t.job_updates("j", "pi-1") == "ember/v1/jobs/j/updates/pi-1"
     assert t.all_job_updates("j") == "ember/v1/jobs/j/updates/+"
-    assert t.job_metrics("j") == "ember/v1/jobs/j/metrics"
+    assert t.job_metrics("j", "pi-1") == "ember/v1/jobs/j/metrics/pi-1"
+    assert t.all_job_metrics("j") == "ember/v1/jobs/j/metrics/+"
+    assert t.all_job_metrics() == "ember/v1/jobs/+/metrics/+"
+    assert t.metrics_sender("ember/v1/jobs/j/metrics/pi-1") == ("j", "pi-1")
+    assert t.metrics_sender("ember/v1/jobs/j/metrics") is None
+    assert t.metrics_sender("ember/v1/jobs/j/metrics/pi-1/x") is None
+    assert t.metrics_sender("ember/v1/jobs/j/state/pi-1") is None
     assert t.job_progress("j", "pi-1") == "ember/v1/jobs/j/agents/pi-1/progress"
     assert t.all_job_progress("j") == "ember/v1/jobs/j/agents/+/progress"
     assert t.all_job_progress() == "ember/v1/jobs/+/agents/+/progress"

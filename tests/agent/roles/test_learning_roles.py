@@ -80,7 +80,9 @@ class Federation:
             self.events.append({"agent": agent, **event})
             async with self.changed:
                 self.changed.notify_all()
-            await transport.publish(self.topics.job_metrics(bundle.job), json.dumps(event), qos=0)
+            await transport.publish(
+                self.topics.job_metrics(bundle.job, agent), json.dumps(event), qos=0
+            )
 
         state = self.root / agent / bundle.job / bundle.role
         state.mkdir(parents=True, exist_ok=True)
