@@ -78,7 +78,7 @@ function fold(topic, doc) {
     if (doc.metrics && typeof doc.metrics === "object") {
       record(view, doc.model_version, doc.metrics.accuracy);
     }
-  } else if (kind === "jobs" && levels.length === 3 && levels[2] === "metrics") {
+  } else if (kind === "jobs" && levels.length === 4 && levels[2] === "metrics") {
     if (doc && doc.event === "model_version" && fleet.jobs.has(id)) {
       record(job(id), doc.version, doc.accuracy);
     }
@@ -361,7 +361,7 @@ function start(config, credentials = {}) {
   for (const leaf of ["status", "info", "roles"]) client.subscribe(`${prefix}/agents/+/${leaf}`, 1);
   client.subscribe(`${prefix}/agents/+/telemetry`, 0);
   client.subscribe(`${prefix}/jobs/+/state`, 1);
-  client.subscribe(`${prefix}/jobs/+/metrics`, 0);
+  client.subscribe(`${prefix}/jobs/+/metrics/+`, 0);
   client.subscribe(`${prefix}/jobs/+/agents/+/progress`, 1);
   client.connect();
 }
