@@ -173,7 +173,7 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         metrics = await coordinator.subscribe(t.all_job_metrics("j1"))
         await gw.publish(t.job_metrics("j1", "bob"), b"gw is not bob")
         await gw.publish(t.job_metrics("j1", "gw"), b'{"event": "model_version"}')
-        assert (await metrics.get(timeout=10)).payload == b'{"event": "model_version"}''
+        assert (await metrics.get(timeout=10)).payload == b'{"event": "model_version"}'
     finally:
         for client in (alice, gw, coordinator):
             await client.close()
