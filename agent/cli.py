@@ -1,7 +1,8 @@
 """``ember-agent``: the command-line face of the edge agent.
 
 ``ember-agent run --config PATH`` runs the daemon; ``ember-agent info`` prints the capabilities
-document it would publish; ``ember-agent datasets check`` validates the configured datasets;
+document it would publish; ``ember-agent health`` judges the running daemon's heartbeat file;
+``ember-agent datasets check`` validates the configured datasets;
 ``ember-agent enroll`` trades a one-time token for the device's broker login.
 A configuration or dataset problem prints one line, ``error: <key or dataset>: <reason>``, on
 stderr and exits with status 2 (systemd's unit does not restart on 2: see
@@ -21,6 +22,7 @@ import click
 
 from agent import __version__
 from agent.cli_options import log_level_option
+from agent.health import DEFAULT_MAX_AGE
 from agent.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -109,6 +111,27 @@ def info(config_path: str) -> None:
     except DatasetError as exc:
         fail(f"dataset {exc}")
     click.echo(json.dumps(document, indent=2, sort_keys=False))
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--max-age",
+    default=DEFAULT_MAX_AGE,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds after which the agent's heartbeat counts as stale.",
+)
+@click.option("--online", is_flag=True, help="Also require a live connection to the broker.")
+def health(config_path: str, max_age: float, online: bool) -> None:
+    """Judge the running agent's heartbeat file (state_dir/health.json): exit 0 if healthy,
+    1 if not. For a container's HEALTHCHECK or an upgrade's rollback check."""
+    from agent.health import check_health, health_path
+
+    config, _ = _load(config_path)
+    verdict = check_health(health_path(config.state_dir), max_age=max_age, require_online=online)
+    click.echo(f"{'healthy' if verdict.ok else 'unhealthy'}: {verdict.reason}")
+    sys.exit(0 if verdict.ok else 1)
 
 
 @cli.group()

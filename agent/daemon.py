@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import signal
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ from agent import capabilities
 from agent.config import AgentConfig
 from agent.datasets import Dataset, DatasetSummary, summarize_all
 from agent.discovery import Advertiser, txt_record
+from agent.health import HEARTBEAT_INTERVAL, Health, State, health_path, write_health
 from agent.homeassistant import DiscoveryPublisher
 from agent.notify import Notifier, watchdog_interval
 from agent.presence import Presence, SessionCounter, TelemetrySampler, build_info
@@ -171,6 +174,7 @@ class AgentDaemon:
         if interval is not None and self.notifier.enabled:
             self._spawn(self._watchdog(interval))
         presence.start_telemetry()
+        self._spawn(self._heartbeat())
         self._spawn(self._publish_info())
         if config.zeroconf.enabled:
             self.advertiser = Advertiser(
@@ -214,6 +218,28 @@ class AgentDaemon:
 
     async def _on_connect(self, session: int) -> None:
         self.notifier.send(f"STATUS=online (connection {session})")
+        await self._write_health("online")
+
+    async def _heartbeat(self) -> None:
+        """Rewrite ``state_dir/health.json`` from the event loop (see :mod:`agent.health`)."""
+        while True:
+            connected = self.transport is not None and self.transport.connected
+            await self._write_health("online" if connected else "connecting")
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _write_health(self, state: State) -> None:
+        health = Health(
+            pid=os.getpid(),
+            state=state,
+            session=self.presence.sessions.last if self.presence is not None else 0,
+            version=_version(),
+            agent=self.agent_id,
+            ts=time.time(),
+        )
+        try:
+            await asyncio.to_thread(write_health, health_path(self.config.state_dir), health)
+        except OSError as exc:
+            log.warning("health_not_written", state_dir=str(self.config.state_dir), error=str(exc))
 
     async def _watchdog(self, interval: float) -> None:
         """``WATCHDOG=1`` from the event loop: if the loop wedges, the pings stop."""
@@ -265,6 +291,7 @@ class AgentDaemon:
                 final.append(self.presence.offline_final("stopped"))
             await self.transport.close(final=final)
         self.notifier.close()
+        await self._write_health("stopped")
         self.stopped.set()
         log.info("agent_stopped", agent=self.agent_id)
 
