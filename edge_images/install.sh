@@ -56,6 +56,8 @@ TOPIC_PREFIX=""
 ALLOW_CODE=0
 ZEROCONF=1
 CONFIG_ARGS=0
+LOGIN_ARGS=0
+PREVIOUS=""
 
 usage() {
     cat <<EOF
@@ -70,7 +72,9 @@ Where the agent comes from (default: the newest $PACKAGE on the package index):
   --extra-index-url URL  a further index (e.g. NVIDIA's Jetson index), repeatable
 
 Configuration, written to $CONFIG (an existing file is kept if none of these is given):
-  --enroll-url URL --token T   enrol with a one-time token (ember-agent enroll)
+  --enroll-url URL --token T   enrol with a one-time token from 'ember agents token'
+                         (ember-agent enroll; URL: mqtts://ember-enrol:PASSWORD@host:8883);
+                         --agent-id, --topic-prefix, --ca-file, --label and the rest still apply
   --broker URL           mqtt://host:1883 or mqtts://host:8883, repeatable (failover order)
   --agent-id ID          this device's agent id (default: host name and a random suffix)
   --username U           broker user name (default: the agent id)
@@ -117,16 +121,16 @@ while [ "$#" -gt 0 ]; do
     --index-url | --extra-index-url) need_value "$@"; PIP_ARGS+=("$1" "$2"); shift ;;
     --enroll-url) need_value "$@"; ENROLL_URL=$2; shift ;;
     --token) need_value "$@"; TOKEN=$2; shift ;;
-    --broker) need_value "$@"; BROKERS+=("$2"); CONFIG_ARGS=1; shift ;;
+    --broker) need_value "$@"; BROKERS+=("$2"); CONFIG_ARGS=1; LOGIN_ARGS=1; shift ;;
     --agent-id) need_value "$@"; AGENT_ID=$2; CONFIG_ARGS=1; shift ;;
-    --username) need_value "$@"; USERNAME=$2; CONFIG_ARGS=1; shift ;;
-    --password) need_value "$@"; PASSWORD=$2; CONFIG_ARGS=1; shift ;;
+    --username) need_value "$@"; USERNAME=$2; CONFIG_ARGS=1; LOGIN_ARGS=1; shift ;;
+    --password) need_value "$@"; PASSWORD=$2; CONFIG_ARGS=1; LOGIN_ARGS=1; shift ;;
     --password-file)
         need_value "$@"
         [ -r "$2" ] || die "--password-file: cannot read $2"
-        PASSWORD=$(head -n 1 "$2"); CONFIG_ARGS=1; shift ;;
+        PASSWORD=$(head -n 1 "$2"); CONFIG_ARGS=1; LOGIN_ARGS=1; shift ;;
     --ca-file) need_value "$@"; CA_FILE=$2; CONFIG_ARGS=1; shift ;;
-    --coordinator-key) need_value "$@"; KEYS+=("$2"); CONFIG_ARGS=1; shift ;;
+    --coordinator-key) need_value "$@"; KEYS+=("$2"); CONFIG_ARGS=1; LOGIN_ARGS=1; shift ;;
     --label)
         need_value "$@"
         case "$2" in *=*) ;; *) die "--label expects KEY=VALUE, got '$2'" ;; esac
@@ -157,8 +161,8 @@ done
 [ "$sources" -le 1 ] || die "give at most one of --version, --wheel and --source"
 [ -z "$ENROLL_URL" ] || [ -n "$TOKEN" ] || die "--enroll-url needs --token"
 [ -z "$TOKEN" ] || [ -n "$ENROLL_URL" ] || die "--token needs --enroll-url"
-[ -z "$ENROLL_URL" ] || [ "$CONFIG_ARGS" -eq 0 ] ||
-    die "--enroll-url fetches the configuration: do not combine it with --broker and friends"
+[ -z "$ENROLL_URL" ] || [ "$LOGIN_ARGS" -eq 0 ] ||
+    die "--enroll-url fetches the broker login and keys: do not combine it with --broker, --username, --password or --coordinator-key"
 if [ "$CONFIGURE" -eq 0 ] && { [ "$CONFIG_ARGS" -eq 1 ] || [ -n "$ENROLL_URL" ]; }; then
     die "--no-config cannot be combined with configuration arguments"
 fi
@@ -356,19 +360,34 @@ write_config() {
     } >"$tmp"
     chown "root:$USER_NAME" "$tmp"
     chmod 0640 "$tmp"
+    PREVIOUS=""
     if [ -f "$CONFIG" ]; then
-        cp -p "$CONFIG" "$CONFIG.bak"
+        PREVIOUS="$CONFIG.bak"
+        cp -p "$CONFIG" "$PREVIOUS"
     fi
     mv -f "$tmp" "$CONFIG"
     say "wrote $CONFIG"
 }
 
 enroll() {
-    local agent="$PREFIX/bin/ember-agent"
+    local agent="$PREFIX/bin/ember-agent" args=()
     "$agent" enroll --help >/dev/null 2>&1 ||
         die "this agent ($("$agent" --version)) has no 'ember-agent enroll': pass --broker, --username and --password-file instead"
-    say "enrolling with $ENROLL_URL"
-    "$agent" enroll --coordinator "$ENROLL_URL" --token "$TOKEN" --config "$CONFIG"
+    [ -z "$AGENT_ID" ] || args+=(--id "$AGENT_ID")
+    [ -z "$TOPIC_PREFIX" ] || args+=(--prefix "$TOPIC_PREFIX")
+    [ -z "$CA_FILE" ] || args+=(--ca "$CA_FILE")
+    say "enrolling with ${ENROLL_URL##*@}"
+    # It merges the broker login, the CA and the coordinator's keys into the file written above.
+    if ! "$agent" enroll --coordinator "$ENROLL_URL" --token "$TOKEN" --config "$CONFIG" \
+        --state-dir "$STATE_DIR" "${args[@]}"; then
+        # Leave the configuration as it was before this run.
+        if [ -n "$PREVIOUS" ]; then
+            mv -f "$PREVIOUS" "$CONFIG"
+        else
+            rm -f "$CONFIG"
+        fi
+        die "enrolment failed (see above): nothing was started"
+    fi
     chown "root:$USER_NAME" "$CONFIG"
     chmod 0640 "$CONFIG"
 }
@@ -422,6 +441,7 @@ main() {
         return
     fi
     if [ -n "$ENROLL_URL" ]; then
+        write_config
         enroll
     elif [ "$CONFIG_ARGS" -eq 1 ] || [ ! -f "$CONFIG" ]; then
         write_config

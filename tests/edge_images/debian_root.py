@@ -28,7 +28,6 @@ from typing import IO
 
 SUITE = "bookworm"
 PACKAGES = ("python3", "python3-venv", "ca-certificates", "systemd")
-MIRROR = os.environ.get("EMBER_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CA_IN_ROOT = "/etc/ember-test-ca.pem"
 
 
@@ -39,10 +38,31 @@ def cache_dir() -> Path:
     return path
 
 
+def debian_mirror() -> str | None:
+    """``$EMBER_DEBIAN_MIRROR``, else the Debian mirror this machine's apt uses (deb822 or
+    one-line sources), so the root comes from where the host's packages come from."""
+    if os.environ.get("EMBER_DEBIAN_MIRROR"):
+        return os.environ["EMBER_DEBIAN_MIRROR"]
+    files = [*sorted(Path("/etc/apt/sources.list.d").glob("*")), Path("/etc/apt/sources.list")]
+    for path in files:
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] not in (["URIs:"], ["deb"]) or "security" in line:
+                continue
+            uris = [w for w in words[1:] if "://" in w]
+            if uris:
+                return uris[0]
+    return None
+
+
 def unavailable() -> str | None:
     """Why a Debian root cannot be made here, or None."""
     if os.geteuid() != 0:
         return "debootstrap, chroot and mounts need root"
+    if debian_mirror() is None:
+        return "no Debian mirror in /etc/apt/sources* (set EMBER_DEBIAN_MIRROR)"
     for tool in ("debootstrap", "unshare", "chroot"):
         if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
             return f"{tool} is not installed (Debian: apt-get install debootstrap util-linux)"
@@ -60,14 +80,15 @@ def base_archive() -> Path:
             return archive
         debs = cache / f"{key}.debs.tgz"
         common = ["--variant=minbase", f"--include={','.join(PACKAGES)}"]
+        mirror = debian_mirror() or ""
         if not debs.exists():
             work = cache / f"{key}.download"
             shutil.rmtree(work, ignore_errors=True)
-            _run(["debootstrap", *common, f"--make-tarball={debs}.tmp", SUITE, str(work), MIRROR])
+            _run(["debootstrap", *common, f"--make-tarball={debs}.tmp", SUITE, str(work), mirror])
             Path(f"{debs}.tmp").replace(debs)
         root = cache / f"{key}.build"
         shutil.rmtree(root, ignore_errors=True)
-        _run(["debootstrap", *common, f"--unpack-tarball={debs}", SUITE, str(root), MIRROR])
+        _run(["debootstrap", *common, f"--unpack-tarball={debs}", SUITE, str(root), mirror])
         _run(["tar", "-C", str(root), "-cf", f"{archive}.tmp", "."])
         Path(f"{archive}.tmp").replace(archive)
         shutil.rmtree(root, ignore_errors=True)
@@ -110,7 +131,8 @@ class DebianRoot:
         with tarfile.open(base_archive()) as archive:
             archive.extractall(path, filter="fully_trusted")  # our own archive, with devices
         shutil.copy("/etc/resolv.conf", path / "etc" / "resolv.conf")
-        self.env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+        self.env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+        self.env.update(HOME="/root", LANG="C.UTF-8")
         self.env.update(pip_environment())
         ca = host_pip_ca()
         if ca is not None:
@@ -137,12 +159,24 @@ class DebianRoot:
         )
         variables = [f"{k}={v}" for k, v in {**self.env, **(env or {})}.items()]
         inner = shlex.join(["chroot", str(self.path), "/usr/bin/env", "-i", *variables, *argv])
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{mounts} && exec {inner}"]
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f"{mounts} && exec {inner}",
+        ]
 
     def run(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             self.command(*argv), capture_output=True, text=True, timeout=timeout, check=False
         )
+
+    async def arun(self, *argv: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """:meth:`run` off the event loop (the test's MQTT clients keep running)."""
+        return await asyncio.to_thread(self.run, *argv, timeout=timeout)
 
     async def start(self, *argv: str, output: IO[bytes]) -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
