@@ -12,7 +12,6 @@ malformed is logged and skipped, never a crash.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,9 +21,8 @@ from typing import Any
 import structlog
 
 from agent.protocol.topics import Topics, check_segment
-from agent.tasks import cancel_and_wait
-from agent.transport import Inbound, Subscription, Transport
-from coordinator.registry import json_document
+from agent.transport import Inbound, Transport
+from coordinator.registry import DocumentFeed, json_document
 
 log = structlog.get_logger("ember.jobboard")
 
@@ -105,41 +103,27 @@ class JobView:
         return min(1.0, max(0.0, value))
 
 
-class JobBoard:
+class JobBoard(DocumentFeed):
     """Every job on the broker under one prefix, kept current from its topics."""
+
+    name = "job"
 
     def __init__(
         self, transport: Transport, topics: Topics, *, clock: Callable[[], float] = time.time
     ) -> None:
-        self.transport = transport
+        super().__init__(transport)
         self.topics = topics
         self.clock = clock
         self._jobs: dict[str, JobView] = {}
         self._progress: dict[tuple[str, str], Mapping[str, Any]] = {}
         """(job, agent) → that agent's progress document for the job."""
-        self._subs: list[Subscription] = []
-        self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        for leaf in LEAVES:
-            filter_ = (
-                self.topics.all_job_metrics() if leaf == "metrics" else self.topics.all_jobs(leaf)
-            )
-            sub = await self.transport.subscribe(
-                filter_, 1 if leaf == "state" else 0, max_bytes=64 << 20
-            )
-            self._subs.append(sub)
-            self._tasks.append(asyncio.create_task(self._consume(sub), name=f"jobboard-{leaf}"))
-        sub = await self.transport.subscribe(self.topics.all_job_progress(), 1, max_bytes=64 << 20)
-        self._subs.append(sub)
-        self._tasks.append(asyncio.create_task(self._consume(sub), name="jobboard-progress"))
-
-    async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
-        for sub in self._subs:
-            await sub.close()
-        self._tasks.clear()
-        self._subs.clear()
+    def filters(self) -> list[tuple[str, int]]:
+        return [
+            (self.topics.all_jobs("state"), 1),
+            (self.topics.all_job_metrics(), 0),
+            (self.topics.all_job_progress(), 1),
+        ]
 
     def snapshot(self) -> list[JobView]:
         """Jobs, running ones first, then newest submitted first."""
@@ -158,13 +142,6 @@ class JobBoard:
         roles = self._progress.get((job, agent), {}).get("roles")
         entry = roles.get(role) if isinstance(roles, Mapping) else None
         return entry if isinstance(entry, Mapping) else None
-
-    async def _consume(self, sub: Subscription) -> None:
-        async for message in sub:
-            try:
-                self.apply(message)
-            except Exception:  # a bad document must never stop the board
-                log.exception("job_document_failed", topic=message.topic)
 
     def apply(self, message: Inbound) -> None:
         """Fold one received job document into the board."""

@@ -370,37 +370,33 @@ class AgentView:
         }
 
 
-# -- the registry --------------------------------------------------------------------------------
-
-Listener = Callable[[str, str], None]
-"""Called as ``listener(agent, leaf)`` after a document changed (leaf: status, info, ...)."""
+# -- reading retained documents ------------------------------------------------------------------
 
 
-class Registry:
-    """The fleet as the retained agent topics (and zeroconf) describe it."""
+class DocumentFeed:
+    """Subscriptions to JSON document topics, each message folded in by :meth:`apply` from a
+    task of its own; a document that breaks :meth:`apply` is logged, never fatal."""
 
-    def __init__(
-        self, transport: Transport, topics: Topics, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    name = "documents"
+
+    def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self.topics = topics
-        self.clock = clock
-        self._agents: dict[str, AgentView] = {}
-        self._listeners: list[Listener] = []
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
 
-    def listen(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def filters(self) -> list[tuple[str, int]]:
+        """``(topic filter, QoS)`` pairs to follow."""
+        raise NotImplementedError
+
+    def apply(self, message: Inbound) -> None:
+        raise NotImplementedError
 
     async def start(self) -> None:
-        for leaf in LEAVES:
-            qos = 0 if leaf == "telemetry" else 1
-            sub = await self.transport.subscribe(
-                self.topics.all_agents(leaf), qos, max_bytes=64 << 20
-            )
+        for topic_filter, qos in self.filters():
+            sub = await self.transport.subscribe(topic_filter, qos, max_bytes=64 << 20)
             self._subs.append(sub)
-            self._tasks.append(asyncio.create_task(self._consume(sub), name=f"registry-{leaf}"))
+            task = asyncio.create_task(self._consume(sub), name=f"{self.name}-{topic_filter}")
+            self._tasks.append(task)
 
     async def stop(self) -> None:
         await cancel_and_wait(self._tasks)
@@ -408,6 +404,40 @@ class Registry:
             await sub.close()
         self._tasks.clear()
         self._subs.clear()
+
+    async def _consume(self, sub: Subscription) -> None:
+        async for message in sub:
+            try:
+                self.apply(message)
+            except Exception:  # a bad document must never stop the feed
+                log.exception(f"{self.name}_document_failed", topic=message.topic)
+
+
+# -- the registry --------------------------------------------------------------------------------
+
+Listener = Callable[[str, str], None]
+"""Called as ``listener(agent, leaf)`` after a document changed (leaf: status, info, ...)."""
+
+
+class Registry(DocumentFeed):
+    """The fleet as the retained agent topics (and zeroconf) describe it."""
+
+    name = "agent"
+
+    def __init__(
+        self, transport: Transport, topics: Topics, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        super().__init__(transport)
+        self.topics = topics
+        self.clock = clock
+        self._agents: dict[str, AgentView] = {}
+        self._listeners: list[Listener] = []
+
+    def listen(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def filters(self) -> list[tuple[str, int]]:
+        return [(self.topics.all_agents(leaf), 0 if leaf == "telemetry" else 1) for leaf in LEAVES]
 
     # reading -----------------------------------------------------------------------------------
     def snapshot(self) -> list[AgentView]:
@@ -420,13 +450,6 @@ class Registry:
         return len(self._agents)
 
     # updating ----------------------------------------------------------------------------------
-    async def _consume(self, sub: Subscription) -> None:
-        async for message in sub:
-            try:
-                self.apply(message)
-            except Exception:  # a bad document must never stop the registry
-                log.exception("agent_document_failed", topic=message.topic)
-
     def apply(self, message: Inbound) -> None:
         """Fold one received agent document into the registry."""
         levels = message.topic[len(self.topics.prefix) + 1 :].split("/")
