@@ -26,6 +26,7 @@ from agent.protocol import (
     UpdateAck,
     decode_message,
 )
+from agent.protocol.enrolment import EnrolReply, EnrolRequest
 from agent.protocol.messages import message_types
 from agent.protocol.msgpack_view import pack
 
@@ -58,6 +59,8 @@ EXAMPLES: list[Message] = [
     ),
     ModelRequest(job="digits", agent="pi-1"),
     UpdateAck(job="digits", version=3, acks={"pi-1": "abc"}),
+    EnrolRequest(token="0f" * 6, agent="pi-1", client="enrol-pi-1", nonce=b"\x01" * 16),
+    EnrolReply(request="abc", ok=False, reason="token already used"),
     RpcRequest(
         method="jobs.list", reply_to="ember/v1/coordinator/rpc/replies/cli", params={"all": True}
     ),
@@ -85,7 +88,11 @@ def test_msgpack_round_trip(message: Message) -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [m for m in EXAMPLES if not hasattr(m, "tensors") and not hasattr(m, "bundle")],
+    [
+        m
+        for m in EXAMPLES
+        if not hasattr(m, "tensors") and not any(isinstance(v, bytes) for v in vars(m).values())
+    ],
     ids=lambda m: type(m).TYPE,
 )
 def test_json_round_trip(message: Message) -> None:
