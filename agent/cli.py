@@ -27,6 +27,7 @@ from agent.logs import configure_logging
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
+    from agent.daemon import AgentDaemon
 
 F = TypeVar("F", bound=Callable[..., Any])
 EXIT_CONFIG = 2
@@ -80,22 +81,57 @@ def _load(config_path: str) -> tuple[AgentConfig, str]:
 
 @cli.command()
 @config_option
-def run(config_path: str) -> None:
+@click.option(
+    "--also",
+    "also_paths",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="CONFIG",
+    help="Run one more agent, with this configuration, in the same process: its own identity, "
+    "broker connection, state and roles. For simulating a fleet on one machine; repeatable.",
+)
+def run(config_path: str, also_paths: tuple[str, ...]) -> None:
     """Run the agent daemon (under systemd: Type=notify, with a watchdog)."""
     from agent.daemon import AgentDaemon, dataset_cache
     from agent.datasets import DatasetError, summarize_all
+    from agent.notify import Notifier
 
-    config, agent_id = _load(config_path)
-    try:
-        summaries = summarize_all(config.datasets, dataset_cache(config))
-    except DatasetError as exc:
-        fail(f"dataset {exc}")
-    daemon = AgentDaemon(config, agent_id=agent_id, summaries=summaries)
-    asyncio.run(daemon.run())
-    if daemon.runtime is not None and daemon.runtime.cpu_busy:
+    daemons = []
+    for i, path in enumerate((config_path, *also_paths)):
+        config, agent_id = _load(path)
+        try:
+            summaries = summarize_all(config.datasets, dataset_cache(config))
+        except DatasetError as exc:
+            fail(f"dataset {exc}")
+        # systemd hears from the first agent only: one process, one readiness and watchdog.
+        notifier = None if i == 0 else Notifier(address="")
+        daemons.append(
+            AgentDaemon(config, agent_id=agent_id, summaries=summaries, notifier=notifier)
+        )
+    if len({d.agent_id for d in daemons}) < len(daemons):
+        fail("--also: every agent in one process needs its own id")
+    if len(daemons) == 1:
+        asyncio.run(daemons[0].run())
+    else:
+        asyncio.run(_run_together(daemons))
+    if any(d.runtime is not None and d.runtime.cpu_busy for d in daemons):
         # Worker threads cannot be interrupted; do not let them hold the exit hostage.
         sys.stderr.flush()
         os._exit(0)
+
+
+async def _run_together(daemons: list[AgentDaemon]) -> None:
+    """Several agents in one event loop; SIGTERM or SIGINT stops them all."""
+    import signal
+
+    def stop_all() -> None:
+        for daemon in daemons:
+            daemon.request_stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_all)
+    await asyncio.gather(*(d.run(handle_signals=False) for d in daemons))
 
 
 @cli.command()

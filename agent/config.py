@@ -106,6 +106,10 @@ class SimulationConfig:
     slowdown: float = 1.0
     """After each local training run the trainer waits (slowdown − 1) × the run's time, so one
     machine can play a fleet with stragglers. 1 (the default) changes nothing."""
+    partial_work: bool = False
+    """Play a device that cannot finish its local work: each local training run stops after a
+    seeded, uniformly random number of steps below the job's (the FedProx paper's stragglers,
+    Li et al. 2020). What becomes of that partial work is the job's ``algorithm.partial_work``."""
 
 
 @dataclass(frozen=True)
@@ -232,7 +236,7 @@ _KEYS = {
     "telemetry": frozenset({"interval"}),
     "zeroconf": frozenset({"enabled", "interfaces"}),
     "datasets": frozenset({"name", "path", "tags", "format", "label_column"}),
-    "simulation": frozenset({"slowdown"}),
+    "simulation": frozenset({"slowdown", "partial_work"}),
     "homeassistant": frozenset({"enabled", "discovery_prefix"}),
     "spool": frozenset({"max_updates", "max_mb"}),
 }
@@ -344,10 +348,11 @@ def _keys(table: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _simulation(table: dict[str, Any]) -> SimulationConfig:
-    if "slowdown" not in table:
-        return SimulationConfig()
-    slowdown = _number(table["slowdown"], "simulation.slowdown", float, minimum=1.0)
-    return SimulationConfig(slowdown=slowdown)
+    slowdown = 1.0
+    if "slowdown" in table:
+        slowdown = _number(table["slowdown"], "simulation.slowdown", float, minimum=1.0)
+    partial = _bool(table, "partial_work", "simulation.partial_work", False)
+    return SimulationConfig(slowdown=slowdown, partial_work=partial)
 
 
 def _homeassistant(table: dict[str, Any]) -> HomeAssistantConfig:

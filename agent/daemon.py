@@ -150,6 +150,7 @@ class AgentDaemon:
             role_types=self.role_types,
             role_extras={
                 "slowdown": config.simulation.slowdown,
+                "partial_work": config.simulation.partial_work,
                 "spool_max_updates": config.spool.max_updates,
                 "spool_max_bytes": int(config.spool.max_mb * (1 << 20)),
             },

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,11 +21,14 @@ async def spawn_agent(
     config: Path,
     output: IO[bytes],
     *,
+    also: Sequence[Path] = (),
     env: Mapping[str, str] | None = None,
     preexec_fn: Callable[[], Any] | None = None,
 ) -> asyncio.subprocess.Process:
     """Start ``python -m agent.cli --log-format json run --config <config>`` with no stdin and
-    stdout and stderr both going to ``output``."""
+    stdout and stderr both going to ``output``; ``also`` hosts more agents in the same process
+    (``--also``)."""
+    extra = [arg for path in also for arg in ("--also", str(path))]
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -35,6 +38,7 @@ async def spawn_agent(
         "run",
         "--config",
         str(config),
+        *extra,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=output,
         stderr=output,

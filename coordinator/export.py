@@ -526,6 +526,9 @@ def export_inference(
             output_names=["logits"],
             opset_version=OPSET,
             verbose=False,
+            # The optimiser folds parameters that happen to be zero (a zero-initialised bias)
+            # into the graph: every parameter must stay an initializer for with_weights.
+            optimize=False,
         )
     assert program is not None
     return _with_metadata(program.model_proto, spec, "inference")

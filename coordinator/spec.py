@@ -30,6 +30,7 @@ BACKENDS = ("onnxruntime", "torch")
 LOSSES = ("cross_entropy", "mse")
 STALENESS_WEIGHTS = ("sqrt", "constant")
 SELECTIONS = ("random", "oort")
+PARTIAL_WORK = ("keep", "drop")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn")
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
@@ -138,6 +139,7 @@ class ClientSpec:
     """Local training on each trainer: SGD as torch.optim.SGD, FedProx's μ or FedDyn's α."""
 
     local_steps: int = 20
+    local_epochs: float | None = None
     batch_size: int = 32
     lr: float = 0.05
     proximal_mu: float = 0.0
@@ -159,6 +161,7 @@ class AlgorithmSpec:
     round_timeout: float = 60.0
     max_norm: float | None = None
     clip_norm: float | None = None
+    partial_work: str = "keep"
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
@@ -245,6 +248,7 @@ class JobSpec:
                 "round_timeout": algo.round_timeout,
                 "max_norm": algo.max_norm,
                 "clip_norm": algo.clip_norm,
+                "partial_work": algo.partial_work,
                 "staleness": {"weight": algo.staleness.weight, "max": algo.staleness.max},
                 "server_optimizer": optimizer,
                 "client": dict(vars(algo.client)),
@@ -578,6 +582,7 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         round_timeout=f.take("round_timeout", _float(0.0, exclusive_min=True), 60.0),
         max_norm=f.take("max_norm", _float(0.0, exclusive_min=True), None),
         clip_norm=f.take("clip_norm", _float(0.0, exclusive_min=True), None),
+        partial_work=f.take("partial_work", _choice(PARTIAL_WORK), "keep"),
         staleness=f.take("staleness", _staleness, StalenessSpec()),
         server_optimizer=f.take("server_optimizer", _server_optimizer, ServerOptimizerSpec()),
         client=f.take("client", _client, ClientSpec()),
@@ -643,6 +648,7 @@ def _client(value: Any, where: str) -> ClientSpec:
     f = _Fields(value, where)
     spec = ClientSpec(
         local_steps=f.take("local_steps", _int(1), 20),
+        local_epochs=f.take("local_epochs", _float(0.0, exclusive_min=True), None),
         batch_size=f.take("batch_size", _int(1), 32),
         lr=f.take("lr", _float(0.0, exclusive_min=True), 0.05),
         proximal_mu=f.take("proximal_mu", _float(0.0), 0.0),

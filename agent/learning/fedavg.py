@@ -12,6 +12,7 @@ weights when nobody reported). Updates for an older round are late: counted and 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -44,16 +45,18 @@ class SyncRound:
     number: int
     participants: frozenset[str]
     reported: frozenset[str] = frozenset()
+    excused: frozenset[str] = frozenset()
+    """Participants the round no longer waits for, though they contribute nothing."""
 
     @property
     def missing(self) -> frozenset[str]:
-        """Participants that have not reported yet."""
-        return self.participants - self.reported
+        """Participants that have neither reported nor been excused yet."""
+        return self.participants - self.reported - self.excused
 
     @property
     def complete(self) -> bool:
-        """True when every participant has reported."""
-        return self.reported == self.participants
+        """True when every participant has reported or been excused."""
+        return not self.missing
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class RoundResult:
     missing: frozenset[str]
     metrics: Mapping[str, float] = field(default_factory=dict)
     """Sample-weighted mean of the metrics the round's updates reported."""
+    excused: frozenset[str] = frozenset()
+    """Participants that took part but contributed nothing (:meth:`SyncFedAvg.excuse`)."""
 
     @property
     def applied(self) -> int:
@@ -194,7 +199,7 @@ class SyncFedAvg(BaseAggregator):
                 f"client {str(client)[:100]!r} was not sampled for round {current.number}",
                 "round",
             )
-        if client in current.reported:
+        if client in current.reported or client in current.excused:
             return self._reject(
                 update_id, f"client {client!r} already reported for round {current.number}", "round"
             )
@@ -203,7 +208,7 @@ class SyncFedAvg(BaseAggregator):
             return factor
         weight = float(num_samples) if self._weighting == "samples" else 1.0
         self._accept(update_id, delta, weight, int(num_samples), metrics, scale=factor)
-        self._round = SyncRound(current.number, current.participants, current.reported | {client})
+        self._round = dataclasses.replace(current, reported=current.reported | {client})
         if not self._round.complete:
             return Outcome(Status.APPLIED, update_id, staleness=0, weight=weight)
         result = self._finish("all participants reported")
@@ -215,6 +220,17 @@ class SyncFedAvg(BaseAggregator):
             version=result.version,
             metrics=result.metrics,
         )
+
+    def excuse(self, client: str, round_number: int) -> RoundResult | None:
+        """Stop waiting for ``client`` in round ``round_number``: it took part but contributes
+        nothing (FedAvg drops stragglers that could not finish their local work, as Li et al.
+        2020 run it). Returns the round's result when that completes it, else ``None``; a
+        closed round, a client not sampled or one already heard from changes nothing."""
+        current = self._round
+        if current is None or current.number != round_number or client not in current.missing:
+            return None
+        self._round = dataclasses.replace(current, excused=current.excused | {client})
+        return self._finish("all participants reported") if self._round.complete else None
 
     def close(
         self, reason: str = "timeout", *, round_number: int | None = None
@@ -239,12 +255,13 @@ class SyncFedAvg(BaseAggregator):
             reported=current.reported,
             missing=current.missing,
             metrics=metrics,
+            excused=current.excused,
         )
         return self._last
 
     def state_dict(self) -> State:
         """:meth:`BaseAggregator.state_dict` plus the open round (``round/open``,
-        ``round/participants``, ``round/reported``)."""
+        ``round/participants``, ``round/reported``, ``round/excused``)."""
         current = self._round
         return {
             **super().state_dict(),
@@ -254,6 +271,7 @@ class SyncFedAvg(BaseAggregator):
                     "open": scalar(int(current is not None), np.int64),
                     "participants": encode_strings(sorted(current.participants) if current else []),
                     "reported": encode_strings(sorted(current.reported) if current else []),
+                    "excused": encode_strings(sorted(current.excused) if current else []),
                 },
             ),
         }
@@ -267,7 +285,9 @@ class SyncFedAvg(BaseAggregator):
             raise ValueError("state lacks the round's participants or reported clients")
         participants = frozenset(decode_strings(saved["participants"]))
         reported = frozenset(decode_strings(saved["reported"]))
-        if is_open and (not participants or not reported <= participants):
+        # Checkpoints written before excused participants existed have none.
+        excused = frozenset(decode_strings(saved["excused"])) if "excused" in saved else frozenset()
+        if is_open and (not participants or not (reported | excused) <= participants):
             raise ValueError("state's open round: reported clients are not among participants")
         super().load_state_dict(arrays)
-        self._round = SyncRound(self._version, participants, reported) if is_open else None
+        self._round = SyncRound(self._version, participants, reported, excused) if is_open else None

@@ -71,6 +71,9 @@ class TrainingPlan:
     """Reject deltas whose L2 norm is above this (:class:`~agent.learning.clipping.NormBound`)."""
     clip_norm: float | None = None
     """Scale deltas down to this L2 norm (:class:`~agent.learning.clipping.NormClip`)."""
+    partial_work: str = "keep"
+    """An update from fewer local steps than planned: ``keep`` aggregates it (FedProx), ``drop``
+    leaves it out (FedAvg as Li et al. 2020 run it: stragglers are dropped)."""
     eval_every: int = 1
     stop: StopRules = field(default_factory=StopRules)
 
@@ -116,6 +119,7 @@ class TrainingPlan:
             feddyn_alpha=_opt_float(client.get("feddyn_alpha")),
             max_norm=_opt_float(algorithm.get("max_norm")),
             clip_norm=_opt_float(algorithm.get("clip_norm")),
+            partial_work=str(algorithm.get("partial_work", "keep")),
             eval_every=_int(algorithm, "eval_every", 1, "algorithm."),
             stop=StopRules(
                 target_accuracy=_opt_float(stop.get("target_accuracy")),
@@ -126,6 +130,10 @@ class TrainingPlan:
         )
         if plan.selection not in ("random", "oort"):
             raise PlanError(f"algorithm.selection: must be random or oort, got {plan.selection!r}")
+        if plan.partial_work not in ("keep", "drop"):
+            raise PlanError(
+                f"algorithm.partial_work: must be keep or drop, got {plan.partial_work!r}"
+            )
         if plan.round_timeout <= 0:
             raise PlanError(f"algorithm.round_timeout: must be > 0, got {plan.round_timeout}")
         return plan

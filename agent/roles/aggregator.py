@@ -274,6 +274,9 @@ class Aggregator(Role):
     async def _on_update(self, update: ModelUpdate) -> None:
         self.trainers.add(update.agent)
         algo = self.algo
+        if self.plan.partial_work == "drop" and self._partial(update):
+            await self._drop_partial(update)
+            return
         staleness = algo.version - update.base_version
         # A sync round also checks the sender: it must be sampled and report once.
         offer: Callable[..., Outcome] = (
@@ -332,6 +335,39 @@ class Aggregator(Role):
             )
         if outcome.version is not None:
             await self._new_version(outcome.metrics)
+
+    def _partial(self, update: ModelUpdate) -> bool:
+        """The trainer ran fewer local steps than the job plans for its sample count."""
+        steps = update.metrics.get("steps")
+        return steps is not None and steps < self.plan.client.steps_for(update.num_samples)
+
+    async def _drop_partial(self, update: ModelUpdate) -> None:
+        """``algorithm.partial_work: drop``: leave the update out, as FedAvg drops stragglers in
+        Li et al. 2020; a sync round stops waiting for its sender."""
+        steps = int(update.metrics.get("steps", 0))
+        reason = (
+            f"partial work dropped: {steps} of "
+            f"{self.plan.client.steps_for(update.num_samples)} local steps"
+        )
+        log.info("update_dropped", job=update.job, agent=update.agent, reason=reason)
+        await self.ctx.report(
+            {
+                "event": "update_dropped",
+                "agent": update.agent,
+                "update": update.id,
+                "reason": reason,
+            }
+        )
+        self.tracker.update(
+            update.agent, applied=False, staleness=self.algo.version - update.base_version
+        )
+        self._progress()
+        if isinstance(self.algo, SyncFedAvg):
+            # Who the open round still waits for is saved before the receipt goes out.
+            self._unsaved = True
+            result = self.algo.excuse(update.agent, update.base_version)
+            if result is not None:
+                await self._new_version(result.metrics)
 
     async def _new_version(self, train_metrics: Mapping[str, float]) -> None:
         await self._evaluate_and_record(metrics=train_metrics)

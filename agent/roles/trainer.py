@@ -6,7 +6,9 @@ from, with t_i, the local sample count and training metrics. In asynchronous mod
 again from the newest version it has; in synchronous FedAvg rounds (McMahan et al. 2017) it
 trains once per version, and only on versions whose round names it. FedProx (Li et al. 2020)
 and FedDyn (Acar et al. 2021) change only the local objective, inside the train-step graph;
-FedDyn's client state is kept in the role's state directory across restarts.
+FedDyn's client state is kept in the role's state directory across restarts. Each update
+reports the local steps it ran and the steps the job planned, so an aggregator can tell a
+straggler's partial work (``[simulation] partial_work`` plays one) from a full run.
 
 Training runs through ``ctx.run_cpu`` so the agent's event loop keeps answering pings, sending
 telemetry and watchdog pings while a step runs. Updates go out through
@@ -27,7 +29,7 @@ import numpy as np
 import structlog
 
 from agent.learning.aggregation import ModelSpec
-from agent.learning.backend import Array, TrainingBackend
+from agent.learning.backend import Array, HyperParams, TrainingBackend
 from agent.learning.clipping import Rejection
 from agent.learning.feddyn import client_state_update, initial_client_state
 from agent.learning.loader import exported_model, make_backend
@@ -130,7 +132,7 @@ class Trainer(Role):
                     correction = initial_client_state(start)
                 began = time.monotonic()
                 seed = zlib.crc32(f"{ctx.agent_id}/{version.version}/{self.updates_sent}".encode())
-                hyper = dataclasses.replace(self.plan.client, seed=seed)
+                hyper = self._cut_short(dataclasses.replace(self.plan.client, seed=seed), len(y))
                 result = await ctx.run_cpu(
                     backend.train, start, x, y, hyper, anchor=start, correction=correction
                 )
@@ -150,6 +152,7 @@ class Trainer(Role):
                     metrics={
                         "loss": result.loss,
                         "steps": float(result.steps),
+                        "planned_steps": float(self.plan.client.steps_for(len(y))),
                         "train_seconds": time.monotonic() - began,
                     },
                 )
@@ -178,6 +181,15 @@ class Trainer(Role):
             await self.delivery.close()
             await cancel_and_wait([follower])
             await models.close()
+
+    def _cut_short(self, hyper: HyperParams, samples: int) -> HyperParams:
+        """``[simulation] partial_work``: stop after a seeded, uniformly random number of steps
+        from 1 to one fewer than planned, as the FedProx paper's stragglers (Li et al. 2020)."""
+        planned = hyper.steps_for(samples)
+        if not self.ctx.extras.get("partial_work") or planned < 2:
+            return hyper
+        steps = int(np.random.default_rng(hyper.seed).integers(1, planned))
+        return dataclasses.replace(hyper, local_steps=steps, local_epochs=None)
 
     async def _simulate_slow_device(self, trained_for: float) -> None:
         """``[simulation] slowdown`` in the agent's config: take that many times as long."""

@@ -147,10 +147,9 @@ def _status(progress: Progress, options: DemoOptions) -> Table:
     table = Table.grid(padding=(0, 2))
     accuracy = "–" if progress.accuracy is None else f"{progress.accuracy:.3f}"
     bar_width = 30
+    target = options.target_accuracy or 1.0
     filled = (
-        0
-        if progress.accuracy is None
-        else int(bar_width * min(1.0, progress.accuracy / options.target_accuracy))
+        0 if progress.accuracy is None else int(bar_width * min(1.0, progress.accuracy / target))
     )
     table.add_row(
         f"[bold]{progress.phase}[/bold]",
@@ -158,7 +157,7 @@ def _status(progress: Progress, options: DemoOptions) -> Table:
         f"model version {progress.version}",
         f"updates {progress.updates}",
         f"accuracy {accuracy} [green]{'█' * filled}[/green]"
-        f"[dim]{'░' * (bar_width - filled)}[/dim] target {options.target_accuracy}",
+        f"[dim]{'░' * (bar_width - filled)}[/dim] target {target}",
     )
     return table
 

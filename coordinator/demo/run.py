@@ -6,6 +6,9 @@ of scikit-learn's digits. A FedBuff (or FedAvg) job trains the shipped digits mo
 onnxruntime (no torch), or with torch where asked. The run ends with a summary, a PNG of
 accuracy against time and the final model as an inference ONNX graph.
 
+The digits are one :data:`Scenario`; the examples bring others (their own data writer, agents
+and job) to the same runner: ``Demo(options, scenario=...)``.
+
 Everything here is the real system: real agent processes running ``ember-agent run``, the real
 coordinator placing the job and dispatching signed bundles, real MQTT.
 """
@@ -15,15 +18,17 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import structlog
 
+from agent.capabilities import probe_runtimes
 from agent.learning.assets import DEMO_MODEL_DIR
 from agent.learning.backend import ARTIFACTS
 from agent.process import reap, spawn_agent, terminate
@@ -41,6 +46,8 @@ log = structlog.get_logger("ember.demo")
 Algorithm = Literal["fedbuff", "fedavg"]
 Backend = Literal["onnxruntime", "torch"]
 MODEL_SOURCE = Path(__file__).with_name("model.py")
+RUNTIMES_CACHE = "runtimes.json"
+"""Where an agent caches its runtime probe, in its state directory (agent.daemon)."""
 
 
 class DemoError(RuntimeError):
@@ -56,7 +63,8 @@ class DemoOptions:
     backend: Backend = "onnxruntime"
     broker: str | None = None
     out: Path = Path("ember-demo")
-    target_accuracy: float = 0.95
+    target_accuracy: float | None = 0.95
+    """Drawn on the plot and timed (``time_to_target``); the digits job also stops there."""
     max_seconds: float = 100.0
     alpha: float = 0.5
     seed: int = 0
@@ -64,10 +72,55 @@ class DemoOptions:
     """Fraction of the agents that play slow devices (``[simulation] slowdown``)."""
     slowdown: float = 10.0
     """How many times slower those agents train."""
+    agents_per_process: int = 1
+    """Agents each ``ember-agent run`` process hosts (``--also``): a large simulated fleet
+    starts faster on a small machine. Each keeps its own identity, connection and state."""
 
     @property
     def slow_agents(self) -> int:
         return round(self.agents * self.stragglers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalAgent:
+    """One agent process a local run starts: its id, its one dataset and its knobs."""
+
+    agent_id: str
+    dataset: Path
+    dataset_name: str
+    tags: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    allow_code: bool = False
+    simulation: Mapping[str, float | bool] = field(default_factory=dict)
+    """The agent's ``[simulation]`` table (``slowdown``, ``partial_work``)."""
+
+    @property
+    def straggler(self) -> bool:
+        """Plays a slow device or one that cannot finish its local work."""
+        return float(self.simulation.get("slowdown", 1.0)) > 1.0 or bool(
+            self.simulation.get("partial_work", False)
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Federation:
+    """What a local run trains: the agents, the aggregator's held-out dataset and the job."""
+
+    agents: tuple[LocalAgent, ...]
+    holdout: Path
+    holdout_name: str
+    job: dict[str, Any]
+    """The job spec as an operator writes it in YAML."""
+    algorithm: str
+    """How the summary and the plot name the algorithm."""
+    title: str
+    """The plot's title."""
+    base_dir: Path | None = None
+    """Where the job's relative model paths are looked up."""
+
+
+Scenario = Callable[[Path], Federation]
+"""Writes a run's datasets into the directory it is given and says who holds what."""
 
 
 @dataclass
@@ -138,33 +191,60 @@ def job_spec(options: DemoOptions) -> dict[str, Any]:
             "client": {"local_steps": 20, "batch_size": 32, "lr": 0.1},
         },
         "stop": {
-            "target_accuracy": options.target_accuracy,
+            **({"target_accuracy": options.target_accuracy} if options.target_accuracy else {}),
             "max_minutes": round(options.max_seconds / 60.0, 3),
         },
     }
 
 
+def digits_scenario(options: DemoOptions) -> Scenario:
+    """``ember demo``'s federation: Dirichlet(α) shards of digits, the first
+    ``options.slow_agents`` agents ``options.slowdown`` times slower."""
+
+    def write(data: Path) -> Federation:
+        x, y = load_digits_scaled()
+        train, test = holdout_split(x, y, 0.2, seed=options.seed)
+        shards = dirichlet_shards(train, options.agents, alpha=options.alpha, seed=options.seed)
+        slow = options.slow_agents
+        agents = tuple(
+            LocalAgent(
+                agent_id=f"demo-pi-{i}",
+                dataset=shard.save(data / f"digits-{i}.npz"),
+                dataset_name="digits",
+                tags=("vision", "demo"),
+                labels={"demo": "digits"},
+                allow_code=options.backend == "torch",
+                simulation={"slowdown": options.slowdown if i < slow else 1.0},
+            )
+            for i, shard in enumerate(shards)
+        )
+        return Federation(
+            agents=agents,
+            holdout=test.save(data / "digits-holdout.npz"),
+            holdout_name="digits-holdout",
+            job=job_spec(options),
+            algorithm=options.algorithm,
+            title=f"ember demo: {options.algorithm}, {options.agents} agents, {options.backend}"
+            + (f", {slow} of them {options.slowdown:g}× slower" if slow else ""),
+        )
+
+    return write
+
+
 def agent_toml(
-    *,
-    agent_id: str,
-    state_dir: Path,
-    prefix: str,
-    broker: str,
-    protocol: str,
-    key: str,
-    dataset: Path,
-    code: bool,
-    slowdown: float = 1.0,
+    agent: LocalAgent, *, state_dir: Path, prefix: str, broker: str, protocol: str, key: str
 ) -> str:
     """An agent's config file (agent/config.py's schema)."""
+    labels = ", ".join(f"{k} = {json.dumps(v)}" for k, v in agent.labels.items())
+    simulation = [f"{k} = {json.dumps(v)}" for k, v in agent.simulation.items()]
     return "\n".join(
         [
             "[agent]",
-            f"id = {json.dumps(agent_id)}",
+            f"id = {json.dumps(agent.agent_id)}",
             f"state_dir = {json.dumps(str(state_dir))}",
             f"topic_prefix = {json.dumps(prefix)}",
-            f"allow_code = {'true' if code else 'false'}",
-            'labels = { demo = "digits" }',
+            f"allow_code = {json.dumps(agent.allow_code)}",
+            f"labels = {{ {labels} }}",
             "[broker]",
             f"url = {json.dumps(broker)}",
             f"protocol = {json.dumps(protocol)}",
@@ -175,11 +255,11 @@ def agent_toml(
             "[zeroconf]",
             "enabled = false",
             "[[datasets]]",
-            'name = "digits"',
-            f"path = {json.dumps(str(dataset))}",
-            'tags = ["vision", "demo"]',
+            f"name = {json.dumps(agent.dataset_name)}",
+            f"path = {json.dumps(str(agent.dataset))}",
+            f"tags = {json.dumps(list(agent.tags))}",
             "[simulation]",
-            f"slowdown = {slowdown}",
+            *simulation,
             "",
         ]
     )
@@ -189,14 +269,20 @@ class Demo:
     """One run of the demo; :meth:`run` returns its summary."""
 
     def __init__(
-        self, options: DemoOptions, on_progress: Callable[[Progress], None] | None = None
+        self,
+        options: DemoOptions,
+        on_progress: Callable[[Progress], None] | None = None,
+        *,
+        scenario: Scenario | None = None,
     ) -> None:
         self.options = options
+        self.scenario = scenario or digits_scenario(options)
         self.progress = Progress()
         self.on_progress = on_progress or (lambda _p: None)
         self.prefix = f"ember-demo/{secrets.token_hex(4)}"
         self.topics = Topics(self.prefix)
         self.children: list[asyncio.subprocess.Process] = []
+        self._evaluated: set[Any] = set()
         self.logs: list[IO[bytes]] = []
 
     def _update(self, **changes: Any) -> None:
@@ -208,6 +294,7 @@ class Demo:
         opts = self.options
         if opts.agents < 1:
             raise DemoError(f"--agents: must be ≥ 1, got {opts.agents}")
+        federation: Federation | None = None
         began = time.monotonic()
         opts.out.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="ember-demo-") as tmp:
@@ -217,7 +304,11 @@ class Demo:
             coordinator: Coordinator | None = None
             try:
                 self._update(phase="preparing data")
-                shards, holdout = await asyncio.to_thread(self._prepare_data, root)
+                data = root / "data"
+                data.mkdir()
+                federation = await asyncio.to_thread(self.scenario, data)
+                if not federation.agents:
+                    raise DemoError("the scenario made no agents")
                 config = BrokerConfig(
                     urls=(url,),
                     protocol="3.1.1" if broker else "auto",
@@ -231,14 +322,14 @@ class Demo:
                         prefix=self.prefix,
                         zeroconf=False,
                         agent_id="demo-aggregator",
-                        agent_datasets=(("digits-holdout", holdout),),
+                        agent_datasets=((federation.holdout_name, federation.holdout),),
                     )
                 )
                 await coordinator.start()
                 self._update(phase="starting agents")
-                await self._start_agents(root, config, coordinator.public_key, shards)
-                await self._wait_for_agents(coordinator, opts.agents + 1)
-                return await self._run_job(coordinator, began)
+                await self._start_agents(root, config, coordinator.public_key, federation.agents)
+                await self._wait_for_agents(coordinator, len(federation.agents) + 1)
+                return await self._run_job(coordinator, federation, began)
             finally:
                 await self._stop_agents()
                 if coordinator is not None:
@@ -249,39 +340,37 @@ class Demo:
                     handle.close()
 
     # -- set-up --------------------------------------------------------------------------------
-    def _prepare_data(self, root: Path) -> tuple[list[Path], Path]:
-        opts = self.options
-        x, y = load_digits_scaled()
-        train, test = holdout_split(x, y, 0.2, seed=opts.seed)
-        data = root / "data"
-        data.mkdir()
-        shards = dirichlet_shards(train, opts.agents, alpha=opts.alpha, seed=opts.seed)
-        paths = [s.save(data / f"digits-{i}.npz") for i, s in enumerate(shards)]
-        return paths, test.save(data / "digits-holdout.npz")
-
     async def _start_agents(
-        self, root: Path, broker: BrokerConfig, key: str, shards: list[Path]
+        self, root: Path, broker: BrokerConfig, key: str, agents: tuple[LocalAgent, ...]
     ) -> None:
-        for i, shard in enumerate(shards):
+        # Every agent here runs the same Python: probe its runtimes (a child process importing
+        # onnxruntime and torch) once and hand each agent the answer its cache would hold.
+        probe = root / RUNTIMES_CACHE
+        await asyncio.to_thread(probe_runtimes, probe)
+        configs = []
+        for i, agent in enumerate(agents):
             agent_dir = root / f"agent-{i}"
-            agent_dir.mkdir()
+            (agent_dir / "state").mkdir(parents=True)
+            if probe.exists():
+                shutil.copyfile(probe, agent_dir / "state" / RUNTIMES_CACHE)
             config = agent_dir / "agent.toml"
             config.write_text(
                 agent_toml(
-                    agent_id=f"demo-pi-{i}",
+                    agent,
                     state_dir=agent_dir / "state",
                     prefix=self.prefix,
                     broker=broker.urls[0],
                     protocol=broker.protocol,
                     key=key,
-                    dataset=shard,
-                    code=self.options.backend == "torch",
-                    slowdown=self.options.slowdown if i < self.options.slow_agents else 1.0,
                 )
             )
-            handle = await asyncio.to_thread(open, agent_dir / "agent.log", "wb")
+            configs.append(config)
+        per_process = max(1, self.options.agents_per_process)
+        for first in range(0, len(configs), per_process):
+            group = configs[first : first + per_process]
+            handle = await asyncio.to_thread(open, group[0].with_name("agent.log"), "wb")
             self.logs.append(handle)
-            child = await spawn_agent(config, handle)
+            child = await spawn_agent(group[0], handle, also=group[1:])
             self.children.append(child)
 
     async def _wait_for_agents(self, coordinator: Coordinator, count: int) -> None:
@@ -306,12 +395,16 @@ class Demo:
             await reap(child, 10)
 
     # -- the job -------------------------------------------------------------------------------
-    async def _run_job(self, coordinator: Coordinator, began: float) -> DemoSummary:
+    async def _run_job(
+        self, coordinator: Coordinator, federation: Federation, began: float
+    ) -> DemoSummary:
         opts = self.options
         assert coordinator.dispatcher is not None
         assert coordinator.transport is not None
-        spec = parse_spec(job_spec(opts))
-        artifacts: ModelArtifacts = await asyncio.to_thread(model_artifacts, spec, None)
+        spec = parse_spec(federation.job)
+        artifacts: ModelArtifacts = await asyncio.to_thread(
+            model_artifacts, spec, federation.base_dir
+        )
         job = await coordinator.dispatcher.submit(spec, artifacts.artifacts, code=artifacts.code)
         job_id = job.record.id
         transport = coordinator.transport
@@ -339,27 +432,27 @@ class Demo:
         job_seconds = time.monotonic() - started
         record = job.record
         accuracy = self.progress.accuracy or 0.0
-        plot = await asyncio.to_thread(self._plot, opts.out / "accuracy.png")
+        plot = await asyncio.to_thread(self._plot, opts.out / "accuracy.png", federation.title)
         model = await asyncio.to_thread(
             self._write_model, artifacts, weights, opts.out / "model.onnx"
         )
         target = opts.target_accuracy
-        reached = [t for t, a in self.progress.history if a >= target]
+        reached = [t for t, a in self.progress.history if target is not None and a >= target]
         summary = DemoSummary(
             final_accuracy=round(accuracy, 4),
             model_versions=record.model_version,
             updates_applied=record.updates_applied,
             seconds=round(time.monotonic() - began, 2),
             job_seconds=round(job_seconds, 2),
-            agents=opts.agents,
-            algorithm=opts.algorithm,
-            backend=opts.backend,
+            agents=len(federation.agents),
+            algorithm=federation.algorithm,
+            backend=spec.backend,
             phase=record.phase,
             reason=record.reason,
             plot=str(plot) if plot else None,
             model=str(model) if model else None,
             time_to_target=round(reached[0], 2) if reached else None,
-            stragglers=opts.slow_agents,
+            stragglers=sum(a.straggler for a in federation.agents),
             history=[(round(t, 3), round(a, 4)) for t, a in self.progress.history],
         )
         (opts.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -372,10 +465,17 @@ class Demo:
                 event = json.loads(bytes(message.payload))
             except ValueError:
                 continue
-            if event.get("event") == "model_version" and "accuracy" in event:
-                accuracy = float(event["accuracy"])
-                self.progress.history.append((time.monotonic() - started, accuracy))
-                self._update(accuracy=accuracy)
+            if event.get("event") != "model_version" or "accuracy" not in event:
+                continue
+            # The coordinator's client also subscribes to every job's metrics: a broker may
+            # deliver a message once per matching subscription.
+            version = event.get("version")
+            if version in self._evaluated:
+                continue
+            self._evaluated.add(version)
+            accuracy = float(event["accuracy"])
+            self.progress.history.append((time.monotonic() - started, accuracy))
+            self._update(accuracy=accuracy)
 
     async def _final_weights(self, coordinator: Coordinator, job_id: str) -> bytes | None:
         """The job's final weights as the coordinator keeps them (``ember jobs export`` reads
@@ -392,7 +492,7 @@ class Demo:
         return await coordinator.store.get_blob(stored.digest)
 
     # -- outputs -------------------------------------------------------------------------------
-    def _plot(self, path: Path) -> Path | None:
+    def _plot(self, path: Path, title: str) -> Path | None:
         if not self.progress.history:
             return None
         import matplotlib
@@ -403,16 +503,12 @@ class Demo:
         seconds, accuracy = zip(*self.progress.history, strict=True)
         fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
         ax.plot(seconds, accuracy, marker=".", linewidth=1.5)
-        ax.axhline(self.options.target_accuracy, color="grey", linestyle="--", linewidth=1)
+        if self.options.target_accuracy is not None:
+            ax.axhline(self.options.target_accuracy, color="grey", linestyle="--", linewidth=1)
         ax.set_xlabel("seconds since the job started")
         ax.set_ylabel("held-out accuracy")
         ax.set_ylim(0, 1)
-        slow = self.options.slow_agents
-        ax.set_title(
-            f"ember demo: {self.options.algorithm}, {self.options.agents} agents, "
-            f"{self.options.backend}"
-            + (f", {slow} of them {self.options.slowdown:g}× slower" if slow else "")
-        )
+        ax.set_title(title)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(path)

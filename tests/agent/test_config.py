@@ -117,6 +117,11 @@ def test_simulated_slowdown_defaults_to_none() -> None:
     assert parse_config("[simulation]\nslowdown = 10\n").simulation.slowdown == 10.0
 
 
+def test_simulated_partial_work_is_off_unless_asked() -> None:
+    assert parse_config("").simulation.partial_work is False
+    assert parse_config("[simulation]\npartial_work = true\n").simulation.partial_work is True
+
+
 def test_state_dir_defaults_to_systemd_state_directory() -> None:
     config = parse_config("", env={"STATE_DIRECTORY": "/var/lib/ember-agent"})
     assert config.state_dir == Path("/var/lib/ember-agent")
@@ -140,6 +145,7 @@ def test_state_dir_defaults_to_systemd_state_directory() -> None:
         ('[trust]\ncoordinator_keys = ["ed25519:AAAA"]\n', {}, "is 32 bytes, got 3"),
         ("[telemetry]\ninterval = -1\n", {}, "telemetry.interval: must be ≥ 0, got -1"),
         ("[simulation]\nslowdown = 0.5\n", {}, "simulation.slowdown: must be ≥ 1, got 0.5"),
+        ('[simulation]\npartial_work = "often"\n', {}, "simulation.partial_work: expected true or"),
         ('[zeroconf]\ninterfaces = ["eth0"]\n', {}, "zeroconf.interfaces[0]: 'eth0' is not an IP"),
         ("[[datasets]]\npath = 'x.npz'\n", {}, "datasets[0].name: missing"),
         ("[[datasets]]\nname = 'd'\n", {}, "datasets[0].path: missing (dataset 'd' needs a path)"),

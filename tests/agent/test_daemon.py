@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from agent.process import spawn_agent
 from agent.protocol.messages import Ping, Pong, decode_message
 from agent.protocol.topics import Topics
 from agent.transport import BrokerConfig, Transport
 from coordinator.mosquitto import MosquittoProcess
-from tests.agent.conftest import FAST_BROKER, AgentProcess, agent_toml, make_npz, next_json
+from tests.agent.conftest import (
+    FAST_BROKER,
+    REPO,
+    AgentProcess,
+    agent_toml,
+    make_npz,
+    next_json,
+)
 
 StartAgent = Callable[..., Awaitable[AgentProcess]]
 
@@ -155,3 +166,51 @@ async def test_generated_id_is_kept_in_the_state_dir(
     online = await next_json(status, 20, state="online")
     assert online["agent"] == (state / "agent_id").read_text().strip()
     assert await agent.stop() == 0
+
+
+async def test_one_process_hosts_several_agents_with_their_own_presence(
+    mosquitto: MosquittoProcess, watcher: Transport, topics: Topics, tmp_path: Path
+) -> None:
+    """``ember-agent run --config A --also B``: two identities, two connections and Wills,
+    one process (a simulated fleet starts faster); SIGTERM stops both cleanly."""
+    configs = []
+    for name in ("pi-a", "pi-b"):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(
+            agent_toml(
+                state_dir=tmp_path / name, broker_url=mosquitto.url, topics=topics, agent_id=name
+            )
+        )
+        configs.append(path)
+    statuses = {
+        name: await watcher.subscribe(topics.agent_status(name)) for name in ("pi-a", "pi-b")
+    }
+    log = tmp_path / "agents.log"
+    environ = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log.open("wb") as sink:
+        process = await spawn_agent(configs[0], sink, also=configs[1:], env=environ)
+    try:
+        for sub in statuses.values():
+            await next_json(sub, 30, state="online")
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 20) == 0
+        for sub in statuses.values():
+            assert (await next_json(sub, 10, state="offline"))["state"] == "offline"
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def test_hosted_agents_need_their_own_ids(tmp_path: Path) -> None:
+    path = tmp_path / "a.toml"
+    path.write_text('[agent]\nid = "same"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(path), "--also", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 2
+    assert "--also: every agent in one process needs its own id" in done.stderr

@@ -452,6 +452,26 @@ def test_shipped_demo_assets_match_a_fresh_export(fresh_demo: ExportedModel) -> 
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7, err_msg=kind)
 
 
+def test_zero_parameters_stay_initializers_of_the_inference_graph() -> None:
+    """A zero-initialised model (the FedProx paper's logistic regression) once lost its bias to
+    the exporter's constant folding, and ``ember jobs export`` could not put weights in."""
+    import onnx
+
+    from coordinator.onnx_model import with_weights
+
+    model = nn.Linear(6, 3)
+    nn.init.zeros_(model.weight)
+    nn.init.zeros_(model.bias)
+    exported = export_model(model, (6,))
+    assert exported.inference is not None
+    graph = onnx.load_from_string(exported.inference)
+    assert {i.name for i in graph.graph.initializer} == {"weight", "bias"}
+    weights = {"weight": np.ones((3, 6), np.float32), "bias": np.arange(3, dtype=np.float32)}
+    x = np.ones((2, 6), np.float32)
+    (logits,) = session(with_weights(exported.inference, weights)).run(["logits"], {"x": x})
+    np.testing.assert_allclose(logits, [[6, 7, 8], [6, 7, 8]])
+
+
 def test_inference_graph_is_the_model(fresh_demo: ExportedModel) -> None:
     from coordinator.demo.model import Net
 

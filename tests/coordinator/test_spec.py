@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from agent.learning.plan import TrainingPlan
 from coordinator.spec import JobSpec, SpecError, load_spec, load_yaml, parse_spec
 
 EXAMPLE = """
@@ -76,6 +77,18 @@ def test_defaults_and_round_trip() -> None:
     assert parse_spec(copy.deepcopy(full.to_dict())).to_dict() == full.to_dict()
 
 
+def test_epochs_and_partial_work_reach_the_trainers_plan() -> None:
+    raw = example()
+    raw["algorithm"]["partial_work"] = "drop"
+    raw["algorithm"]["client"]["local_epochs"] = 20
+    spec = parse_spec(raw)
+    assert spec.algorithm.partial_work == "drop"
+    plan = TrainingPlan.from_config(spec.to_dict())
+    assert plan.partial_work == "drop"
+    assert plan.client.steps_for(95) == 20 * 95 // plan.client.batch_size + 1
+    assert parse_spec(example()).algorithm.partial_work == "keep"
+
+
 def test_arch_synonyms_are_normalised() -> None:
     raw = example()
     raw["compute"]["arch"] = ["arm64", "AMD64", "aarch64"]
@@ -133,6 +146,12 @@ BAD: list[tuple[str, Any, str]] = [
     ("algorithm.client.lr", float("nan"), "algorithm.client.lr: must be finite, got nan"),
     ("algorithm.client.batch_size", 0, "algorithm.client.batch_size: must be ≥ 1, got 0"),
     ("algorithm.client.proximal_mu", -1, "algorithm.client.proximal_mu: must be ≥ 0, got -1"),
+    ("algorithm.client.local_epochs", 0, "algorithm.client.local_epochs: must be > 0, got 0"),
+    (
+        "algorithm.partial_work",
+        "maybe",
+        "algorithm.partial_work: must be one of keep, drop, got 'maybe'",
+    ),
     (
         "algorithm.min_trainers",
         50,

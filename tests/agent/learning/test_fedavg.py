@@ -266,3 +266,48 @@ def test_fedavg_with_client_sampling_solves_iid_least_squares() -> None:
             sync.offer(f"{r}-{name}", r, {"x": y - start}, len(a), client=name)
         assert sync.current_round is None
     assert np.linalg.norm(sync.weights["x"] - x_opt) < 0.05
+
+
+def test_an_excused_participant_is_not_waited_for_and_contributes_nothing() -> None:
+    w0 = model()
+    sync = SyncFedAvg(w0)
+    (d,) = deltas(1)
+    sync.start_round(["a", "b"])
+    assert sync.excuse("b", round_number=1) is None  # not the open round: nothing changes
+    assert sync.excuse("z", round_number=0) is None  # not sampled
+    assert sync.excuse("b", round_number=0) is None  # the round still waits for a
+    assert sync.current_round is not None
+    assert sync.current_round.missing == {"a"}
+    assert sync.offer("ub", 0, d, 5, client="b").status is Status.REJECTED  # excused: no report
+    out = sync.offer("ua", 0, d, 5, client="a")
+    assert out.version == 1
+    np.testing.assert_allclose(sync.weights["w"], w0["w"] + d["w"], rtol=1e-6)
+    result = sync.last_result
+    assert result is not None
+    assert result.reported == {"a"}
+    assert result.excused == {"b"}
+    assert result.missing == frozenset()
+    check_invariant(sync)
+
+
+def test_a_round_of_excused_participants_closes_with_the_same_weights() -> None:
+    w0 = model()
+    sync = SyncFedAvg(w0)
+    sync.start_round(["a"])
+    result = sync.excuse("a", round_number=0)
+    assert result is not None
+    assert result.version == 1
+    assert result.reason == "all participants reported"
+    np.testing.assert_array_equal(sync.weights["w"], w0["w"])
+
+
+def test_excused_participants_survive_a_checkpoint() -> None:
+    sync = SyncFedAvg(model())
+    sync.start_round(["a", "b", "c"])
+    sync.excuse("b", round_number=0)
+    state = decode_tensors(encode_tensors(sync.state_dict()))
+    resumed = SyncFedAvg(model())
+    resumed.load_state_dict(state)
+    assert resumed.current_round is not None
+    assert resumed.current_round.excused == {"b"}
+    assert resumed.current_round.missing == {"a", "c"}

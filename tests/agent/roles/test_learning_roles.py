@@ -145,7 +145,11 @@ def config(**algorithm: Any) -> dict[str, Any]:
 
 
 async def start_federation(
-    fed: Federation, cfg: dict[str, Any], clients: int, slowdown: dict[int, float] | None = None
+    fed: Federation,
+    cfg: dict[str, Any],
+    clients: int,
+    slowdown: dict[int, float] | None = None,
+    partial: frozenset[int] = frozenset(),
 ) -> tuple[asyncio.Task[None], list[asyncio.Task[None]]]:
     shards, holdout = digits(clients)
     aggregator = Aggregator(
@@ -156,7 +160,7 @@ async def start_federation(
     agg_task = asyncio.create_task(aggregator.run())
     trainers = []
     for i, shard in enumerate(shards):
-        extras = {"slowdown": (slowdown or {}).get(i, 1.0)}
+        extras = {"slowdown": (slowdown or {}).get(i, 1.0), "partial_work": i in partial}
         ctx = await fed.context(
             f"pi-{i}", bundle("trainer", cfg, "digits"), {"digits": shard}, extras
         )
@@ -469,3 +473,35 @@ async def test_a_simulated_slow_device_contributes_less(federation: Federation) 
     await asyncio.wait_for(asyncio.gather(*trainers), 30)
     slow, fast = federation.trainers
     assert slow.updates_sent * 4 < fast.updates_sent
+
+
+@pytest.mark.parametrize("policy", ["keep", "drop"])
+async def test_partial_work_is_kept_or_dropped_as_the_job_says(
+    federation: Federation, policy: str
+) -> None:
+    """``[simulation] partial_work`` cuts a trainer's local runs short (the FedProx paper's
+    stragglers); ``algorithm.partial_work`` keeps that work (FedProx) or drops it (FedAvg), and a
+    sync round does not wait for a dropped straggler."""
+    cfg = config(
+        mode="sync",
+        min_trainers=3,
+        round_timeout=30,
+        partial_work=policy,
+        stop={"max_versions": 4},
+    )
+    started = asyncio.get_running_loop().time()
+    agg, trainers = await start_federation(federation, cfg, clients=3, partial=frozenset({0}))
+    await asyncio.wait_for(agg, 60)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    assert asyncio.get_running_loop().time() - started < 30  # no round waited for its timeout
+    dropped = [e for e in federation.events if e["event"] == "update_dropped"]
+    last = federation.versions()[-1]
+    assert last["version"] == 4
+    if policy == "keep":
+        assert not dropped
+        assert last["updates_applied"] == 3 * 4
+    else:
+        assert {e["agent"] for e in dropped} == {"pi-0"}
+        assert len(dropped) == 4
+        assert "partial work dropped" in dropped[0]["reason"]
+        assert last["updates_applied"] == 2 * 4
