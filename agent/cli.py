@@ -170,6 +170,47 @@ def health(config_path: str, max_age: float, online: bool) -> None:
     sys.exit(0 if verdict.ok else 1)
 
 
+@cli.command()
+@config_option
+@click.option("--version", "version", default=None, help="ember-fl==VERSION from the index.")
+@click.option(
+    "--wheel", default=None, type=click.Path(exists=True, dir_okay=False), help="A wheel file."
+)
+@click.option("--index-url", default=None, help="The package index pip uses.")
+@click.option("--prefix", default="/opt/ember-agent", show_default=True, type=click.Path())
+@click.option("--restart", default="systemctl restart ember-agent.service", show_default=True)
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds to come online.")
+def upgrade(
+    config_path: str,
+    version: str | None,
+    wheel: str | None,
+    index_url: str | None,
+    prefix: str,
+    restart: str,
+    timeout: float,
+) -> None:
+    """Install a new version beside the running one, switch to it and restart; roll back if
+    it does not come online (as root). Exit 0 upgraded, 1 rolled back or not installed."""
+    from pathlib import Path
+
+    from agent.upgrade import Upgrade
+
+    if (version is None) == (wheel is None):
+        fail("upgrade: give exactly one of --version and --wheel")
+    config, _ = _load(config_path)
+    result = Upgrade(
+        prefix=Path(prefix),
+        state_dir=config.state_dir,
+        version=version,
+        wheel=Path(wheel) if wheel else None,
+        index_url=index_url,
+        restart=restart,
+        timeout=timeout,
+    ).run()
+    click.echo(f"{result.outcome}: running {result.running or 'unknown'} ({result.reason})")
+    sys.exit(0 if result.outcome == "upgraded" else 1)
+
+
 @cli.group()
 def datasets() -> None:
     """Local datasets."""
