@@ -255,7 +255,7 @@ def model_artifacts(
     if spec.model.onnx is not None:
         return read_onnx(spec.model.onnx, base_dir)
     exported = export_torch(spec.model, base_dir, input_shape=input_shape)
-    if spec.backend != "torch":
+    if spec.backend == "onnxruntime":
         return ModelArtifacts(exported.artifacts)
     return exported
 
@@ -281,10 +281,15 @@ def build_bundle(
     dataset: str | None = None,
     prefix: str = DEFAULT_PREFIX,
     created: float,
+    backend: str | None = None,
 ) -> RoleBundle:
-    """One role's bundle. Deterministic: the same inputs give the same content and digest."""
+    """One role's bundle. Deterministic: the same inputs give the same content and digest.
+    ``backend`` is the one this role's agent trains with (the spec's unless ``auto``
+    chose one for it); an ``auto`` bundle without a choice trains with onnxruntime."""
     wanted = ROLE_ARTIFACTS.get(role, tuple(artifacts))
-    backend = str(spec.get("backend", "onnxruntime"))
+    backend = backend or str(spec.get("backend", "onnxruntime"))
+    if backend == "auto":
+        backend = "onnxruntime"
     return RoleBundle(
         job=job,
         role=role,

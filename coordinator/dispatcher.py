@@ -124,8 +124,10 @@ class _Job:
     record: JobRecord
     spec: JobSpec
     assignments: dict[tuple[str, str], AssignmentRecord] = field(default_factory=dict)
-    bundles: dict[tuple[str, str | None], tuple[str, bytes]] = field(default_factory=dict)
-    """(role, dataset) → (content digest, signed bundle bytes), built once per job run."""
+    bundles: dict[tuple[str, str | None, str], tuple[str, bytes]] = field(default_factory=dict)
+    """(role, dataset, backend) → (content digest, signed bundle bytes), built once per job run."""
+    backends: dict[str, str] = field(default_factory=dict)
+    """Bundle digest → the backend it trains with."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """One point per model version: version, ts, updates_applied and its metrics."""
     stragglers: list[str] = field(default_factory=list)
@@ -252,6 +254,15 @@ class Dispatcher:
                 await asyncio.wait_for(self._wake.wait(), self.timings.tick)
 
     # queries -----------------------------------------------------------------------------------
+    def trainer_backends(self, job_id: str) -> dict[str, str]:
+        """Agent → the backend of the trainer bundle it was sent (``backend: auto`` mixes)."""
+        job = self.find(job_id)
+        return {
+            a.agent: job.backends[a.bundle]
+            for a in job.assignments.values()
+            if a.role == "trainer" and a.bundle in job.backends
+        }
+
     def find(self, job_id: str) -> _Job:
         """A job by id or unique id prefix (or unique name)."""
         job = self.jobs.get(job_id)
@@ -578,8 +589,12 @@ class Dispatcher:
             self._outbox.put_nowait((self.topics.agent_inbox(a.agent), message.to_msgpack()))
 
     async def _bundle(self, job: _Job, a: AssignmentRecord) -> bytes:
-        """The signed bundle for one assignment (built once per role and dataset)."""
-        key = (a.role, a.dataset)
+        """The signed bundle for one assignment (built once per role, dataset and backend)."""
+        backend = job.spec.backend
+        agent = self.registry.get(a.agent)
+        if a.role == "trainer" and agent is not None and agent.info is not None:
+            backend = planner.trainer_backend(agent.info, backend)
+        key = (a.role, a.dataset, backend)
         cached = job.bundles.get(key)
         if cached is None:
             artifacts: dict[str, bytes] = {}
@@ -599,10 +614,12 @@ class Dispatcher:
                 dataset=key[1],
                 prefix=self.topics.prefix,
                 created=job.record.submitted_at,
+                backend=backend,
             )
             signed = sign(bundle, self.key)
             cached = (signed.digest, signed.to_bytes())
             job.bundles[key] = cached
+            job.backends[signed.digest] = bundle.backend
         digest, data = cached
         if a.bundle != digest:
             a.bundle = digest

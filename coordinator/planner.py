@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.registry import AgentView, DatasetInfo
+from coordinator.registry import AgentInfo, AgentView, DatasetInfo
 from coordinator.spec import JobSpec
 
 # Reason codes, in the order they are checked.
@@ -132,6 +132,14 @@ def offline_reason(agent: AgentView) -> str:
     return text
 
 
+def trainer_backend(info: AgentInfo, backend: str) -> str:
+    """What an agent trains a job with: the spec's backend or, for ``auto``, torch where the
+    agent has torch and says it allows code bundles, onnxruntime elsewhere."""
+    if backend != "auto":
+        return backend
+    return "torch" if info.torch is not None and info.allow_code is True else "onnxruntime"
+
+
 def trainer_eligibility(agent: AgentView, spec: JobSpec) -> Eligibility:
     """Check one online agent's capabilities against a spec (everything but presence)."""
     info = agent.info
@@ -156,7 +164,7 @@ def trainer_eligibility(agent: AgentView, spec: JobSpec) -> Eligibility:
             problems.append(
                 (TOO_LITTLE_MEMORY, f"too little memory: {info.memory_mb} MB < {need_mb} MB")
             )
-    runtime = spec.backend
+    runtime = trainer_backend(info, spec.backend)
     version = info.onnxruntime if runtime == "onnxruntime" else info.torch
     if version is None:
         error = info.runtime_errors.get(runtime)

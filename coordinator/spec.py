@@ -26,7 +26,9 @@ import yaml
 T = TypeVar("T")
 
 MODES = ("async", "sync")
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "auto")
+"""``auto``: each trainer trains with torch where its agent has torch and allows code, with
+onnxruntime elsewhere (one job over a mixed fleet)."""
 LOSSES = ("cross_entropy", "mse")
 STALENESS_WEIGHTS = ("sqrt", "constant")
 SELECTIONS = ("random", "oort")
@@ -473,8 +475,8 @@ def parse_spec(raw: Any) -> JobSpec:
     stop = top.need("stop", _stop)
     aggregator = top.take("aggregator", _aggregator, AggregatorSpec())
     top.done()
-    if backend == "torch" and model.torch is None:
-        raise SpecError("backend", "torch needs model.torch (a file.py:Class), not ONNX files")
+    if backend in ("torch", "auto") and model.torch is None:
+        raise SpecError("backend", f"{backend} needs model.torch (a file.py:Class), not ONNX files")
     return JobSpec(
         name=name,
         description=description,

@@ -35,8 +35,9 @@ from coordinator.demo.run import Demo, DemoError, DemoOptions, DemoSummary, Prog
     "--backend",
     default="onnxruntime",
     show_default=True,
-    type=click.Choice(["onnxruntime", "torch"]),
-    help="How agents train; torch needs the torch extra.",
+    type=click.Choice(["onnxruntime", "torch", "auto"]),
+    help="How agents train; torch needs the torch extra. auto: every other agent allows code "
+    "and trains with torch, the others with onnxruntime, in one job.",
 )
 @click.option(
     "--broker",
@@ -104,11 +105,11 @@ def demo(
     problem = demo_available()
     if problem:
         fail(problem)
-    if backend == "torch":
+    if backend in ("torch", "auto"):
         import importlib.util
 
         if importlib.util.find_spec("torch") is None:
-            fail("--backend torch needs torch: pip install 'ember-fl[torch]'")
+            fail(f"--backend {backend} needs torch: pip install 'ember-fl[torch]'")
     options = DemoOptions(
         agents=agents,
         algorithm=algorithm,  # type: ignore[arg-type]
@@ -162,6 +163,13 @@ def _status(progress: Progress, options: DemoOptions) -> Table:
     return table
 
 
+def _by_backend(backends: dict[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for backend in backends.values():
+        counts[backend] = counts.get(backend, 0) + 1
+    return ", ".join(f"{name} {n}" for name, n in sorted(counts.items())) or "–"
+
+
 def _summary_table(summary: DemoSummary) -> Table:
     table = Table(title="ember demo", show_header=False)
     table.add_column(style="bold")
@@ -177,6 +185,7 @@ def _summary_table(summary: DemoSummary) -> Table:
             + (f" ({summary.stragglers} slow)" if summary.stragglers else ""),
         ),
         ("algorithm / backend", f"{summary.algorithm} / {summary.backend}"),
+        ("trainers by backend", _by_backend(summary.backends)),
         ("training time", f"{summary.job_seconds:.1f} s (all in {summary.seconds:.1f} s)"),
         (
             "time to target",

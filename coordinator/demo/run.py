@@ -44,7 +44,8 @@ from coordinator.spec import parse_spec
 log = structlog.get_logger("ember.demo")
 
 Algorithm = Literal["fedbuff", "fedavg"]
-Backend = Literal["onnxruntime", "torch"]
+Backend = Literal["onnxruntime", "torch", "auto"]
+"""``auto``: every other agent allows code and trains with torch, the rest with onnxruntime."""
 MODEL_SOURCE = Path(__file__).with_name("model.py")
 RUNTIMES_CACHE = "runtimes.json"
 """Where an agent caches its runtime probe, in its state directory (agent.daemon)."""
@@ -157,6 +158,8 @@ class DemoSummary:
     stragglers: int
     history: list[tuple[float, float]]
     """(seconds since the job started, held-out accuracy) of every evaluated version."""
+    backends: dict[str, str] = field(default_factory=dict)
+    """Trainer agent → the backend of the bundle it was sent."""
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -166,7 +169,7 @@ def job_spec(options: DemoOptions) -> dict[str, Any]:
     """The demo's job, as an operator would write it in YAML (see examples/digits_fedbuff)."""
     sync = options.algorithm == "fedavg"
     model: dict[str, Any]
-    if options.backend == "torch":
+    if options.backend in ("torch", "auto"):
         model = {"torch": f"{MODEL_SOURCE}:Net", "input_shape": [64]}
     else:
         model = {
@@ -213,7 +216,7 @@ def digits_scenario(options: DemoOptions) -> Scenario:
                 dataset_name="digits",
                 tags=("vision", "demo"),
                 labels={"demo": "digits"},
-                allow_code=options.backend == "torch",
+                allow_code=options.backend == "torch" or (options.backend == "auto" and i % 2 == 0),
                 simulation={"slowdown": options.slowdown if i < slow else 1.0},
             )
             for i, shard in enumerate(shards)
@@ -454,6 +457,7 @@ class Demo:
             time_to_target=round(reached[0], 2) if reached else None,
             stragglers=sum(a.straggler for a in federation.agents),
             history=[(round(t, 3), round(a, 4)) for t, a in self.progress.history],
+            backends=dict(sorted(coordinator.dispatcher.trainer_backends(job_id).items())),
         )
         (opts.out / "summary.json").write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
         self._update(phase=record.phase)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.planner import plan
+from coordinator.planner import plan, trainer_backend
 from coordinator.registry import AgentView, parse_info, parse_roles
 from coordinator.spec import JobSpec, parse_spec
 
@@ -214,6 +214,34 @@ def test_torch_backend_needs_torch_and_code() -> None:
         "runtime missing: torch failed to load (ImportError: libcudart.so)",
     )
     assert got["nocode"][0] == "code_not_allowed"
+
+
+def test_auto_backend_trains_with_torch_where_allowed_and_onnxruntime_elsewhere() -> None:
+    s = parse_spec(
+        {
+            "name": "t",
+            "model": {"torch": "m.py:Net", "input_shape": [4]},
+            "backend": "auto",
+            "data": {"dataset": "digits"},
+            "stop": {"max_updates": 1},
+        }
+    )
+    both = {"onnxruntime": {"version": "1.17.0"}, "torch": {"version": "2.4.0"}}
+    fleet = [
+        aggregator(),
+        agent("jetson", runtimes=both, allow_code=True),
+        agent("pi"),  # onnxruntime only
+        agent("careful", runtimes=both, allow_code=False),
+        agent("unknown", runtimes=both),  # allow_code not published: no code sent
+        agent("torch-only", runtimes={"torch": {"version": "2.4.0"}}, allow_code=False),
+    ]
+    result = plan(fleet, s)
+    assert sorted(t.agent for t in result.trainers) == ["careful", "jetson", "pi", "unknown"]
+    chosen = {a.id: trainer_backend(a.info, "auto") for a in fleet if a.info is not None}
+    assert chosen["jetson"] == "torch"
+    assert {chosen[n] for n in ("pi", "careful", "unknown")} == {"onnxruntime"}
+    assert reasons(result)["torch-only"] == ("runtime_missing", "runtime missing: no onnxruntime")
+    assert trainer_backend(fleet[1].info, "onnxruntime") == "onnxruntime"  # type: ignore[arg-type]
 
 
 def test_malformed_info_never_crashes_and_says_what_is_missing() -> None:

@@ -195,7 +195,7 @@ BAD: list[tuple[str, Any, str]] = [
         f"name: must be {NAME_RULE}, got 'a/b'",
     ),
     ("name", DELETE, "name: required"),
-    ("backend", "tensorflow", "backend: must be one of onnxruntime, torch, got 'tensorflow'"),
+    ("backend", "tensorflow", "backend: must be one of onnxruntime, torch, auto, got 'tensorflow'"),
     ("model", {}, "model: needs torch: file.py:Class or onnx: files"),
     ("model", {"torch": "model.py"}, "model.torch: must be file.py:ClassName, got 'model.py'"),
     (
@@ -260,6 +260,9 @@ def test_torch_backend_needs_a_torch_model() -> None:
     raw = with_change("model", {"onnx": "a/train_step.onnx"})
     raw["backend"] = "torch"
     with pytest.raises(SpecError, match=r"^backend: torch needs model.torch"):
+        parse_spec(raw)
+    raw["backend"] = "auto"
+    with pytest.raises(SpecError, match=r"^backend: auto needs model.torch"):
         parse_spec(raw)
 
 
