@@ -323,7 +323,9 @@ class RoleRuntime:
             log.warning("inbox_rejected", reason=str(exc), bytes=memoryview(payload).nbytes)
             return
         if command.id in self._seen:
-            log.info("inbox_duplicate", type=command.TYPE, id=command.id)
+            log.info(
+                "inbox_duplicate", type=command.TYPE, id=command.id, reason="id already handled"
+            )
             return
         self._seen[command.id] = None
         while len(self._seen) > SEEN_IDS:

@@ -124,7 +124,7 @@ def _tensor_from_wire(item: Any, limits: ProtocolLimits, where: str) -> tuple[Ar
         )
     where = f"{where} ({name!r})"
     dtype_name = item["dtype"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ProtocolError(f"{where}.dtype: {preview(dtype_name)} is not one of {sorted(DTYPES)}")
     shape = item["shape"]
     if not isinstance(shape, list) or len(shape) > limits.max_ndim:

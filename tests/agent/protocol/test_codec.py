@@ -68,6 +68,10 @@ def wire(**overrides: Any) -> bytes:
     ("payload", "reason"),
     [
         (wire(dtype="object"), r"\('w'\)\.dtype: 'object' is not one of"),
+        # Regression (hostile-input fuzzing): an unhashable dtype raised TypeError, which no
+        # handler expects, instead of a ProtocolError.
+        (wire(dtype=["float32"]), r"\('w'\)\.dtype: \['float32'\] is not one of"),
+        (wire(dtype={"kind": "f"}), r"\('w'\)\.dtype: \{'kind': 'f'\} is not one of"),
         (wire(shape=[2, 4]), r"24 bytes, but shape \[2, 4\] of float32 needs 32"),
         (wire(shape=[2, -3]), "sizes must be integers ≥ 0"),
         (wire(shape="2x3"), "expected a list of at most 8 sizes"),
