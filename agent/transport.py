@@ -41,7 +41,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
-from agent.protocol.errors import ChunkError, PayloadTooLarge
+from agent.protocol.errors import PayloadTooLarge, ProtocolError
 from agent.protocol.limits import KiB, MiB
 from agent.tasks import cancel_and_wait
 
@@ -537,7 +537,10 @@ class Transport:
             except Exception:
                 log.exception("connect_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
         async for message in client.messages:
-            self._route(message)
+            try:
+                self._route(message)
+            except Exception:  # one bad message must never end the connection loop
+                log.exception("message_route_failed", topic=str(message.topic))
 
     def _mark_disconnected(self) -> bool:
         """Forget the client; return whether a connection had been established."""
@@ -560,7 +563,7 @@ class Transport:
         if is_chunk(payload):
             try:
                 whole = self._reassembler.add(topic, payload)
-            except ChunkError as exc:
+            except ProtocolError as exc:  # ChunkError, or PayloadTooLarge for a forged size
                 self.stats.chunks_rejected += 1
                 log.warning("chunk_rejected", topic=topic, reason=str(exc))
                 return

@@ -903,6 +903,8 @@ class Dispatcher:
         job_id, agent = sender
         job = self.jobs.get(job_id)
         if job is None or job.record.terminal:
+            # Late events of an ended job are normal: noted, not refused.
+            log.debug("metrics_event_ignored", topic=message.topic, reason="no such running job")
             return
         size = memoryview(message.payload).nbytes
         if size > MAX_METRICS_BYTES:
@@ -920,7 +922,9 @@ class Dispatcher:
             return
         kind = event.get("event")
         if not isinstance(kind, str) or (kind not in JOB_EVENTS and kind not in REFUSALS):
-            return  # informational (trainer events): dashboards read them
+            # Informational (trainer events): dashboards read them, the coordinator does not.
+            log.debug("metrics_event_ignored", topic=message.topic, reason="not a job event")
+            return
         # A refusal names the trainer whose update it was; a job event names its own sender.
         named = event.get("agent", agent)
         if kind in JOB_EVENTS and named != agent:
@@ -928,6 +932,7 @@ class Dispatcher:
             return
         async with self._lock:
             if job.record.terminal:
+                log.debug("metrics_event_ignored", topic=message.topic, reason="the job ended")
                 return
             aggregator = self._aggregator(job)
             if aggregator is None or aggregator.agent != agent:

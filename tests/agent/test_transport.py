@@ -15,6 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.protocol import ModelUpdate, PayloadTooLarge, Topics, decode_message, split
+from agent.protocol.chunking import build_frame, chunk_count
 from agent.transport import (
     BrokerConfig,
     BrokerEndpoint,
@@ -317,6 +318,30 @@ async def test_corrupt_chunks_are_rejected_and_good_ones_still_arrive(
     reasons = [e["reason"] for e in logs if e["event"] == "chunk_rejected"]
     assert any("CRC-32 mismatch" in r for r in reasons)
     assert any("shorter than its 76-byte header" in r for r in reasons)
+
+
+async def test_a_chunk_claiming_a_huge_message_does_not_end_the_connection(
+    pair: tuple[Transport, Transport], mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    """Regression (hostile-input fuzzing): a 76-byte frame declaring a message above
+    max_message_bytes raised PayloadTooLarge out of the receive loop, which ended the
+    transport's connection task for good: the agent went deaf."""
+    _, subscriber = pair
+    sub = await subscriber.subscribe(topics.job_model("j"))
+    total = subscriber.config.max_message_bytes + 1
+    forged = build_frame(
+        b"\x07" * 16, 0, chunk_count(total, 1024), total, 1024, bytes(32), bytes(1024)
+    )
+    with capture_logs() as logs:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port) as raw:
+            await raw.publish(topics.job_model("j"), forged, qos=1)
+            await raw.publish(topics.job_model("j"), b"still listening", qos=1)
+        got = await sub.get(timeout=5)
+    assert bytes(got.payload) == b"still listening"
+    assert subscriber.connected
+    assert subscriber.stats.chunks_rejected == 1
+    [rejected] = [e for e in logs if e["event"] == "chunk_rejected"]
+    assert "is above the limit of" in rejected["reason"]
 
 
 async def test_qos0_while_offline_is_dropped_and_counted() -> None:

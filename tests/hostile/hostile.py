@@ -14,6 +14,7 @@ exactly one refusal event in the structlog output, with a non-empty reason.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,8 +28,10 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from agent.protocol.msgpack_view import pack
+from agent.protocol.topics import check_segment
 
 T = TypeVar("T")
+Encoder = Callable[[Mapping[str, Any]], bytes]
 
 # -- values of the wrong kind ---------------------------------------------------------------------
 
@@ -75,6 +78,18 @@ def wrong_value(kind: str) -> st.SearchStrategy[Any]:
     return st.one_of(options)
 
 
+def _is_segment(text: str) -> bool:
+    try:
+        check_segment(text)
+    except ValueError:
+        return False
+    return True
+
+
+segments = st.text(min_size=1, max_size=20).filter(_is_segment)
+"""Any string usable as one topic level (an agent, job or role name)."""
+
+
 # -- payloads -------------------------------------------------------------------------------------
 
 garbage = st.binary(max_size=600)
@@ -103,18 +118,27 @@ def deep_nesting(depth: int = 5000) -> bytes:
     return b"\x81\xa1a" * depth + b"\xc0"
 
 
-def with_wire(wire: Mapping[str, Any], **changes: Any) -> bytes:
-    """``wire`` with some fields replaced (:data:`DROP` drops one), packed."""
+def with_wire(wire: Mapping[str, Any], encode: Encoder = pack, **changes: Any) -> bytes:
+    """``wire`` with some fields replaced (:data:`DROP` drops one), encoded."""
     out = {k: v for k, v in wire.items() if k not in changes}
     out.update({k: v for k, v in changes.items() if v is not DROP})
-    return pack(out)
+    return encode(out)
+
+
+def as_json(document: Mapping[str, Any]) -> bytes:
+    """JSON as Python writes it (NaN and Infinity included); binary values become lists of
+    ints, so a value of the wrong kind stays of the wrong kind."""
+    return json.dumps(document, default=list).encode()
 
 
 DROP = object()
 
 
 def mutated(
-    wire: Mapping[str, Any], fields: Mapping[str, str], optional: frozenset[str] = frozenset()
+    wire: Mapping[str, Any],
+    fields: Mapping[str, str],
+    optional: frozenset[str] = frozenset(),
+    encode: Encoder = pack,
 ) -> st.SearchStrategy[bytes]:
     """``wire`` (a valid message's map) broken in one place: a required field dropped, a field
     given a value of the wrong kind (``fields`` names each field's kind, ``optional`` the ones
@@ -122,25 +146,31 @@ def mutated(
     names = sorted(fields)
     required = sorted(set(fields) - optional)
     drop = (
-        st.sampled_from(required).map(lambda name: with_wire(wire, **{name: DROP}))
+        st.sampled_from(required).map(lambda name: with_wire(wire, encode, **{name: DROP}))
         if required
         else st.nothing()
     )
     retype = st.sampled_from(names).flatmap(
-        lambda name: wrong_value(fields[name]).map(lambda value: with_wire(wire, **{name: value}))
+        lambda name: wrong_value(fields[name]).map(
+            lambda value: with_wire(wire, encode, **{name: value})
+        )
     )
     envelope = st.one_of(
-        st.sampled_from([0, 2, -1, 99, "1", 1.0, True, None]).map(lambda v: with_wire(wire, v=v)),
+        st.sampled_from([0, 2, -1, 99, "1", 1.0, True, None]).map(
+            lambda v: with_wire(wire, encode, v=v)
+        ),
         st.one_of(
             st.sampled_from(["", "nope", "pong", "signed_bundle", "rpc_response"]),
             wrong_value("str"),
         )
         .filter(lambda kind: kind != wire["type"])
-        .map(lambda kind: with_wire(wire, type=kind)),
+        .map(lambda kind: with_wire(wire, encode, type=kind)),
         st.one_of(
             st.sampled_from(["", "a b", "x" * 257, "ü", "id/with/slash", "#"]), wrong_value("str")
-        ).map(lambda msg_id: with_wire(wire, id=msg_id)),
-        st.sampled_from(["v", "type", "id"]).map(lambda key: with_wire(wire, **{key: DROP})),
+        ).map(lambda msg_id: with_wire(wire, encode, id=msg_id)),
+        st.sampled_from(["v", "type", "id"]).map(
+            lambda key: with_wire(wire, encode, **{key: DROP})
+        ),
     )
     return st.one_of(drop, retype, envelope)
 
