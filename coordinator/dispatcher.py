@@ -701,7 +701,7 @@ class Dispatcher:
         spec = job.spec
         trainers = {a.agent: a for a in job.assignments.values() if a.role == "trainer"}
         active = {agent for agent, a in trainers.items() if a.state in ACTIVE}
-        target = spec.algorithm.concurrency if spec.algorithm.mode == "async" else math.inf
+        target = spec.algorithm.active_trainers
         if len(active) >= target:
             return
         now = self.clock()

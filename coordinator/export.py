@@ -11,7 +11,9 @@ turns an ``nn.Module`` into an :class:`~agent.learning.backend.ExportedModel`:
   1812.06127, with ``correction = 0``; FedDyn's client objective, Acar et al. 2021, arXiv
   2111.04263, with ``mu = α``) for one step of SGD as ``torch.optim.SGD`` does it
   (``d = g + weight_decay·w``, ``buf = momentum·buf + d``, ``w −= lr·buf``) and returns ``loss``
-  (the batch's mean data loss), ``new_param.<name>`` and ``new_momentum_buffer.<name>``;
+  (the batch's mean data loss), ``new_param.<name>``, ``new_momentum_buffer.<name>`` and
+  ``loss_sq_sum`` (the sum of the batch's squared per-sample data losses, for Oort's
+  statistical utility; graphs exported before it lack it, and backends then report none);
 * the **eval graph** takes the parameters, ``x`` and ``y`` and returns ``loss_sum`` (summed
   over the batch) and ``correct`` (right predictions; 0 for MSE), to be added up across batches;
 * the **inference graph** has the parameters baked in as initializers: ``x`` → ``logits``.
@@ -53,6 +55,7 @@ from torch import nn
 from agent.learning.backend import (
     ANCHOR,
     CORRECTION,
+    LOSS_SQ_SUM,
     LOSSES,
     MOMENTUM_BUFFER,
     NEW_MOMENTUM_BUFFER,
@@ -308,6 +311,15 @@ def _data_loss_sum(
     return F.mse_loss(out, y, reduction="sum") / outputs
 
 
+def _sample_losses(
+    out: torch.Tensor, y: torch.Tensor, loss: LossKind, outputs: int
+) -> torch.Tensor:
+    """The data loss of each sample of the batch (their sum is :func:`_data_loss_sum`)."""
+    if loss == "cross_entropy":
+        return F.cross_entropy(out, y, reduction="none")
+    return F.mse_loss(out, y, reduction="none").reshape(out.shape[0], -1).sum(dim=1) / outputs
+
+
 def _train_step_function(module: nn.Module, spec: ModelSpec) -> Callable[..., tuple[Any, ...]]:
     names = spec.names
     n = len(names)
@@ -319,7 +331,8 @@ def _train_step_function(module: nn.Module, spec: ModelSpec) -> Callable[..., tu
         x, y, lr, momentum, weight_decay, mu = args[4 * n :]
         out = torch.func.functional_call(module, dict(zip(names, params, strict=True)), (x,))
         # Sum, then divide: the mean reduction loses its 1/N in the exported gradient.
-        loss = _data_loss_sum(out, y, spec.loss, outputs) / x.shape[0]
+        per_sample = _sample_losses(out, y, spec.loss, outputs)
+        loss = per_sample.sum() / x.shape[0]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         new_params, new_buffers = [], []
         with torch.no_grad():
@@ -331,7 +344,8 @@ def _train_step_function(module: nn.Module, spec: ModelSpec) -> Callable[..., tu
                 new_buf = momentum * buf + d
                 new_params.append(p - lr * new_buf)
                 new_buffers.append(new_buf)
-        return (loss.detach(), *new_params, *new_buffers)
+        loss_sq_sum = (per_sample.detach() ** 2).sum()
+        return (loss.detach(), *new_params, *new_buffers, loss_sq_sum)
 
     return train_step
 
@@ -476,6 +490,7 @@ def export_train_step(module: nn.Module, spec: ModelSpec) -> bytes:
         "loss",
         *(NEW_PARAM + n for n in names),
         *(NEW_MOMENTUM_BUFFER + n for n in names),
+        LOSS_SQ_SUM,
     ]
     return _trace_and_export(
         _train_step_function(module, spec),

@@ -9,8 +9,9 @@ from where it runs: the job names the data and compute it needs, the planner fin
 * **Trainers**: online agents holding a dataset that matches by name and/or tags with at least
   ``min_samples`` samples, enough memory, an accepted CPU architecture, the runtime the backend
   needs and the required labels. Biggest datasets first. In ``async`` mode (FedBuff) the first
-  ``concurrency`` are active and the rest stand by as replacements; in ``sync`` mode every
-  eligible agent takes part and each round samples from them.
+  ``concurrency`` are active and the rest stand by as replacements; in ``sync`` mode, and in
+  ``async`` mode with Oort selection, every eligible agent takes part and the aggregator picks
+  who trains (each round's sample, or which idle trainers FedBuff starts next).
 
 Every other agent is rejected with a reason code and a sentence.
 """
@@ -266,7 +267,7 @@ def plan(
             code = check.problems[0][0]
             rejected.append(Rejected(agent.id, code, "; ".join(t for _, t in check.problems)))
     eligible.sort(key=lambda pair: (-(pair[1].samples or 0), pair[0].id))
-    active = spec.algorithm.concurrency if spec.algorithm.mode == "async" else len(eligible)
+    active = min(spec.algorithm.active_trainers, len(eligible))
     for i, (agent, dataset) in enumerate(eligible):
         selected.append(
             Selected(

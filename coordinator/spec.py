@@ -151,6 +151,14 @@ class ClientSpec:
 
 
 @dataclass(frozen=True)
+class OortSpec:
+    """Oort's knobs (Lai et al., OSDI 2021): preferred round duration T, blacklist threshold."""
+
+    preferred_duration: float | None = None
+    blacklist_rounds: int | None = None
+
+
+@dataclass(frozen=True)
 class AlgorithmSpec:
     """FedBuff (``async``) or FedAvg rounds (``sync``) and their parameters."""
 
@@ -161,12 +169,22 @@ class AlgorithmSpec:
     selection: str = "random"
     clients_per_round: int | None = None
     round_timeout: float = 60.0
+    oort: OortSpec = field(default_factory=OortSpec)
     max_norm: float | None = None
     clip_norm: float | None = None
     partial_work: str = "keep"
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
+
+    @property
+    def active_trainers(self) -> float:
+        """How many trainers get roles at once: FedBuff's C with random selection (the other
+        eligible agents stand by); every eligible agent (``inf``) in sync rounds, and with Oort
+        in async mode, where the aggregator picks which C of them train next."""
+        if self.mode == "async" and self.selection != "oort":
+            return self.concurrency
+        return math.inf
 
 
 @dataclass(frozen=True)
@@ -248,6 +266,7 @@ class JobSpec:
                 "selection": algo.selection,
                 "clients_per_round": algo.clients_per_round,
                 "round_timeout": algo.round_timeout,
+                "oort": dict(vars(algo.oort)),
                 "max_norm": algo.max_norm,
                 "clip_norm": algo.clip_norm,
                 "partial_work": algo.partial_work,
@@ -572,6 +591,16 @@ def _compute(value: Any, where: str) -> ComputeSpec:
     return spec
 
 
+def _oort(value: Any, where: str) -> OortSpec:
+    f = _Fields(value, where)
+    spec = OortSpec(
+        preferred_duration=f.take("preferred_duration", _float(0.0, exclusive_min=True), None),
+        blacklist_rounds=f.take("blacklist_rounds", _int(1), None),
+    )
+    f.done()
+    return spec
+
+
 def _algorithm(value: Any, where: str) -> AlgorithmSpec:
     f = _Fields(value, where)
     spec = AlgorithmSpec(
@@ -582,6 +611,7 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         selection=f.take("selection", _choice(SELECTIONS), "random"),
         clients_per_round=f.take("clients_per_round", _int(1), None),
         round_timeout=f.take("round_timeout", _float(0.0, exclusive_min=True), 60.0),
+        oort=f.take("oort", _oort, OortSpec()),
         max_norm=f.take("max_norm", _float(0.0, exclusive_min=True), None),
         clip_norm=f.take("clip_norm", _float(0.0, exclusive_min=True), None),
         partial_work=f.take("partial_work", _choice(PARTIAL_WORK), "keep"),

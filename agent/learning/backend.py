@@ -52,6 +52,8 @@ ANCHOR = "anchor."
 CORRECTION = "correction."
 NEW_PARAM = "new_param."
 NEW_MOMENTUM_BUFFER = "new_momentum_buffer."
+LOSS_SQ_SUM = "loss_sq_sum"
+"""Optional train-step output: Σ over the batch of each sample's data loss squared (Oort)."""
 SCALARS = ("lr", "momentum", "weight_decay", "mu")
 """Scalar (0-d float32) inputs of the train-step graph, in this order after ``x`` and ``y``."""
 
@@ -317,12 +319,15 @@ class HyperParams:
 @dataclass(frozen=True)
 class TrainResult:
     """Outcome of one local training run: the new parameters (the delta is ``params - start``),
-    the mean data loss over its steps, the number of steps and of samples processed."""
+    the mean data loss over its steps, the number of steps and of samples processed, and the
+    sum over every sample processed of its data loss squared (``None`` from a train-step graph
+    exported without that output), from which Oort's statistical utility is computed."""
 
     params: TensorMap
     loss: float
     steps: int
     samples: int
+    loss_sq_sum: float | None = None
 
 
 @dataclass(frozen=True)

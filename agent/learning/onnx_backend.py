@@ -18,6 +18,7 @@ import onnxruntime as ort
 from agent.learning.backend import (
     ANCHOR,
     CORRECTION,
+    LOSS_SQ_SUM,
     MOMENTUM_BUFFER,
     NEW_MOMENTUM_BUFFER,
     NEW_PARAM,
@@ -79,6 +80,10 @@ class OnnxBackend:
             missing = set(wanted) - {o.name for o in session.get_outputs()}
             if missing:
                 raise ModelFormatError(f"graph without the outputs {sorted(missing)}")
+        # Graphs exported before the per-sample loss output still train; they report none.
+        self._loss_sq = LOSS_SQ_SUM in {o.name for o in self._train.get_outputs()}
+        if self._loss_sq:
+            self._outputs.append(LOSS_SQ_SUM)
         self._param_keys = [PARAM + k for k in names]
         self._buffer_keys = [MOMENTUM_BUFFER + k for k in names]
 
@@ -110,6 +115,7 @@ class OnnxBackend:
             feeds[CORRECTION + name] = h[name]
         n = len(spec.names)
         losses: list[Array] = []
+        loss_sq = 0.0
         samples = 0
         for idx in batch_indices(len(xs), hyper):
             feeds["x"] = xs[idx]
@@ -117,11 +123,17 @@ class OnnxBackend:
             out = self._train.run(self._outputs, feeds)
             losses.append(out[0])
             feeds.update(zip(self._param_keys, out[1 : 1 + n], strict=True))
-            feeds.update(zip(self._buffer_keys, out[1 + n :], strict=True))
+            feeds.update(zip(self._buffer_keys, out[1 + n : 1 + 2 * n], strict=True))
+            if self._loss_sq:
+                loss_sq += float(out[-1])
             samples += len(idx)
         new: TensorMap = {name: feeds[PARAM + name] for name in spec.names}
         return TrainResult(
-            params=new, loss=float(np.mean(losses)), steps=len(losses), samples=samples
+            params=new,
+            loss=float(np.mean(losses)),
+            steps=len(losses),
+            samples=samples,
+            loss_sq_sum=loss_sq if self._loss_sq else None,
         )
 
     def evaluate(

@@ -56,11 +56,19 @@ class TrainingPlan:
     concurrency: int = 10
     min_trainers: int = 1
     selection: str = "random"
-    """Sync rounds: how trainers are sampled, ``random`` or ``oort`` (Lai et al. 2021)."""
+    """How trainers are sampled, ``random`` or ``oort`` (Lai et al. 2021): the participants of
+    each sync round; with ``oort`` in async mode also which idle trainers FedBuff starts next,
+    ``concurrency`` at a time (with ``random`` every trainer trains all the time)."""
     clients_per_round: int | None = None
     """Sync rounds: trainers sampled per round (``None``: all known trainers, up to concurrency)."""
     round_timeout: float = 60.0
-    """Sync rounds: seconds before a round closes with whoever reported."""
+    """Sync rounds: seconds before a round closes with whoever reported; FedBuff with Oort:
+    seconds before a started trainer that has not reported frees its slot."""
+    oort_preferred_duration: float | None = None
+    """Oort's T, the developer-preferred round duration in seconds (``None``: the median of the
+    first measured durations)."""
+    oort_blacklist_rounds: int | None = None
+    """Oort leaves out clients picked in more rounds than this (``None``: no blacklist)."""
     staleness_weight: str = "sqrt"
     staleness_max: int | None = None
     server_optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "fedavg", "lr": 1.0})
@@ -83,6 +91,7 @@ class TrainingPlan:
         client = _section(algorithm, "client", "algorithm.")
         staleness = _section(algorithm, "staleness", "algorithm.")
         stop = _section(config, "stop")
+        oort = _section(algorithm, "oort", "algorithm.")
         optimizer = dict(_section(algorithm, "server_optimizer", "algorithm.")) or {
             "name": "fedavg",
             "lr": 1.0,
@@ -112,6 +121,8 @@ class TrainingPlan:
             selection=str(algorithm.get("selection", "random")),
             clients_per_round=_opt_int(algorithm.get("clients_per_round")),
             round_timeout=float(algorithm.get("round_timeout") or 60.0),
+            oort_preferred_duration=_opt_float(oort.get("preferred_duration")),
+            oort_blacklist_rounds=_opt_int(oort.get("blacklist_rounds")),
             staleness_weight=str(staleness.get("weight", "sqrt")),
             staleness_max=_opt_int(staleness.get("max")),
             server_optimizer=optimizer,

@@ -81,6 +81,15 @@ class TorchBackend:
             return F.cross_entropy(out, y)
         return F.mse_loss(out, y)
 
+    def _sample_losses(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each sample's data loss; their mean is :meth:`_data_loss` (MSE averages a sample's
+        outputs, as the exported graphs do)."""
+        import torch.nn.functional as F  # noqa: N812
+
+        if self.spec.loss == "cross_entropy":
+            return F.cross_entropy(out, y, reduction="none")
+        return F.mse_loss(out, y, reduction="none").reshape(out.shape[0], -1).mean(dim=1)
+
     def train(
         self,
         params: Mapping[str, Array],
@@ -111,11 +120,13 @@ class TorchBackend:
         )
         x_all, y_all = torch.from_numpy(xs), torch.from_numpy(ys)
         losses: list[float] = []
+        loss_sq = 0.0
         samples = 0
         for idx in batch_indices(len(xs), hyper):
             index = torch.from_numpy(idx)
             optimizer.zero_grad(set_to_none=True)
-            data_loss = self._data_loss(self._module(x_all[index]), y_all[index])
+            per_sample = self._sample_losses(self._module(x_all[index]), y_all[index])
+            data_loss = per_sample.mean()
             objective = data_loss
             if hyper.mu:
                 prox = [((p - anchors[k]) ** 2).sum() for k, p in self._params.items()]
@@ -126,10 +137,15 @@ class TorchBackend:
             torch.autograd.backward(objective)
             optimizer.step()
             losses.append(float(data_loss.detach()))
+            loss_sq += float((per_sample.detach() ** 2).sum())
             samples += len(idx)
         new = {k: p.detach().numpy().copy() for k, p in self._params.items()}
         return TrainResult(
-            params=new, loss=float(np.mean(losses)), steps=len(losses), samples=samples
+            params=new,
+            loss=float(np.mean(losses)),
+            steps=len(losses),
+            samples=samples,
+            loss_sq_sum=loss_sq,
         )
 
     def evaluate(

@@ -35,7 +35,7 @@ from agent.learning.feddyn import FedDynServer
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.optimizers import ServerOptimizer, make_server_optimizer
 from agent.learning.plan import TrainingPlan
-from agent.learning.selection import OortSelector, RandomSelector
+from agent.learning.selection import OortSelector, RandomSelector, loss_sq_mean
 from agent.learning.staleness import make_staleness
 from agent.learning.stragglers import StragglerTracker
 from agent.protocol import (
@@ -78,8 +78,16 @@ class Aggregator(Role):
         self.history: list[dict[str, Any]] = []
         self.started_at = time.time()
         self.selector: RandomSelector | OortSelector = (
-            OortSelector(seed=0) if self.plan.selection == "oort" else RandomSelector(seed=0)
+            OortSelector(
+                preferred_duration=self.plan.oort_preferred_duration,
+                blacklist_rounds=self.plan.oort_blacklist_rounds,
+                seed=0,
+            )
+            if self.plan.selection == "oort"
+            else RandomSelector(seed=0)
         )
+        self.started: dict[str, float] = {}
+        """FedBuff with Oort: the trainers started and not yet reported, with when (monotonic)."""
         self._last_publish = 0.0
         self._republish: asyncio.Task[None] | None = None
         self._round_opened = 0.0
@@ -246,6 +254,16 @@ class Aggregator(Role):
         return 1.0 if self.plan.mode == "sync" else 5.0
 
     async def _on_timer(self) -> None:
+        if self._picks_starters:
+            # A started trainer that went silent gives its slot to another.
+            now = time.monotonic()
+            silent = [a for a, t in self.started.items() if now - t >= self.plan.round_timeout]
+            for agent in silent:
+                del self.started[agent]
+            if silent:
+                self.tracker.missed(set(silent))
+                if self._start_idle():
+                    self._schedule_republish()
         if isinstance(self.algo, SyncFedAvg):
             current = self.algo.current_round
             if current is None:
@@ -268,7 +286,8 @@ class Aggregator(Role):
         no_round = isinstance(self.algo, SyncFedAvg) and self.algo.current_round is None
         if no_round and await self._open_round_if_ready(publish=True):
             return
-        if joined or request.have_version < self.algo.version:
+        started = self._picks_starters and self._start_idle()
+        if joined or started or request.have_version < self.algo.version:
             self._schedule_republish()
 
     async def _on_update(self, update: ModelUpdate) -> None:
@@ -295,6 +314,18 @@ class Aggregator(Role):
         self.tracker.update(
             update.agent, applied=outcome.status is Status.APPLIED, staleness=staleness
         )
+        feedback = outcome.status not in (Status.DUPLICATE, Status.REJECTED)
+        if isinstance(self.selector, OortSelector) and feedback:
+            # Oort's feedback (Lai et al. 2021): statistical and system utility of the run.
+            self.selector.update(
+                update.agent,
+                num_samples=update.num_samples,
+                loss_sq_mean=loss_sq_mean(update.metrics),
+                duration=max(float(update.metrics.get("train_seconds", 0.0)), 0.0),
+            )
+        restart = False
+        if self._picks_starters and self.started.pop(update.agent, None) is not None:
+            restart = self._start_idle()
         self._progress()
         if outcome.status is not Status.APPLIED:
             if outcome.status is Status.REJECTED:
@@ -323,18 +354,10 @@ class Aggregator(Role):
         # are saved before the receipt goes out: the trainer forgets an acknowledged update, and
         # a resumed round must neither lose it nor count it twice.
         self._unsaved = True
-        if isinstance(self.selector, OortSelector):
-            # Oort's statistical utility wants the mean squared per-sample loss; a trainer
-            # reports its mean loss, whose square is the closest (lower-bound) estimate.
-            loss = float(update.metrics.get("loss", 0.0))
-            self.selector.update(
-                update.agent,
-                num_samples=update.num_samples,
-                loss_sq_mean=loss * loss,
-                duration=float(update.metrics.get("train_seconds", 0.0)),
-            )
         if outcome.version is not None:
             await self._new_version(outcome.metrics)
+        elif restart:
+            self._schedule_republish()
 
     def _partial(self, update: ModelUpdate) -> bool:
         """The trainer ran fewer local steps than the job plans for its sample count."""
@@ -374,6 +397,24 @@ class Aggregator(Role):
         if self._stop_reason() is None:
             await self._open_round_if_ready()
             await self._publish()
+
+    # -- who trains next ------------------------------------------------------------------------
+    @property
+    def _picks_starters(self) -> bool:
+        """FedBuff with Oort: the aggregator chooses which idle trainers start, C at a time."""
+        return self.plan.mode == "async" and isinstance(self.selector, OortSelector)
+
+    def _start_idle(self) -> bool:
+        """Fill the free slots of FedBuff's concurrency C with idle trainers Oort picks; they
+        are named in the next model version published. True if any was picked."""
+        room = self.plan.concurrency - len(self.started)
+        idle = sorted(self.trainers - set(self.started))
+        if room <= 0 or not idle:
+            return False
+        now = time.monotonic()
+        for agent in self.selector.select(idle, room):
+            self.started[agent] = now
+        return True
 
     # -- sync rounds ---------------------------------------------------------------------------
     async def _open_round_if_ready(self, publish: bool = False) -> bool:
@@ -510,6 +551,10 @@ class Aggregator(Role):
         participants: list[str] = []
         if isinstance(algo, SyncFedAvg) and algo.current_round is not None and not final:
             participants = sorted(algo.current_round.participants)
+        elif self._picks_starters and not final:
+            if not self.started:
+                return  # a version naming nobody would start everybody: FedBuff waits for one
+            participants = sorted(self.started)
         metrics = {}
         if self._eval_result is not None:
             metrics["loss"] = self._eval_result.loss

@@ -85,6 +85,11 @@ class Trainer(Role):
         """Messages on the model topic refused (malformed, another job's, wrong shapes)."""
         self.spec: ModelSpec | None = None
         """The job's model: a version whose tensors do not match it is refused."""
+        self._arrivals = 0
+        self._latest_arrival = 0
+        self._sent_arrival = 0
+        """Model versions taken so far, the count when the newest came and when the last update
+        went out: a FedBuff version naming its next starters counts only if it came later."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -143,22 +148,28 @@ class Trainer(Role):
                         correction, result.params, start, alpha=self.plan.feddyn_alpha
                     )
                     await ctx.run_cpu(state_path.write_bytes, encode_tensors(correction))
+                metrics = {
+                    "loss": result.loss,
+                    "steps": float(result.steps),
+                    "planned_steps": float(self.plan.client.steps_for(len(y))),
+                    "train_seconds": time.monotonic() - began,
+                }
+                if result.loss_sq_sum is not None and result.samples:
+                    # Oort's statistical utility (Lai et al. 2021) from per-sample losses.
+                    metrics["loss_sq_sum"] = result.loss_sq_sum
+                    metrics["loss_samples"] = float(result.samples)
                 update = ModelUpdate(
                     job=bundle.job,
                     agent=ctx.agent_id,
                     base_version=version.version,
                     num_samples=len(y),
                     tensors=delta,
-                    metrics={
-                        "loss": result.loss,
-                        "steps": float(result.steps),
-                        "planned_steps": float(self.plan.client.steps_for(len(y))),
-                        "train_seconds": time.monotonic() - began,
-                    },
+                    metrics=metrics,
                 )
                 payload = await ctx.run_cpu(update.to_msgpack)
                 ctx.progress({"state": "sending"})
                 await self.delivery.put(update.id, topic, payload, version.version)
+                self._sent_arrival = self._arrivals
                 self.updates_sent += 1
                 ctx.progress(
                     {
@@ -230,6 +241,8 @@ class Trainer(Role):
         # its trainers) or when the aggregator answers a request: take it too.
         if latest is None or decoded.version >= latest.version or decoded.final:
             self._latest = decoded
+            self._arrivals += 1
+            self._latest_arrival = self._arrivals
             self._arrived.set()
             self.delivery.pulse()
             if latest is None or decoded.version != latest.version:
@@ -278,7 +291,12 @@ class Trainer(Role):
 
     def _usable(self, version: ModelVersion, trained_on: int) -> bool:
         if self.plan.mode == "async":
-            return not version.participants or self.ctx.agent_id in version.participants
+            # An aggregator choosing who starts next (Oort) names them; a naming that came
+            # before this trainer's last update went out was for the run that update ended.
+            return not version.participants or (
+                self.ctx.agent_id in version.participants
+                and self._latest_arrival > self._sent_arrival
+            )
         # A synchronous round names its trainers; a version without names is published while
         # no round is open (too few trainers known yet): nothing to train on.
         return self.ctx.agent_id in version.participants and version.version > trained_on

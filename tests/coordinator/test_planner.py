@@ -126,6 +126,14 @@ def test_concurrency_caps_active_trainers_in_async_mode_and_not_in_sync() -> Non
     ]
     sync_plan = plan(fleet, spec(algorithm__mode="sync"))
     assert not any(s.standby for s in sync_plan.trainers)
+    # FedBuff with Oort: every eligible agent trains in turn, the aggregator picks C at a time.
+    oort_plan = plan(fleet, spec(algorithm__selection="oort"))
+    assert [(s.agent, s.standby) for s in oort_plan.trainers] == [
+        ("a3", False),
+        ("a2", False),
+        ("a1", False),
+        ("a0", False),
+    ]
 
 
 def test_without_an_aggregator_host_the_plan_says_so() -> None:

@@ -234,7 +234,29 @@ BAD: list[tuple[str, Any, str]] = [
     ("algorithm.client.momentum", 1.5, "algorithm.client.momentum: must be ≤ 0.999, got 1.5"),
     ("algorithm.round_timeout", 0, "algorithm.round_timeout: must be > 0, got 0"),
     ("algorithm.clients_per_round", 0, "algorithm.clients_per_round: must be ≥ 1, got 0"),
+    (
+        "algorithm.oort",
+        {"preferred_duration": 0},
+        "algorithm.oort.preferred_duration: must be > 0, got 0",
+    ),
+    (
+        "algorithm.oort",
+        {"blacklist": 3},
+        "algorithm.oort.blacklist: unknown field (did you mean blacklist_rounds?)",
+    ),
 ]
+
+
+def test_oort_settings_reach_the_roles_plan() -> None:
+    from agent.learning.plan import TrainingPlan
+
+    raw = with_change("algorithm.selection", "oort")
+    raw["algorithm"]["oort"] = {"preferred_duration": 12.5, "blacklist_rounds": 8}
+    plan = TrainingPlan.from_config(parse_spec(raw).to_dict())
+    assert (plan.selection, plan.oort_preferred_duration) == ("oort", 12.5)
+    assert plan.oort_blacklist_rounds == 8
+    default = TrainingPlan.from_config(parse_spec(example()).to_dict())
+    assert (default.oort_preferred_duration, default.oort_blacklist_rounds) == (None, None)
 
 
 def test_feddyn_needs_sync_rounds_and_its_alpha() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import zipfile
@@ -14,6 +15,7 @@ import pytest
 from agent.learning.assets import DEMO_MODEL_DIR, load_demo_model
 from agent.learning.backend import (
     ARTIFACTS,
+    LOSS_SQ_SUM,
     MOMENTUM_BUFFER,
     NEW_MOMENTUM_BUFFER,
     NEW_PARAM,
@@ -111,6 +113,37 @@ def test_one_step_is_the_graph_applied_once(backend: OnnxBackend, model: Exporte
         np.testing.assert_array_equal(result.params[k], out[NEW_PARAM + k])
     assert result.loss == pytest.approx(float(out["loss"]))
     assert all(np.any(out[NEW_MOMENTUM_BUFFER + k]) for k in model.spec.names)
+    # Σ of the squared per-sample cross-entropies of the batch, recomputed from the logits.
+    logits = backend_logits(model, x[idx])
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    per_sample = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(5), y[idx]]
+    assert float(out[LOSS_SQ_SUM]) == pytest.approx(float(np.sum(per_sample**2)), rel=1e-5)
+    assert result.loss_sq_sum == pytest.approx(float(out[LOSS_SQ_SUM]))
+
+
+def backend_logits(model: ExportedModel, x: np.ndarray) -> np.ndarray:
+    """The demo model's logits for ``x`` at its initial weights (the inference graph)."""
+    assert model.inference is not None
+    session = ort.InferenceSession(model.inference, providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    return np.asarray(logits, dtype=np.float64)
+
+
+def test_a_graph_without_the_loss_square_output_still_trains(
+    model: ExportedModel, tmp_path: Path
+) -> None:
+    """Train-step graphs exported before ``loss_sq_sum`` existed keep working; they report none."""
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load_from_string(model.train_step)
+    kept = [o for o in proto.graph.output if o.name != LOSS_SQ_SUM]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept)
+    old = dataclasses.replace(model, train_step=proto.SerializeToString())
+    rng = np.random.default_rng(2)
+    x, y = rng.random((8, 64), dtype=np.float32), rng.integers(0, 10, 8)
+    result = OnnxBackend(old).train(model.initial_params, x, y, HyperParams(local_steps=2))
+    assert result.loss_sq_sum is None
+    assert np.isfinite(result.loss)
 
 
 def test_momentum_is_carried_across_the_steps_of_a_run(

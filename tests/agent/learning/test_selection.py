@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from agent.learning.selection import (
     OortSelector,
     RandomSelector,
+    loss_sq_mean,
     sample_clients,
     statistical_utility,
 )
@@ -76,20 +77,76 @@ def test_statistical_utility_is_batch_size_times_rms_loss() -> None:
 # -- Oort ------------------------------------------------------------------------------------------
 
 
+def explore(oort: OortSelector, utilities: dict[str, float], durations: dict[str, float]) -> None:
+    """One round picking every client, then feedback with U_i = 1·sqrt(u²) = u."""
+    oort.select(list(utilities), len(utilities))
+    for client, u in utilities.items():
+        oort.update(client, num_samples=1, loss_sq_mean=u * u, duration=durations[client])
+
+
 def test_oort_utility_formula() -> None:
+    """Util = (clipped, min-max normalised U + sqrt(0.1·ln R / L(i))) × (T/t_i)^(α·1[T<t_i])."""
     oort = OortSelector(preferred_duration=10.0, seed=0)
-    chosen = oort.select(["fast", "slow"], 2)  # round 1
-    assert sorted(chosen) == ["fast", "slow"]
-    oort.update("fast", num_samples=50, loss_sq_mean=4.0, duration=5.0)
-    oort.update("slow", num_samples=50, loss_sq_mean=4.0, duration=20.0)
+    explore(oort, {"a": 1.0, "b": 2.0, "c": 4.0}, {"a": 5.0, "b": 20.0, "c": 10.0})
     for _ in range(4):  # rounds 2–5, picking nobody: L(i) stays 1
         oort.select([], 1)
     assert oort.round == 5
     bonus = math.sqrt(0.1 * math.log(5) / 1)
-    assert oort.utility("fast") == pytest.approx(50 * 2.0 + bonus, rel=1e-14)
-    # Slower than T: (bonus + utility) × (T/t_i)^α, α = 2.
-    assert oort.utility("slow") == pytest.approx((50 * 2.0 + bonus) * (10 / 20) ** 2, rel=1e-14)
+    # Three clients: the 95th percentile ("lower") is the second, 2; c's 4 is clipped to it,
+    # then (u − 1)/(2 − 1) normalises.
+    assert oort.utility("a") == pytest.approx(0.0 + bonus, rel=1e-14)
+    # Slower than T: (u + bonus) × (T/t_i)^α, α = 2.
+    assert oort.utility("b") == pytest.approx((1.0 + bonus) * (10 / 20) ** 2, rel=1e-14)
+    assert oort.utility("c") == pytest.approx(1.0 + bonus, rel=1e-14)  # t_i = T: no penalty
     assert oort.utility("never-seen") == 0.0
+    oort.select(["a"], 1)  # round 6 picks a: L(a) = 6, its bonus shrinks
+    assert oort.utility("a") == pytest.approx(math.sqrt(0.1 * math.log(6) / 6), rel=1e-14)
+    assert oort.utility("c") == pytest.approx(1.0 + math.sqrt(0.1 * math.log(6)), rel=1e-14)
+
+
+def test_statistical_utility_of_a_client_is_samples_times_rms_loss() -> None:
+    losses = np.array([0.5, 1.0, 2.0, 0.1])
+    oort = OortSelector(seed=0)
+    oort.select(["a"], 1)
+    oort.update("a", num_samples=4, loss_sq_mean=float(np.mean(losses**2)), duration=1.0)
+    assert oort.explored["a"].utility == pytest.approx(statistical_utility(losses), rel=1e-15)
+
+
+def test_loss_square_mean_from_an_updates_metrics() -> None:
+    assert loss_sq_mean({"loss": 1.5, "loss_sq_sum": 12.0, "loss_samples": 4.0}) == 3.0
+    # A trainer whose graph reports no per-sample losses: its mean loss squared (lower bound).
+    assert loss_sq_mean({"loss": 1.5}) == 2.25
+    assert loss_sq_mean({"loss": 1.5, "loss_sq_sum": 3.0, "loss_samples": 0.0}) == 2.25
+    assert loss_sq_mean({"loss_sq_sum": -3.0, "loss_samples": 2.0}) == 0.0  # never negative
+    assert loss_sq_mean({}) == 0.0
+
+
+def test_oort_clips_an_outlier_at_the_95th_percentile() -> None:
+    """One client with an absurd loss (corrupted data, or lying) is worth no more than the
+    clients at the 95th percentile (Lai et al. §4.3): it cannot take every round."""
+    utilities = {f"c{i:02d}": float(i + 1) for i in range(20)}
+    utilities["c19"] = 1e6
+    oort = OortSelector(seed=0, preferred_duration=10.0)
+    explore(oort, utilities, dict.fromkeys(utilities, 1.0))
+    oort.select([], 1)
+    scores = oort.utilities()
+    # 20 values: the "lower" 95th percentile is the 19th smallest, 19.
+    assert scores["c19"] == pytest.approx(scores["c18"], rel=1e-14)
+    assert scores["c18"] > scores["c17"] > scores["c00"]
+    assert scores["c17"] - scores["c00"] == pytest.approx(17 / 18, rel=1e-12)
+
+
+def test_oort_blacklists_the_most_picked_within_its_share() -> None:
+    oort = OortSelector(seed=0, blacklist_rounds=2, blacklist_share=0.5)
+    clients = ["a", "b", "c", "d"]
+    for _ in range(2):
+        oort.select(clients, 4)
+    assert oort.blacklist() == set()  # picked twice: not more than 2 yet
+    oort.select(["a", "b", "c"], 3)
+    assert oort.blacklist() == {"a", "b"}  # a, b, c over the bound; half of four at most
+    chosen = oort.select(clients, 4)
+    assert sorted(chosen) == ["c", "d"]
+    assert OortSelector(seed=0).blacklist() == set()  # off unless asked for
 
 
 def test_oort_exploration_share_decays_to_its_floor() -> None:
@@ -185,6 +242,8 @@ def test_oort_is_reproducible_with_a_seed() -> None:
         ({"alpha": -1}, "alpha"),
         ({"pacer_window": 0}, "pacer_window: expected an integer ≥ 1"),
         ({"preferred_duration": 0.0}, "preferred_duration"),
+        ({"blacklist_rounds": 0}, "blacklist_rounds: expected an integer ≥ 1"),
+        ({"clip_percentile": 0.0}, "clip_percentile"),
     ],
 )
 def test_oort_settings_are_checked(kwargs: dict[str, float], message: str) -> None:

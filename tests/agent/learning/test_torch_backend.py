@@ -75,6 +75,11 @@ def test_deltas_match_the_onnx_backend(
     b = eager.train(params, x, y, HYPERS[hyper], **kw)
     assert (a.steps, a.samples) == (b.steps, b.samples) == (20, 20 * HYPERS[hyper].batch_size)
     assert a.loss == pytest.approx(b.loss, rel=1e-5)
+    # Oort's per-sample losses: Σ loss² over every sample the run visited, in both runtimes.
+    assert a.loss_sq_sum is not None
+    assert b.loss_sq_sum is not None
+    assert a.loss_sq_sum == pytest.approx(b.loss_sq_sum, rel=1e-4)
+    assert a.loss_sq_sum >= a.samples * a.loss**2 * (1 - 1e-4)  # mean of squares ≥ square of mean
     for k in start:
         delta_a, delta_b = a.params[k] - params[k], b.params[k] - params[k]
         assert np.abs(delta_b).max() > 1e-4, f"{k} did not move"

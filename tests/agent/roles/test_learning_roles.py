@@ -505,3 +505,33 @@ async def test_partial_work_is_kept_or_dropped_as_the_job_says(
         assert len(dropped) == 4
         assert "partial work dropped" in dropped[0]["reason"]
         assert last["updates_applied"] == 2 * 4
+
+
+async def test_oort_chooses_which_idle_trainers_fedbuff_starts(federation: Federation) -> None:
+    """FedBuff with Oort (Lai et al. 2021): at most C = 2 of the 5 trainers are named to start
+    in any version, every trainer is explored, and the job still reaches its target."""
+    cfg = config(
+        selection="oort",
+        concurrency=2,
+        buffer_size=2,
+        stop={"target_accuracy": 0.85, "max_versions": 150},
+    )
+    listener = Transport(BrokerConfig(urls=(federation.broker.url,)))
+    listener.start()
+    await listener.wait_connected(5)
+    federation.transports.append(listener)
+    sub = await listener.subscribe(federation.topics.job_model("digits"))
+    agg, trainers = await start_federation(federation, cfg, clients=5)
+    await asyncio.wait_for(agg, 150)
+    await asyncio.wait_for(asyncio.gather(*trainers), 30)
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert "target accuracy 0.85 reached" in completed[0]["reason"]
+    named: list[list[str]] = []
+    while (message := sub.get_nowait()) is not None:
+        decoded = decode_message(message.payload, expect=(ModelVersion, UpdateAck))
+        if isinstance(decoded, ModelVersion) and not decoded.final:
+            named.append(decoded.participants)
+    assert named
+    assert all(1 <= len(p) <= 2 for p in named)
+    assert {a for p in named for a in p} == {f"pi-{i}" for i in range(5)}
+    assert all(t.updates_sent > 0 for t in federation.trainers)
