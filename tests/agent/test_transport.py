@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import textwrap
 from collections.abc import AsyncIterator, Callable
@@ -77,6 +78,15 @@ async def test_round_trip_over_mqtt5(pair: tuple[Transport, Transport], topics: 
     np.testing.assert_array_equal(update.tensors["w"], sent.tensors["w"])
     assert publisher.protocol_in_use == "5"
     assert publisher.stats.frames_out == 1
+
+
+async def test_nagle_is_off_on_the_broker_socket(pair: tuple[Transport, Transport]) -> None:
+    # With Nagle's algorithm a small publish waits for the ACK of the previous segment, which
+    # the broker delays up to 40 ms: every FedBuff receipt and model version paid that.
+    a, _ = pair
+    assert a._client is not None
+    sock = a._client._client.socket()
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 async def test_large_message_fits_a_small_broker_limit_by_chunking(
