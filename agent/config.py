@@ -110,6 +110,9 @@ class SimulationConfig:
     """Play a device that cannot finish its local work: each local training run stops after a
     seeded, uniformly random number of steps below the job's (the FedProx paper's stragglers,
     Li et al. 2020). What becomes of that partial work is the job's ``algorithm.partial_work``."""
+    min_update_seconds: float = 0.0
+    """Each local training run takes at least this long (the trainer waits out the rest): a
+    fleet's pace that does not depend on how fast this machine is. 0 changes nothing."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ _KEYS = {
     "telemetry": frozenset({"interval"}),
     "zeroconf": frozenset({"enabled", "interfaces"}),
     "datasets": frozenset({"name", "path", "tags", "format", "label_column"}),
-    "simulation": frozenset({"slowdown", "partial_work"}),
+    "simulation": frozenset({"slowdown", "partial_work", "min_update_seconds"}),
     "homeassistant": frozenset({"enabled", "discovery_prefix"}),
     "spool": frozenset({"max_updates", "max_mb"}),
 }
@@ -348,11 +351,19 @@ def _keys(table: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _simulation(table: dict[str, Any]) -> SimulationConfig:
-    slowdown = 1.0
-    if "slowdown" in table:
-        slowdown = _number(table["slowdown"], "simulation.slowdown", float, minimum=1.0)
-    partial = _bool(table, "partial_work", "simulation.partial_work", False)
-    return SimulationConfig(slowdown=slowdown, partial_work=partial)
+    default = SimulationConfig()
+    return SimulationConfig(
+        slowdown=_number(
+            table.get("slowdown", default.slowdown), "simulation.slowdown", float, minimum=1.0
+        ),
+        partial_work=_bool(table, "partial_work", "simulation.partial_work", False),
+        min_update_seconds=_number(
+            table.get("min_update_seconds", default.min_update_seconds),
+            "simulation.min_update_seconds",
+            float,
+            minimum=0.0,
+        ),
+    )
 
 
 def _homeassistant(table: dict[str, Any]) -> HomeAssistantConfig:

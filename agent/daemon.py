@@ -151,6 +151,7 @@ class AgentDaemon:
             role_extras={
                 "slowdown": config.simulation.slowdown,
                 "partial_work": config.simulation.partial_work,
+                "min_update_seconds": config.simulation.min_update_seconds,
                 "spool_max_updates": config.spool.max_updates,
                 "spool_max_bytes": int(config.spool.max_mb * (1 << 20)),
             },

@@ -203,10 +203,13 @@ class Trainer(Role):
         return dataclasses.replace(hyper, local_steps=steps, local_epochs=None)
 
     async def _simulate_slow_device(self, trained_for: float) -> None:
-        """``[simulation] slowdown`` in the agent's config: take that many times as long."""
+        """``[simulation]`` in the agent's config: take ``slowdown`` times as long, and at
+        least ``min_update_seconds``."""
         slowdown = float(self.ctx.extras.get("slowdown", 1.0))
-        if slowdown > 1.0:
-            await asyncio.sleep((slowdown - 1.0) * trained_for)
+        at_least = float(self.ctx.extras.get("min_update_seconds", 0.0))
+        wait = max((slowdown - 1.0) * trained_for, at_least - trained_for)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _follow(self, models: Subscription) -> None:
         async for message in models:

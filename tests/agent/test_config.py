@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.config import (
     ConfigError,
+    SpoolConfig,
     load_config,
     parse_config,
     resolve_agent_id,
@@ -115,6 +116,14 @@ def test_environment_overrides_keys() -> None:
 def test_simulated_slowdown_defaults_to_none() -> None:
     assert parse_config("").simulation.slowdown == 1.0
     assert parse_config("[simulation]\nslowdown = 10\n").simulation.slowdown == 10.0
+    paced = parse_config("[simulation]\nmin_update_seconds = 0.5\n").simulation
+    assert (paced.slowdown, paced.min_update_seconds) == (1.0, 0.5)
+
+
+def test_spool_bounds() -> None:
+    assert parse_config("").spool == SpoolConfig(max_updates=32, max_mb=256.0)
+    spool = parse_config("[spool]\nmax_updates = 4\nmax_mb = 0.5\n").spool
+    assert (spool.max_updates, spool.max_mb) == (4, 0.5)
 
 
 def test_simulated_partial_work_is_off_unless_asked() -> None:
@@ -146,6 +155,8 @@ def test_state_dir_defaults_to_systemd_state_directory() -> None:
         ("[telemetry]\ninterval = -1\n", {}, "telemetry.interval: must be ≥ 0, got -1"),
         ("[simulation]\nslowdown = 0.5\n", {}, "simulation.slowdown: must be ≥ 1, got 0.5"),
         ('[simulation]\npartial_work = "often"\n', {}, "simulation.partial_work: expected true or"),
+        ("[spool]\nmax_updates = 0\n", {}, "spool.max_updates: must be ≥ 1, got 0"),
+        ("[spool]\nmax_mb = 'x'\n", {}, "spool.max_mb: expected a number, got 'x'"),
         ('[zeroconf]\ninterfaces = ["eth0"]\n', {}, "zeroconf.interfaces[0]: 'eth0' is not an IP"),
         ("[[datasets]]\npath = 'x.npz'\n", {}, "datasets[0].name: missing"),
         ("[[datasets]]\nname = 'd'\n", {}, "datasets[0].path: missing (dataset 'd' needs a path)"),
