@@ -111,6 +111,16 @@ class Aggregator(Role):
         updates = await ctx.transport.subscribe(
             ctx.topics.all_job_updates(ctx.bundle.job), max_messages=100_000
         )
+        serving = True
+
+        async def announce(_session: int) -> None:
+            # Updates sent while this agent was away from the broker are gone (clean
+            # sessions): publishing the current version says the aggregator is back, and
+            # trainers send again what it has not acknowledged (agent.roles.delivery).
+            if serving:
+                self._schedule_republish()
+
+        ctx.transport.on_connect(announce)
         try:
             if not resumed:
                 await self._evaluate_and_record(metrics={})
@@ -119,6 +129,7 @@ class Aggregator(Role):
             await self._publish()
             await self._serve(updates)
         finally:
+            serving = False
             if self._republish is not None:
                 self._republish.cancel()
             await updates.close()

@@ -8,7 +8,8 @@ agent's :class:`~agent.spool.Spool` until the aggregator's ``UpdateAck`` names i
 oldest first and one at a time (the ``UpdateAck`` carries one id per agent), and sends it again
 
 * at once after the connection to the broker came back (the receipt may have been lost with it),
-* when the aggregator shows it is alive (a model version arrives) and the receipt is overdue,
+* when the aggregator shows it is alive (a model version arrives; an aggregator publishes one
+  after each reconnect) and the receipt is overdue,
 * otherwise after a timeout that doubles up to :data:`RESEND_MAX` (an aggregator that is down),
 * and after the agent process restarts (the spool is on disk).
 
@@ -42,6 +43,9 @@ ACK_TIMEOUT = 5.0
 """Seconds to wait for the aggregator's receipt before sending an update again (doubling)."""
 RESEND_MAX = 30.0
 """The longest wait between two sends of one unacknowledged update."""
+ALIVE_GRACE = 1.0
+"""An update still unacknowledged this long after it was sent is sent again as soon as the
+aggregator shows it is alive (publishes a version; it does so after every reconnect)."""
 LEDGER = "updates.jsonl"
 LEDGER_MAX_BYTES = 4 << 20
 """The audit trail is rotated to ``updates.jsonl.1`` beyond this size."""
@@ -246,7 +250,7 @@ class Delivery:
         return (
             update_id in self._acked
             or self.ctx.transport.session != session  # reconnected: the receipt may be lost
-            or (self._models != models and waited >= self.ack_timeout)  # the aggregator is up
+            or (self._models != models and waited >= ALIVE_GRACE)  # the aggregator is back
             or waited >= interval
         )
 

@@ -282,13 +282,15 @@ class Fleet:
     def version(self) -> int:
         return max((v for _, v, _ in self.versions), default=-1)
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    async def wait_until(
+        self, predicate: Callable[[], bool], timeout: float, what: str, poll: float = 0.05
+    ) -> float:
         """Until ``predicate()`` holds; returns the time it did. Fails with the logs' tails."""
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise AssertionError(f"{what}: not within {timeout} s\n{self.tails()}")
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(poll)
         return time.time()
 
     async def wait_version(self, at_least: int, timeout: float = 120) -> float:
@@ -417,7 +419,7 @@ async def fleet_factory(
             env=environment(broker, topics),
             watcher=watcher,
         )
-        metrics = await watcher.subscribe(f"{topics.prefix}/jobs/+/metrics", 0)
+        metrics = await watcher.subscribe(topics.all_job_metrics(), 0)
         roles = await watcher.subscribe(f"{topics.prefix}/agents/+/roles")
         fleet._tasks.append(asyncio.create_task(fleet._follow_metrics(metrics)))
         fleet._tasks.append(asyncio.create_task(fleet._follow_roles(roles)))
