@@ -9,9 +9,8 @@ end (the aggregator's ``UpdateAck``) and sends it again after a reconnect or a r
 receiver drops repeats by message id.
 
 One file per message, named ``<sequence>-<id>.msgpack``: a msgpack map (never pickle) with the
-topic, the payload and when it was spooled, written to a temporary name, fsynced, renamed and
-the directory fsynced, so an entry is either whole or absent after a crash (the write-rename
-pattern of SQLite's and ext4's own journals). Bounded by a count and a byte total: a full
+topic, the payload and when it was spooled, written durably (:mod:`agent.durable`), so an
+entry is either whole or absent after a crash. Bounded by a count and a byte total: a full
 spool refuses new entries with :class:`SpoolFull` and the caller waits. An unreadable file is
 moved aside with the reason logged, never a crash.
 """
@@ -19,7 +18,6 @@ moved aside with the reason logged, never a crash.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import threading
 import time
@@ -29,6 +27,8 @@ from typing import Any
 
 import msgpack
 import structlog
+
+from agent.durable import fsync_directory, write_durably
 
 log = structlog.get_logger("ember.spool")
 
@@ -168,7 +168,7 @@ class Spool:
             "payload": entry.payload,
             "created": entry.created,
         }
-        _durable_write(self._path(entry), msgpack.packb(document, use_bin_type=True))
+        write_durably(self._path(entry), msgpack.packb(document, use_bin_type=True))
         with self._lock:
             self._entries[entry.id] = entry
         return entry
@@ -180,7 +180,7 @@ class Spool:
         if entry is None:
             return False
         self._path(entry).unlink(missing_ok=True)
-        _fsync_directory(self.directory)
+        fsync_directory(self.directory)
         return True
 
     def _path(self, entry: SpoolEntry) -> Path:
@@ -204,22 +204,3 @@ def _problem(document: Any, name_id: str) -> str:
     if document["id"] != name_id:
         return f"id {document['id'][:60]!r} does not match the file name"
     return ""
-
-
-def _durable_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink in ``directory`` durable (POSIX: fsync the directory)."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

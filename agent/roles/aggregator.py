@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import structlog
 
+from agent.durable import write_durably
 from agent.learning.aggregation import Outcome, Status
 from agent.learning.backend import EvalResult, TrainingBackend
 from agent.learning.clipping import norm_guards
@@ -606,8 +606,8 @@ class Checkpoints:
     def save(self, version: int, state: bytes, meta: Mapping[str, Any]) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"v{version:08d}.tensors"
-        _atomic_write(path, state)
-        _atomic_write(
+        write_durably(path, state)
+        write_durably(
             self.directory / "latest.json",
             json.dumps({**meta, "version": version, "file": path.name}).encode(),
         )
@@ -622,12 +622,3 @@ class Checkpoints:
         meta = json.loads(pointer.read_text())
         state = decode_tensors((self.directory / meta["file"]).read_bytes(), require_finite=False)
         return dict(state), meta
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

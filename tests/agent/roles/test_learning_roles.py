@@ -358,19 +358,23 @@ async def test_updates_naming_another_agent_than_their_topic_are_rejected(
         await asyncio.gather(task, return_exceptions=True)
 
 
+async def start_aggregator(
+    federation: Federation, cfg: dict[str, Any]
+) -> tuple[Aggregator, asyncio.Task[None]]:
+    """An aggregator role on its own connection (again on the same state: a restart)."""
+    _, holdout = digits(2)
+    ctx = await federation.context(
+        "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+    )
+    aggregator = Aggregator(ctx)
+    return aggregator, asyncio.create_task(aggregator.run())
+
+
 async def test_acknowledged_updates_survive_an_aggregator_restart(federation: Federation) -> None:
     # A trainer does not send an acknowledged update again: FedBuff's buffer must be on disk
     # before the receipt goes out, not only when the K-th update makes a version.
     cfg = config(buffer_size=3, stop={"max_versions": 1})
-    _, holdout = digits(2)
-
-    async def start() -> tuple[Aggregator, asyncio.Task[None]]:
-        ctx = await federation.context(
-            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
-        )
-        aggregator = Aggregator(ctx)
-        return aggregator, asyncio.create_task(aggregator.run())
-
+    start = functools.partial(start_aggregator, federation, cfg)
     aggregator, task = await start()
     listener = federation.transports[0]
     acks = await listener.subscribe(federation.topics.job_model("digits"))
@@ -409,16 +413,8 @@ async def test_a_sync_round_resumes_with_its_acknowledged_updates_once(
     """A synchronous FedAvg round open when its aggregator dies goes on after the restart with
     the updates it acknowledged (saved before the receipt), and a resent one counts once."""
     cfg = config(mode="sync", min_trainers=2, round_timeout=120, stop={"max_versions": 5})
-    _, holdout = digits(2)
     topics = federation.topics
-
-    async def start() -> tuple[Aggregator, asyncio.Task[None]]:
-        ctx = await federation.context(
-            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
-        )
-        aggregator = Aggregator(ctx)
-        return aggregator, asyncio.create_task(aggregator.run())
-
+    start = functools.partial(start_aggregator, federation, cfg)
     _, task = await start()
     listener = federation.transports[0]
     models = await listener.subscribe(topics.job_model("digits"))
