@@ -58,6 +58,8 @@ log = structlog.get_logger("ember.aggregator")
 REPUBLISH_INTERVAL = 0.5
 """Model requests within this many seconds of a publish are answered by that publish."""
 KEEP_CHECKPOINTS = 3
+UPDATE_OVERHEAD = 64 * 1024
+"""Bytes of an update besides its tensors (envelope, names, metrics), generously."""
 REJECTION_REPORTS_PER_SECOND = 10
 """Refused messages are each logged and counted, but reported as events at most this often."""
 
@@ -109,7 +111,9 @@ class Aggregator(Role):
         ctx = self.ctx
         resumed = await self.prepare()
         updates = await ctx.transport.subscribe(
-            ctx.topics.all_job_updates(ctx.bundle.job), max_messages=100_000
+            ctx.topics.all_job_updates(ctx.bundle.job),
+            max_messages=100_000,
+            max_bytes=self._updates_queue_bytes(),
         )
         serving = True
 
@@ -133,6 +137,14 @@ class Aggregator(Role):
             if self._republish is not None:
                 self._republish.cancel()
             await updates.close()
+
+    def _updates_queue_bytes(self) -> int:
+        """Room for one update from every trainer the plan keeps at work (each has at most one
+        in flight until its receipt): with less, a burst of legitimate updates of a large model
+        was dropped after the broker had acknowledged them (bench/aggregate, 11M parameters)."""
+        update = sum(int(t.nbytes) for t in self.algo.weights.values()) + UPDATE_OVERHEAD
+        trainers = max(self.plan.concurrency, self.plan.clients_per_round or 0) + 1
+        return max(self.ctx.transport.config.queue_bytes, trainers * update)
 
     async def prepare(self) -> bool:
         """Load the model, the evaluator and the algorithm, resuming from the newest checkpoint

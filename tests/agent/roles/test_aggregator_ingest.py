@@ -1,0 +1,92 @@
+"""The aggregator keeps every update a burst of trainers sends, however small the transport's
+default queue: FedBuff's flow control (one update in flight per trainer) is the bound."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agent.learning.assets import load_demo_model
+from agent.protocol import ModelUpdate, Topics
+from agent.protocol.bundle import RoleBundle
+from agent.roles.aggregator import Aggregator
+from agent.roles.base import RoleContext
+from agent.transport import BrokerConfig, Transport
+from coordinator.mosquitto import MosquittoProcess
+from tests.agent.conftest import eventually
+
+TRAINERS = 6
+
+
+async def test_a_burst_from_every_trainer_is_kept(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    model = load_demo_model()
+    update_bytes = sum(t.nbytes for t in model.initial_params.values())
+    # The aggregator's transport would queue only two updates by default.
+    small = BrokerConfig(urls=(mosquitto.url,), backoff_initial=0.05, queue_bytes=2 * update_bytes)
+    transports: list[Transport] = []
+    reported: list[Mapping[str, Any]] = []
+
+    async def connect(config: BrokerConfig) -> Transport:
+        transport = Transport(config)
+        transport.start()
+        await transport.wait_connected(5)
+        transports.append(transport)
+        return transport
+
+    loop = asyncio.get_running_loop()
+
+    async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+    async def report(event: Mapping[str, Any]) -> None:
+        reported.append(event)
+
+    config = {
+        "name": "burst",
+        "algorithm": {"mode": "async", "buffer_size": 1000, "concurrency": TRAINERS},
+        "stop": {},
+    }
+    bundle = RoleBundle(
+        job="burst", role="aggregator", config=config, dataset={}, artifacts=model.to_artifacts()
+    )
+    ctx = RoleContext(
+        agent_id="agg",
+        bundle=bundle,
+        transport=await connect(small),
+        topics=topics,
+        state_dir=tmp_path,
+        datasets={},
+        run_cpu=run_cpu,
+        report=report,
+    )
+    aggregator = Aggregator(ctx)
+    task = asyncio.create_task(aggregator.run())
+    try:
+        await eventually(lambda: bool(reported))
+        senders = [await connect(BrokerConfig(urls=(mosquitto.url,))) for _ in range(TRAINERS)]
+        delta = {k: np.full_like(v, 1e-3) for k, v in model.initial_params.items()}
+        await asyncio.gather(
+            *(
+                sender.publish(
+                    topics.job_updates("burst", f"t{i}"),
+                    ModelUpdate(
+                        job="burst", agent=f"t{i}", base_version=0, num_samples=10, tensors=delta
+                    ).to_msgpack(),
+                )
+                for i, sender in enumerate(senders)
+            )
+        )
+        await eventually(lambda: aggregator.algo.counters.received == TRAINERS)
+        assert aggregator.algo.counters.applied == TRAINERS
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        for transport in transports:
+            await transport.close()
