@@ -12,6 +12,7 @@ from agent.protocol import RpcRequest, RpcResponse, Topics, decode_message
 from agent.transport import BrokerConfig, Transport
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.rpc import CoordinatorNotRunning, RpcClient, RpcError, RpcServer
+from tests.coordinator.conftest import eventually
 
 FAST = {"backoff_initial": 0.05, "backoff_max": 0.3, "connect_timeout": 3.0}
 
@@ -156,3 +157,41 @@ async def test_works_on_an_mqtt311_only_broker(topics: Topics, amqtt_url: str) -
                 assert result["echo"]["big"] == big
         finally:
             await server.stop()
+
+
+async def test_a_flood_of_requests_is_bounded_and_a_replayed_id_gets_only_its_own_answer(
+    transports: tuple[Transport, Transport], topics: Topics
+) -> None:
+    """Whoever may publish on the requests topic cannot make the server run without bound:
+    beyond the concurrency and rate bounds requests are refused (logged, counted); and a
+    request id replayed with another reply topic is answered there afresh, never with the
+    first client's cached answer."""
+    server_side, client_side = transports
+    calls = Calls()
+    server = server_with_methods(server_side, topics, calls)
+    await server.start()
+    try:
+        flood = [
+            RpcRequest(method="echo", reply_to=topics.rpc_replies("flood")).to_msgpack()
+            for _ in range(600)
+        ]
+        for payload in flood:
+            await client_side.publish(topics.rpc_requests(), payload, qos=0)
+        await eventually(lambda: server.refused + calls.count >= 600, what="flood handled")
+        assert server.refused > 0
+        assert calls.count < 600
+        # Replaying another client's request id from a new reply topic runs it for the new
+        # client (the cache is per reply topic), and the server still answers after the flood.
+        replies = await client_side.subscribe(topics.rpc_replies("thief"))
+        await asyncio.sleep(1.0)  # the token bucket refills
+        before = calls.count
+        first = RpcRequest(method="echo", reply_to=topics.rpc_replies("owner"), params={"s": 1})
+        await client_side.publish(topics.rpc_requests(), first.to_msgpack())
+        await eventually(lambda: calls.count == before + 1)
+        thief = RpcRequest(id=first.id, method="echo", reply_to=topics.rpc_replies("thief"))
+        await client_side.publish(topics.rpc_requests(), thief.to_msgpack())
+        answer = decode_message((await replies.get(10)).payload, expect=RpcResponse)
+        assert answer.result["echo"] == {}  # its own params, not the owner's
+        assert calls.count == before + 2
+    finally:
+        await server.stop()

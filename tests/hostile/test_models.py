@@ -49,7 +49,7 @@ def weights() -> dict[str, np.ndarray]:
     return dict(load_demo_model().initial_params)
 
 
-def misshapen(kind: str, index: int) -> bytes:
+def misshapen(kind: str, index: int, job: str = JOB) -> bytes:
     tensors = weights()
     names = sorted(tensors)
     name = names[index % len(names)]
@@ -61,13 +61,13 @@ def misshapen(kind: str, index: int) -> bytes:
         del tensors[name]
     else:
         tensors[f"{name}.evil"] = tensors[name]
-    return ModelVersion(job=JOB, version=index, tensors=tensors).to_msgpack()
+    return ModelVersion(job=job, version=index, tensors=tensors).to_msgpack()
 
 
-def hostile() -> st.SearchStrategy[bytes]:
+def hostile(job: str = JOB) -> st.SearchStrategy[bytes]:
     """Everything a model topic can carry that a trainer must refuse."""
-    version = ModelVersion(job=JOB, version=3, tensors=weights())
-    ack = UpdateAck(job=JOB, version=3, acks={"pi-0": "u1"}).to_wire()
+    version = ModelVersion(job=job, version=3, tensors=weights())
+    ack = UpdateAck(job=job, version=3, acks={"pi-0": "u1"}).to_wire()
     other_job = st.sampled_from(["other-job", "digits2"])
     return st.one_of(
         garbage,
@@ -79,7 +79,7 @@ def hostile() -> st.SearchStrategy[bytes]:
         mutated(ack, {"job": "name", "version": "count", "acks": "map"}, frozenset({"acks"})),
         broken_tensors(version.to_wire()),
         st.tuples(st.sampled_from(["dtype", "shape", "missing", "extra"]), st.integers(0, 99)).map(
-            lambda a: misshapen(*a)
+            lambda a: misshapen(*a, job=job)
         ),
         other_job.map(lambda job: ModelVersion(job=job, version=1, tensors=weights()).to_msgpack()),
         other_job.map(lambda job: UpdateAck(job=job, version=1, acks={"pi-0": "x"}).to_msgpack()),

@@ -56,9 +56,9 @@ def honest_delta(scale: float = 0.01, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def update(**fields: Any) -> ModelUpdate:
+def update(job: str = JOB, **fields: Any) -> ModelUpdate:
     values: dict[str, Any] = {
-        "job": JOB,
+        "job": job,
         "agent": EVIL,
         "base_version": 0,
         "num_samples": 10,
@@ -68,10 +68,12 @@ def update(**fields: Any) -> ModelUpdate:
     return ModelUpdate(**values)
 
 
-def semantic(topics: Topics, applied_id: str) -> st.SearchStrategy[tuple[str, bytes]]:
+def semantic(
+    topics: Topics, applied_id: str, job: str = JOB
+) -> st.SearchStrategy[tuple[str, bytes]]:
     """Well-formed updates that must still be refused: not shaped like the model, above the
     norm bound, ahead of the current version, replayed, for another job, from another agent."""
-    own = topics.job_updates(JOB, EVIL)
+    own = topics.job_updates(job, EVIL)
     delta = honest_delta()
     names = sorted(delta)
 
@@ -88,32 +90,36 @@ def semantic(topics: Topics, applied_id: str) -> st.SearchStrategy[tuple[str, by
             tensors[f"{name}.evil"] = tensors[name]
         elif kind == "norm":
             tensors = {k: v * np.float32(1e4) for k, v in delta.items()}
-        return update(tensors=tensors).to_msgpack()
+        return update(job, tensors=tensors).to_msgpack()
 
     return st.one_of(
         st.tuples(
             st.sampled_from(["dtype", "shape", "missing", "extra", "norm"]), st.integers(0, 99)
         ).map(lambda a: (own, shaped(*a))),
-        st.integers(1, 2**40).map(lambda ahead: (own, update(base_version=ahead).to_msgpack())),
-        st.just((own, update(id=applied_id).to_msgpack())),
+        st.integers(1, 2**40).map(
+            lambda ahead: (own, update(job, base_version=ahead).to_msgpack())
+        ),
+        st.just((own, update(job, id=applied_id).to_msgpack())),
         segments.filter(lambda agent: agent != EVIL).map(
-            lambda agent: (own, update(agent=agent).to_msgpack())
+            lambda agent: (own, update(job, agent=agent).to_msgpack())
         ),
         st.sampled_from(["other-job", "digits2"]).map(
-            lambda job: (own, update(job=job).to_msgpack())
+            lambda other: (own, update(other).to_msgpack())
         ),
         st.sampled_from(["pi-honest", "x"]).map(
-            lambda agent: (topics.job_updates(JOB, agent), update().to_msgpack())
+            lambda agent: (topics.job_updates(job, agent), update(job).to_msgpack())
         ),
     )
 
 
-def hostile(topics: Topics, applied_id: str) -> st.SearchStrategy[tuple[str, bytes]]:
+def hostile(
+    topics: Topics, applied_id: str, job: str = JOB
+) -> st.SearchStrategy[tuple[str, bytes]]:
     """Everything the updates topics can carry that an aggregator must refuse."""
-    valid = update()
+    valid = update(job)
     wire = valid.to_wire()
-    request = ModelRequest(job=JOB, agent=EVIL).to_wire()
-    own = topics.job_updates(JOB, EVIL)
+    request = ModelRequest(job=job, agent=EVIL).to_wire()
+    own = topics.job_updates(job, EVIL)
     request_fields = {"job": "name", "agent": "name", "have_version": "int"}
     malformed = st.one_of(
         garbage,
@@ -125,7 +131,7 @@ def hostile(topics: Topics, applied_id: str) -> st.SearchStrategy[tuple[str, byt
         truncated(valid.to_msgpack()),
         broken_tensors(wire),
     ).map(lambda payload: (own, payload))
-    return st.one_of(malformed, semantic(topics, applied_id))
+    return st.one_of(malformed, semantic(topics, applied_id, job))
 
 
 @pytest.fixture
