@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from agent.protocol.errors import PayloadTooLarge
 from agent.roles.base import RoleContext
 from agent.spool import Spool, SpoolEntry
 from agent.tasks import cancel_and_wait
@@ -216,8 +217,14 @@ class Delivery:
             if not entries:
                 continue
             entry = entries[0]
-            await self._deliver(entry)
-            await self.ctx.run_cpu(self._done, entry)
+            try:
+                await self._deliver(entry)
+                outcome, reason = "acked", ""
+            except (PayloadTooLarge, ValueError) as exc:
+                # It can never be sent (larger than the transport's limit): say so, go on.
+                log.error("update_undeliverable", update=entry.id, reason=str(exc))
+                outcome, reason = "undeliverable", str(exc)
+            await self.ctx.run_cpu(self._done, entry, outcome, reason)
             self._acked.discard(entry.id)
             self.pulse()  # room in the spool
 
@@ -254,6 +261,6 @@ class Delivery:
             or waited >= interval
         )
 
-    def _done(self, entry: SpoolEntry) -> None:
+    def _done(self, entry: SpoolEntry, outcome: str, reason: str) -> None:
         self.spool.remove(entry.id)
-        self.ledger.record("acked", entry.id)
+        self.ledger.record(outcome, entry.id, **({"reason": reason} if reason else {}))

@@ -140,3 +140,27 @@ async def test_a_full_spool_pauses_the_trainer(
         await asyncio.wait_for(third, 5)
         assert [e.id for e in delivery.spool.entries()] == ["b", "c"]
         await delivery.close()
+
+
+async def test_an_update_the_transport_cannot_carry_is_recorded_and_skipped(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path, receiver: Subscription
+) -> None:
+    config = BrokerConfig(urls=(mosquitto.url,), max_message_bytes=4096, **FAST)
+    async with Transport(config) as transport:
+        await transport.wait_connected(5)
+        delivery = Delivery(context(transport, topics, tmp_path), Spool(tmp_path / "spool"))
+        await delivery.start()
+        topic = topics.job_updates("j", "pi")
+        await delivery.put("huge", topic, b"x" * 10_000, base_version=0)
+        await delivery.put("small", topic, b"ok", base_version=0)
+        assert await next_payload(receiver) == b"ok"
+        delivery.acknowledged("small")
+        assert await delivery.wait(lambda: len(delivery.spool) == 0, 5)
+        await delivery.close()
+    rows = read_ledger(tmp_path / "updates.jsonl")
+    assert [(r["event"], r["id"]) for r in rows if r["event"] != "spooled"] == [
+        ("undeliverable", "huge"),
+        ("acked", "small"),
+    ]
+    [undeliverable] = [r for r in rows if r["event"] == "undeliverable"]
+    assert "above the limit of 4096" in undeliverable["reason"]
