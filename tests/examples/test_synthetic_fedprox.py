@@ -58,8 +58,8 @@ def test_the_runner_prints_both_final_accuracies_and_plots(tmp_path: Path) -> No
     for name in ("fedprox", "fedavg"):
         line = next(row for row in out.splitlines() if row.startswith(name))
         assert re.fullmatch(
-            rf"{name}\s+final accuracy 0\.\d{{4}}  \(mean of the last 10 rounds 0\.\d{{4}}, "
-            r"4 rounds, \d+ s\)",
+            rf"{name}\s+final accuracy 0\.\d{{4}}  \(last 10 rounds 0\.\d{{4}}, "
+            r"per-device mean 0\.\d{4}, 4 rounds, \d+ s\)",
             line,
         ), line
     assert re.search(r"FedProx ahead of FedAvg by [+-]0\.\d{4}", out)
