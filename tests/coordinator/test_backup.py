@@ -10,7 +10,6 @@ import asyncio
 import shutil
 import sqlite3
 import subprocess
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,9 @@ from agent.transport import Transport
 from coordinator.bundles import load_key, public_text
 from coordinator.mosquitto import MosquittoProcess
 from coordinator.rpc import RpcClient
-from tests.coordinator.conftest import FakeAgent, agent_info, broker_config
+from tests.coordinator.conftest import broker_config
 from tests.coordinator.test_cli import ember, environment, spawn_serve, wait_answering
-from tests.coordinator.test_jobs_export import JOB, outputs, until
+from tests.coordinator.test_jobs_export import outputs, placed_job, until
 from tests.coordinator.test_model_keeper import weights
 from tests.coordinator.test_onnx_model import mlp
 
@@ -74,24 +73,9 @@ async def test_an_online_backup_restores_jobs_models_and_the_key(
 
     first = await serve(state, 0)
     key = public_text(load_key(state))
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(textwrap.dedent(JOB))
     async with Transport(broker_config(mosquitto.url), name="fake-agents") as transport:
         await transport.wait_connected(5)
-        gateway = await FakeAgent(
-            "gateway", transport, topics, agent_info("gateway", labels={"role": "aggregator"})
-        ).start()
-        trainer = await FakeAgent(
-            "pi-digits",
-            transport,
-            topics,
-            agent_info("pi-digits", datasets=[{"name": "digits", "samples": 600}]),
-        ).start()
-        submitted = await ember("jobs", "submit", "--json", str(job_file), env=env)
-        assert submitted.code == 0, submitted.err
-        job = submitted.json()["job"]
-        await gateway.accept(load_key(state))
-        await trainer.accept(load_key(state))
+        job = await placed_job(transport, topics, env, state)
         async with RpcClient(transport, topics) as client:
 
             async def final_kept() -> bool:

@@ -97,6 +97,30 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float 
         await asyncio.sleep(0.05)
 
 
+async def placed_job(
+    transport: Transport, topics: Topics, env: dict[str, str], state_dir: Path
+) -> str:
+    """Submit JOB with ``ember jobs submit`` to a fleet of two fake agents (an aggregator's
+    gateway and a trainer) that accept their bundles; the job's id."""
+    job_file = state_dir.parent / "job.yaml"
+    job_file.write_text(textwrap.dedent(JOB))
+    gateway = await FakeAgent(
+        "gateway", transport, topics, agent_info("gateway", labels={"role": "aggregator"})
+    ).start()
+    trainer = await FakeAgent(
+        "pi-digits",
+        transport,
+        topics,
+        agent_info("pi-digits", datasets=[{"name": "digits", "samples": 600}]),
+    ).start()
+    submitted = await ember("jobs", "submit", "--json", str(job_file), env=env)
+    assert submitted.code == 0, submitted.err
+    key = load_key(state_dir)
+    await gateway.accept(key)
+    await trainer.accept(key)
+    return str(submitted.json()["job"])
+
+
 def outputs(path: Path, x: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     [logits] = session.run(None, {"x": x})
@@ -108,25 +132,9 @@ async def test_export_writes_the_kept_model_also_after_a_sigkill(
 ) -> None:
     env = environment(mosquitto, topics)
     first = await serve()
-    key = load_key(tmp_path / "state")
-    job_file = tmp_path / "job.yaml"
-    job_file.write_text(textwrap.dedent(JOB))
     async with Transport(broker_config(mosquitto.url), name="fake-agents") as transport:
         await transport.wait_connected(5)
-        gateway = await FakeAgent(
-            "gateway", transport, topics, agent_info("gateway", labels={"role": "aggregator"})
-        ).start()
-        trainer = await FakeAgent(
-            "pi-digits",
-            transport,
-            topics,
-            agent_info("pi-digits", datasets=[{"name": "digits", "samples": 600}]),
-        ).start()
-        submitted = await ember("jobs", "submit", "--json", str(job_file), env=env)
-        assert submitted.code == 0, submitted.err
-        job = submitted.json()["job"]
-        await gateway.accept(key)
-        await trainer.accept(key)
+        job = await placed_job(transport, topics, env, tmp_path / "state")
         model = tmp_path / "out" / "model.onnx"
         model.parent.mkdir()
 
