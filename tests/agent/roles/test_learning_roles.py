@@ -498,7 +498,9 @@ async def test_partial_work_is_kept_or_dropped_as_the_job_says(
         assert last["updates_applied"] == 3 * 4
     else:
         assert {e["agent"] for e in dropped} == {"pi-0"}
-        assert len(dropped) == 4
+        assert (
+            len({e["update"] for e in dropped}) == 4
+        )  # one per round (a resent one is dropped too)
         assert "partial work dropped" in dropped[0]["reason"]
         assert last["updates_applied"] == 2 * 4
 
