@@ -4,6 +4,7 @@ fake agents (retained documents published by the test): the issue's bar, checked
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -514,14 +515,37 @@ def digits_job(tmp_path: Path, name: str, concurrency: int = 1) -> Path:
     return job
 
 
-@pytest.mark.slow
-async def test_a_real_job_runs_to_completion_on_real_agents(
-    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
-) -> None:
-    """The whole road: ``ember serve`` with its embedded agent (the aggregator, evaluating on a
-    held-out set), a real ``ember-agent`` trainer, the digits demo model as ONNX, and
-    ``ember jobs submit --watch`` until the stop rule."""
-    job = digits_job(tmp_path, "digits-real")
+@dataclass
+class RealFleet:
+    """``ember serve`` (its embedded agent the aggregator, holding ``test.npz``) and one
+    ``ember-agent run`` trainer holding ``train.npz``, as processes, each logging to a file."""
+
+    env: dict[str, str]
+    children: list[asyncio.subprocess.Process]
+    logs: dict[str, Path]
+    """``serve``, ``trainer`` and ``aggregator`` (the embedded agent's own log)."""
+
+    async def wait_feasible(self, job: Path) -> None:
+        """Until both agents are online and the job's plan can start."""
+        for _ in range(100):
+            plan = await ember("jobs", "plan", "--json", str(job), env=self.env)
+            if plan.code == 0 and plan.json()["feasible"]:
+                return
+        raise AssertionError(plan.out + plan.err + self.logs["serve"].read_text())
+
+
+@contextlib.asynccontextmanager
+async def real_fleet(
+    mosquitto: MosquittoProcess,
+    topics: Topics,
+    tmp_path: Path,
+    *,
+    trainer: str = "pi-trainer",
+    aggregator: str | None = None,
+    trainer_config: str = "",
+) -> AsyncIterator[RealFleet]:
+    """A :class:`RealFleet` in ``tmp_path`` (after :func:`digits_job` wrote the data), stopped
+    on the way out; ``trainer_config`` adds TOML tables to the trainer's configuration."""
     env = environment(mosquitto, topics)
     keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=env)
     trainer_toml = tmp_path / "trainer.toml"
@@ -529,7 +553,7 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
         textwrap.dedent(
             f"""
             [agent]
-            id = "pi-trainer"
+            id = "{trainer}"
             state_dir = "{tmp_path / "trainer"}"
             topic_prefix = "{topics.prefix}"
             [broker]
@@ -543,15 +567,23 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
             path = "{tmp_path / "train.npz"}"
             """
         )
+        + textwrap.dedent(trainer_config)
     )
+    logs = {
+        "serve": tmp_path / "serve.log",
+        "trainer": tmp_path / "trainer.log",
+        "aggregator": tmp_path / "coord" / "embedded-agent.log",
+    }
+    named = ("--agent-id", aggregator) if aggregator else ()
     children = []
-    with (tmp_path / "serve.log").open("wb") as sink:  # a local file, opened once
+    with logs["serve"].open("wb") as serve_log, logs["trainer"].open("wb") as trainer_log:
         children.append(
             await spawn_serve(
                 env,
                 tmp_path / "coord",
-                sink,
+                serve_log,
                 "--no-zeroconf",
+                *named,
                 "--agent-dataset",
                 f"digits-test={tmp_path / 'test.npz'}",
                 "--settle",
@@ -566,23 +598,31 @@ async def test_a_real_job_runs_to_completion_on_real_agents(
                 str(trainer_toml),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
+                stdout=trainer_log,
+                stderr=trainer_log,
             )
         )
     try:
-        for _ in range(100):  # until the plan can start (both agents online, info published)
-            plan = await ember("jobs", "plan", "--json", str(job), env=env)
-            if plan.code == 0 and plan.json()["feasible"]:
-                break
-        else:
-            raise AssertionError(plan.out + plan.err + (tmp_path / "serve.log").read_text())
+        yield RealFleet(env, children, logs)
+    finally:
+        for child in reversed(children):
+            await stop_process(child, 15)
+
+
+@pytest.mark.slow
+async def test_a_real_job_runs_to_completion_on_real_agents(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    """The whole road: ``ember serve`` with its embedded agent (the aggregator, evaluating on a
+    held-out set), a real ``ember-agent`` trainer, the digits demo model as ONNX, and
+    ``ember jobs submit --watch`` until the stop rule."""
+    job = digits_job(tmp_path, "digits-real")
+    async with real_fleet(mosquitto, topics, tmp_path) as fleet:
+        await fleet.wait_feasible(job)
+        env = fleet.env
         done = await ember("jobs", "submit", "--watch", str(job), env=env, timeout=120)
-        assert done.code == 0, done.out + done.err + (tmp_path / "serve.log").read_text()
+        assert done.code == 0, done.out + done.err + fleet.logs["serve"].read_text()
         assert "completed: max_versions reached (3)" in done.out
         [row] = (await ember("jobs", "ls", "--json", env=env)).json()
         assert row["model_version"] == 3
         assert 0.0 < row["metrics"]["accuracy"] <= 1.0
-    finally:
-        for child in reversed(children):
-            await stop_process(child, 15)

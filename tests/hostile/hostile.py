@@ -182,6 +182,12 @@ def truncated(payload: bytes) -> st.SearchStrategy[bytes]:
     return st.one_of(cut, padded)
 
 
+def undecodable(valid: bytes) -> st.SearchStrategy[bytes]:
+    """Payloads no decoder can make a message of: garbage, msgpack that is not a map, JSON
+    that is not a message, nesting deeper than any limit, ``valid`` cut short or padded."""
+    return st.one_of(garbage, not_a_map, json_garbage, st.just(deep_nesting()), truncated(valid))
+
+
 def broken_tensors(wire: Mapping[str, Any], key: str = "tensors") -> st.SearchStrategy[bytes]:
     """``wire[key]`` (a valid tensor list) with one tensor made malformed: an unknown dtype,
     data that does not fit the shape, a shape that is not a list of sizes, huge declared sizes,

@@ -31,15 +31,13 @@ from tests.coordinator.conftest import TEST_TIMINGS, artifacts, broker_config, e
 from tests.coordinator.test_dispatcher import fleet, job_spec
 from tests.hostile.hostile import (
     as_json,
-    deep_nesting,
     feed,
     fuzz_settings,
     garbage,
     json_garbage,
     mutated,
-    not_a_map,
     segments,
-    truncated,
+    undecodable,
     wrong_value,
 )
 
@@ -129,11 +127,7 @@ def rpc_requests(topics: Topics) -> st.SearchStrategy[bytes]:
         ]
     )
     return st.one_of(
-        garbage,
-        not_a_map,
-        json_garbage,
-        st.just(deep_nesting()),
-        truncated(RpcRequest(method="ping", reply_to=reply).to_msgpack()),
+        undecodable(RpcRequest(method="ping", reply_to=reply).to_msgpack()),
         mutated(
             valid, {"method": "str", "reply_to": "str", "params": "map"}, frozenset({"params"})
         ),

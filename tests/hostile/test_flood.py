@@ -12,27 +12,24 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import sys
 import textwrap
 from collections import Counter
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiomqtt
-import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.process import stop_process
 from agent.protocol import Topics
 from agent.protocol.bundle import RoleBundle, sign_bundle
 from agent.protocol.messages import AssignRole, CancelRole, Ping
 from agent.transport import Transport
 from coordinator.mosquitto import MosquittoProcess
 from tests.coordinator.conftest import broker_config
-from tests.coordinator.test_cli import DIGITS_ASSETS, ember, environment, spawn_serve
+from tests.coordinator.test_cli import DIGITS_ASSETS, digits_job, ember, real_fleet
 from tests.hostile import test_chunks, test_coordinator, test_models, test_updates
 from tests.hostile.hostile import fuzz_settings, garbage, json_garbage, mutated, not_a_map
 
@@ -183,77 +180,18 @@ def write_job(tmp_path: Path) -> Path:
 async def test_an_honest_job_finishes_beside_a_hostile_publisher(
     mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
 ) -> None:
-    if not (DIGITS_ASSETS / "train_step.onnx").exists():
-        pytest.skip("the digits demo assets are not in this checkout")
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = (digits.data / 16).astype(np.float32)
-    y = digits.target.astype(np.int64)
-    np.savez(tmp_path / "train.npz", x=x[:900], y=y[:900])
-    np.savez(tmp_path / "test.npz", x=x[900:], y=y[900:])
-    env = environment(mosquitto, topics)
-    keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=env)
-    trainer_toml = tmp_path / "trainer.toml"
-    trainer_toml.write_text(
-        textwrap.dedent(
-            f"""
-            [agent]
-            id = "{TRAINER}"
-            state_dir = "{tmp_path / "trainer"}"
-            topic_prefix = "{topics.prefix}"
-            [broker]
-            url = "{mosquitto.url}"
-            [trust]
-            coordinator_keys = ["{keys.out.strip()}"]
-            [zeroconf]
-            enabled = false
-            [simulation]
-            slowdown = 10
-            [[datasets]]
-            name = "digits"
-            path = "{tmp_path / "train.npz"}"
-            """
-        )
-    )
-    logs = {"serve": tmp_path / "serve.log", "trainer": tmp_path / "trainer.log"}
-    logs["aggregator"] = tmp_path / "coord" / "embedded-agent.log"
-    children = []
-    with logs["serve"].open("wb") as serve_sink, logs["trainer"].open("wb") as trainer_sink:
-        children.append(
-            await spawn_serve(
-                env,
-                tmp_path / "coord",
-                serve_sink,
-                "--no-zeroconf",
-                "--agent-id",
-                AGGREGATOR,
-                "--agent-dataset",
-                f"digits-test={tmp_path / 'test.npz'}",
-                "--settle",
-                "0.3",
-            )
-        )
-        children.append(
-            await asyncio.create_subprocess_exec(
-                str(Path(sys.executable).parent / "ember-agent"),
-                "run",
-                "--config",
-                str(trainer_toml),
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=trainer_sink,
-                stderr=trainer_sink,
-            )
-        )
+    digits_job(tmp_path, "digits-flood")  # the data; the job is this test's own
     job_file = write_job(tmp_path)
-    try:
-        for _ in range(100):  # until both agents are online and the plan can start
-            plan = await ember("jobs", "plan", "--json", str(job_file), env=env)
-            if plan.code == 0 and plan.json()["feasible"]:
-                break
-        else:
-            raise AssertionError(plan.out + plan.err + logs["serve"].read_text())
+    async with real_fleet(
+        mosquitto,
+        topics,
+        tmp_path,
+        trainer=TRAINER,
+        aggregator=AGGREGATOR,
+        trainer_config="[simulation]\nslowdown = 10\n",  # a job that lasts a few seconds
+    ) as fleet:
+        env, children, logs = fleet.env, fleet.children, fleet.logs
+        await fleet.wait_feasible(job_file)
         # Drawn before the job exists (it takes seconds), for a stand-in job id of the same
         # length, replaced once the id is known: msgpack and JSON stay well-formed.
         drafted = await asyncio.to_thread(flood_plan, topics, PLACEHOLDER)
@@ -334,6 +272,3 @@ async def test_an_honest_job_finishes_beside_a_hostile_publisher(
         names = {name for _, group in REFUSED.values() for name in group}
         refusals = {p: sum(counts[n] for n in names) for p, counts in seen.items()}
         print(f"flood: {total} hostile messages {dict(sent)}; refusals logged {refusals}")
-    finally:
-        for child in reversed(children):
-            await stop_process(child, 15)

@@ -15,14 +15,10 @@ from agent.protocol.bundle import SignedBundle
 from agent.protocol.messages import AssignRole, CancelRole, Ping
 from tests.agent.test_runtime import AGENT, Finishes, Rig
 from tests.hostile.hostile import (
-    deep_nesting,
     feed,
-    garbage,
-    json_garbage,
     mutated,
-    not_a_map,
     segments,
-    truncated,
+    undecodable,
 )
 
 EXAMPLES = 1500
@@ -77,11 +73,7 @@ def hostile(rig: Rig, replayed: bytes) -> st.SearchStrategy[bytes]:
         ]
     )
     return st.one_of(
-        garbage,
-        not_a_map,
-        json_garbage,
-        st.just(deep_nesting()),
-        truncated(replayed),
+        undecodable(replayed),
         mutated(ping, {"reply_to": "str"}, frozenset({"reply_to"})),
         mutated(assign, {"job": "name", "role": "name", "bundle": "bytes"}),
         mutated(cancel, {"job": "name", "role": "name", "reason": "str"}, frozenset({"reason"})),

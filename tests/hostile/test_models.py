@@ -24,13 +24,9 @@ from coordinator.mosquitto import MosquittoProcess
 from tests.agent.roles.test_learning_roles import Federation, bundle, config, digits
 from tests.hostile.hostile import (
     broken_tensors,
-    deep_nesting,
     feed,
-    garbage,
-    json_garbage,
     mutated,
-    not_a_map,
-    truncated,
+    undecodable,
 )
 
 EXAMPLES = 1500
@@ -70,11 +66,7 @@ def hostile(job: str = JOB) -> st.SearchStrategy[bytes]:
     ack = UpdateAck(job=job, version=3, acks={"pi-0": "u1"}).to_wire()
     other_job = st.sampled_from(["other-job", "digits2"])
     return st.one_of(
-        garbage,
-        not_a_map,
-        json_garbage,
-        st.just(deep_nesting()),
-        truncated(version.to_msgpack()),
+        undecodable(version.to_msgpack()),
         mutated(version.to_wire(), VERSION_FIELDS, frozenset({"metrics", "participants", "final"})),
         mutated(ack, {"job": "name", "version": "count", "acks": "map"}, frozenset({"acks"})),
         broken_tensors(version.to_wire()),

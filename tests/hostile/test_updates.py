@@ -23,14 +23,10 @@ from coordinator.mosquitto import MosquittoProcess
 from tests.agent.roles.test_learning_roles import Federation, bundle, config, digits
 from tests.hostile.hostile import (
     broken_tensors,
-    deep_nesting,
     feed,
-    garbage,
-    json_garbage,
     mutated,
-    not_a_map,
     segments,
-    truncated,
+    undecodable,
 )
 
 EXAMPLES = 2500
@@ -122,13 +118,9 @@ def hostile(
     own = topics.job_updates(job, EVIL)
     request_fields = {"job": "name", "agent": "name", "have_version": "int"}
     malformed = st.one_of(
-        garbage,
-        not_a_map,
-        json_garbage,
-        st.just(deep_nesting()),
+        undecodable(valid.to_msgpack()),
         mutated(wire, UPDATE_FIELDS, frozenset({"metrics"})),
         mutated(request, request_fields, frozenset({"have_version"})),
-        truncated(valid.to_msgpack()),
         broken_tensors(wire),
     ).map(lambda payload: (own, payload))
     return st.one_of(malformed, semantic(topics, applied_id, job))
