@@ -28,6 +28,7 @@ from agent.roles.aggregator import Aggregator
 from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
 from bench.harness import Host, bundle
 from bench.models import mlp, parameter_count, tensor_layout
+from bench.profile import Profile
 
 MB = 1e6
 MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
@@ -76,9 +77,10 @@ async def measure(
             await asyncio.sleep(warmup)
             first = aggregator.algo.counters.received
             started = time.perf_counter()
-            await asyncio.sleep(window)
-            received = aggregator.algo.counters.received - first
-            elapsed = time.perf_counter() - started
+            async with Profile(window) as profile:
+                await asyncio.sleep(window)
+                received = aggregator.algo.counters.received - first
+                elapsed = time.perf_counter() - started
             sent = await flood.result()
         counters = aggregator.algo.counters.as_dict()
     finally:
@@ -94,6 +96,7 @@ async def measure(
         f"{key}_unacknowledged": sent["unacknowledged"],
         f"{key}_applied": counters["applied"],
         f"{key}_rejected": counters["rejected"],
+        f"{key}_profile": profile.shares,
     }
 
 
@@ -188,6 +191,35 @@ def summary(figures: dict[str, Any]) -> list[str]:
                 f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
                 f"{figures[f'{key}_unacknowledged']} |"
             )
+    lines += profile_table(figures)
+    return lines
+
+
+def profile_table(figures: dict[str, Any]) -> list[str]:
+    """Where the aggregator's process spent its CPU, per measurement (py-spy, if it ran)."""
+    keys = [
+        f"{label}_{trainers}"
+        for label in figures["models"]
+        for trainers in figures["trainer_counts"]
+        if figures.get(f"{label}_{trainers}_profile")
+    ]
+    if not keys:
+        return []
+    layers = sorted(
+        {layer for key in keys for layer in figures[f"{key}_profile"]},
+        key=lambda layer: -max(figures[f"{key}_profile"].get(layer, 0.0) for key in keys),
+    )
+    lines = [
+        "",
+        "Where the aggregator's process spends its CPU during the window (py-spy samples of "
+        "every thread, filed under the innermost Ember or library layer):",
+        "",
+        "| layer | " + " | ".join(k.replace("_", " × ") for k in keys) + " |",
+        "|---|" + "---:|" * len(keys),
+    ]
+    for layer in layers:
+        cells = [f"{figures[f'{key}_profile'].get(layer, 0.0):.0%}" for key in keys]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return lines
 
 

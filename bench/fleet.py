@@ -242,7 +242,7 @@ async def fleet_case(
 
 
 async def run() -> dict[str, Any]:
-    fleets = scaled(FLEETS, (20, 50))
+    fleets = scaled(FLEETS, (20,))
     dispatch_fleet = scaled(DISPATCH_FLEET, 20)
     window = scaled(30.0, 2.0)
     raise_open_files(max(fleets) + 1000)
