@@ -96,3 +96,23 @@ def test_examine_measures_what_it_admits() -> None:
     measured = spec.examine(delta((3.0, 0.0), 4.0))
     assert measured == Measured(5.0, "b", 4.0)
     assert spec.problem(delta((3.0, 0.0), 4.0), max_norm=5.0) is None
+
+
+def test_the_job_spec_reaches_the_aggregators_guards() -> None:
+    from agent.learning.plan import TrainingPlan
+    from coordinator.spec import SpecError, parse_spec
+
+    def spec(**algorithm: object) -> dict[str, object]:
+        return {
+            "name": "j",
+            "model": {"onnx": "m/train_step.onnx"},
+            "data": {"dataset": "d"},
+            "algorithm": algorithm,
+            "stop": {"max_versions": 1},
+        }
+
+    plan = TrainingPlan.from_config(parse_spec(spec(max_norm=10, clip_norm=2.5)).to_dict())
+    assert (plan.max_norm, plan.clip_norm) == (10.0, 2.5)
+    assert TrainingPlan.from_config(parse_spec(spec()).to_dict()).clip_norm is None
+    with pytest.raises(SpecError, match="clip_norm"):
+        parse_spec(spec(clip_norm=0))
