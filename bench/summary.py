@@ -46,7 +46,7 @@ def bar() -> list[str]:
     lines = ["| bar (issue 7) | measured | verdict |", "|---|---:|---|"]
     for model in ("1m", "11m"):
         figures = common.read_results("aggregate") or {}
-        for trainers in figures.get("trainer_counts", []):
+        for trainers in figures.get("trainer_counts", {}).get(model, []):
             lines += _check(
                 f"ingest ≥ 0.80 of the ceiling, {model} model, {trainers} trainers",
                 "aggregate",
