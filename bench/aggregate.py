@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.logs import configure_logging
-from agent.protocol import Topics
-from agent.roles.aggregator import Aggregator
 from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
-from bench.harness import Host, bundle
+from bench.harness import job_config, start_aggregator, stop_aggregator
 from bench.models import mlp, parameter_count, tensor_layout
 from bench.profile import Profile
 
@@ -37,33 +35,16 @@ TRAINERS = {"10k": (8, 64), "1m": (8, 64), "11m": (8, 32)}
 more than the transport's reassembly bound (1 GiB); 64 would need about 6 GB in the sender."""
 
 
-def job_config(buffer_size: int) -> dict[str, Any]:
-    return {
-        "name": "ingest",
-        "algorithm": {
-            "mode": "async",
-            "buffer_size": buffer_size,
-            "concurrency": 64,
-            "server_optimizer": {"name": "fedavg", "lr": 1.0},
-        },
-        "stop": {},
-    }
-
-
 async def measure(
     url: str, root: Path, label: str, parameters: int, trainers: int, warmup: float, window: float
 ) -> dict[str, Any]:
     model = await asyncio.to_thread(mlp, parameters)
     job = f"ingest-{label}-{trainers}-{secrets.token_hex(2)}"
-    topics = Topics(f"bench/{secrets.token_hex(3)}")
-    host = Host(url, topics, root / job)
-    agg_bundle = bundle(job, "aggregator", job_config(buffer_size=1 << 30), model)
-    aggregator = Aggregator(await host.context("aggregator", agg_bundle))
-    task = asyncio.create_task(aggregator.run())
+    config = job_config("ingest", mode="async", buffer_size=1 << 30, concurrency=trainers)
+    host, aggregator, task = await start_aggregator(url, root, job, config, model)
+    topics = host.topics
     try:
-        # The first version's event: subscribed to the updates, algorithm ready.
-        await asyncio.wait_for(host.changed.wait(), 60)
-        config = {
+        flood = {
             "mode": "trainers",
             "url": url,
             "prefix": topics.prefix,
@@ -74,8 +55,8 @@ async def measure(
             "seconds": warmup + window + 1.0,
             "ack_timeout": 30.0,
         }
-        async with Flood(config) as flood:
-            flood.go()
+        async with Flood(flood) as load:
+            load.go()
             await asyncio.sleep(warmup)
             first = aggregator.algo.counters.received
             started = time.perf_counter()
@@ -83,12 +64,10 @@ async def measure(
                 await asyncio.sleep(window)
                 received = aggregator.algo.counters.received - first
                 elapsed = time.perf_counter() - started
-            sent = await flood.result()
+            sent = await load.result()
         counters = aggregator.algo.counters.as_dict()
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
+        await stop_aggregator(host, task)
     update_bytes = sent["bytes"] / max(1, sent["messages"])
     key = f"{label}_{trainers}"
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,28 @@ from typing import Any
 from agent.learning.backend import ExportedModel
 from agent.protocol import Topics
 from agent.protocol.bundle import RoleBundle
+from agent.roles.aggregator import Aggregator
 from agent.roles.base import LocalDataset, RoleContext
 from agent.transport import BrokerConfig, Transport
+
+
+def job_config(
+    name: str, *, mode: str, buffer_size: int, concurrency: int, min_trainers: int = 1
+) -> dict[str, Any]:
+    """A job's ``bundle.config`` (the coordinator's normalised spec), plain FedAvg on the server,
+    no stop rule: the benchmark stops the role."""
+    return {
+        "name": name,
+        "algorithm": {
+            "mode": mode,
+            "buffer_size": buffer_size,
+            "concurrency": concurrency,
+            "min_trainers": min_trainers,
+            "round_timeout": 120,
+            "server_optimizer": {"name": "fedavg", "lr": 1.0},
+        },
+        "stop": {},
+    }
 
 
 def bundle(
@@ -90,3 +111,23 @@ class Host:
     async def close(self) -> None:
         for transport in self.transports:
             await transport.close()
+
+
+async def start_aggregator(
+    url: str, root: Path, job: str, config: dict[str, Any], model: ExportedModel
+) -> tuple[Host, Aggregator, asyncio.Task[None]]:
+    """Ember's aggregator role for ``job`` under a topic prefix of its own, once it has
+    subscribed to the updates and published its first version."""
+    host = Host(url, Topics(f"bench/{secrets.token_hex(3)}"), root / job)
+    aggregator = Aggregator(
+        await host.context("aggregator", bundle(job, "aggregator", config, model))
+    )
+    task = asyncio.create_task(aggregator.run())
+    await asyncio.wait_for(host.changed.wait(), 60)
+    return host, aggregator, task
+
+
+async def stop_aggregator(host: Host, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await host.close()

@@ -40,10 +40,9 @@ from agent.protocol import (
     UpdateAck,
     decode_message,
 )
-from agent.roles.aggregator import Aggregator
 from agent.transport import BrokerConfig, Transport
 from bench.common import FLOWER, bench_broker, percentile, scaled, show, write_results
-from bench.harness import Host, bundle
+from bench.harness import job_config, start_aggregator, stop_aggregator
 from bench.models import mlp, parameter_count
 
 TRAINERS = 8
@@ -125,34 +124,20 @@ class ProbeTrainer:
         await self.transport.close()
 
 
-def job_config(mode: str, buffer_size: int, trainers: int) -> dict[str, Any]:
-    return {
-        "name": "latency",
-        "algorithm": {
-            "mode": mode,
-            "buffer_size": buffer_size,
-            "concurrency": trainers,
-            "min_trainers": trainers if mode == "sync" else 1,
-            "round_timeout": 120,
-            "server_optimizer": {"name": "fedavg", "lr": 1.0},
-        },
-        "stop": {},
-    }
-
-
 async def ember_case(
     url: str, root: Path, mode: str, k: int, trainers: int, parameters: int, probes: int
 ) -> dict[str, Any]:
     model = await asyncio.to_thread(mlp, parameters)
     job = f"latency-{mode}-{k}-{secrets.token_hex(2)}"
-    topics = Topics(f"bench/{secrets.token_hex(3)}")
-    host = Host(url, topics, root / job)
-    aggregator = Aggregator(
-        await host.context(
-            "aggregator", bundle(job, "aggregator", job_config(mode, k, trainers), model)
-        )
+    config = job_config(
+        "latency",
+        mode=mode,
+        buffer_size=k,
+        concurrency=trainers,
+        min_trainers=trainers if mode == "sync" else 1,
     )
-    task = asyncio.create_task(aggregator.run())
+    host, _, task = await start_aggregator(url, root, job, config, model)
+    topics = host.topics
     changed = asyncio.Event()
     probes_list = [ProbeTrainer(f"t{i}", url, topics, job, changed) for i in range(trainers)]
     rng = np.random.default_rng(0)
@@ -163,7 +148,6 @@ async def ember_case(
     samples: list[float] = []
     rounds: list[float] = []
     try:
-        await asyncio.wait_for(host.changed.wait(), 60)
         for trainer in probes_list:
             await trainer.start()
 
@@ -207,9 +191,7 @@ async def ember_case(
     finally:
         for trainer in probes_list:
             await trainer.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await host.close()
+        await stop_aggregator(host, task)
     name = "fedavg" if mode == "sync" else f"fedbuff_k{k}"
     figures = {
         f"{name}_p50_ms": percentile(samples, 50),
