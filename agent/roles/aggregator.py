@@ -555,9 +555,9 @@ class Aggregator(Role):
         )
 
     async def _finish(self, reason: str) -> None:
-        if self._acks_pending:  # receipts first: trainers discard what is unacknowledged at the end
+        await self._publish(final=True)  # first: the coordinator may cancel this role any moment
+        if self._acks_pending:  # saves what the last receipts name, for the record
             await self._send_acks()
-        await self._publish(final=True)
         last = self.history[-1] if self.history else {}
         await self.ctx.report(
             {
