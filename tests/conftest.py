@@ -10,10 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 from agent.protocol.topics import Topics
 from coordinator.mosquitto import MosquittoProcess, free_port
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _structlog_never_caches() -> Iterator[None]:
+    """Tests that run a CLI command in-process (click's CliRunner) configure logging the way
+    the command does, with loggers cached on first use; a cached logger never reaches
+    ``structlog.testing.capture_logs`` again, so a later test asserting on a log event would
+    fail depending on test order. In tests, configuration never caches."""
+    original = structlog.configure
+
+    def configure(*args: Any, **kwargs: Any) -> None:
+        kwargs["cache_logger_on_first_use"] = False
+        original(*args, **kwargs)
+
+    structlog.configure = configure
+    yield
+    structlog.configure = original
+
 
 settings.register_profile(
     "ember", deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
