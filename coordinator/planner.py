@@ -49,6 +49,8 @@ class Selected:
     samples: int | None = None
     standby: bool = False
     feature_shape: tuple[int, ...] | None = None
+    backend: str | None = None
+    """What a trainer trains with (:func:`trainer_backend`); ``None`` for other roles."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class Selected:
             "samples": self.samples,
             "standby": self.standby,
             "feature_shape": None if self.feature_shape is None else list(self.feature_shape),
+            "backend": self.backend,
         }
 
 
@@ -277,6 +280,7 @@ def plan(
                 samples=dataset.samples,
                 standby=i >= active,
                 feature_shape=dataset.feature_shape,
+                backend=None if agent.info is None else trainer_backend(agent.info, spec.backend),
             )
         )
     if len(eligible) < spec.algorithm.min_trainers:

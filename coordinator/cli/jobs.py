@@ -92,7 +92,7 @@ def print_plan(plan: dict[str, Any]) -> None:
     for problem in plan.get("problems", []):
         out.print(f"  [yellow]•[/] {problem}")
     selected = Table(title="Selected", title_justify="left", box=None, pad_edge=False)
-    for column in ("AGENT", "ROLE", "DATASET", "SAMPLES", ""):
+    for column in ("AGENT", "ROLE", "DATASET", "SAMPLES", "BACKEND", ""):
         selected.add_column(column)
     for s in plan.get("selected", []):
         selected.add_row(
@@ -100,6 +100,7 @@ def print_plan(plan: dict[str, Any]) -> None:
             s["role"],
             s.get("dataset") or "",
             "" if s.get("samples") is None else str(s["samples"]),
+            s.get("backend") or "",
             "standby" if s.get("standby") else "",
         )
     out.print(selected if plan.get("selected") else "[dim]no agent selected[/]")

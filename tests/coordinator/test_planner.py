@@ -246,6 +246,8 @@ def test_auto_backend_trains_with_torch_where_allowed_and_onnxruntime_elsewhere(
     result = plan(fleet, s)
     assert sorted(t.agent for t in result.trainers) == ["careful", "jetson", "pi", "unknown"]
     chosen = {a.id: trainer_backend(a.info, "auto") for a in fleet if a.info is not None}
+    shown = {t.agent: t.to_dict()["backend"] for t in result.trainers}
+    assert shown == {a: chosen[a] for a in shown}  # `ember jobs plan` shows the same choice
     assert chosen["jetson"] == "torch"
     assert {chosen[n] for n in ("pi", "careful", "unknown")} == {"onnxruntime"}
     assert reasons(result)["torch-only"] == ("runtime_missing", "runtime missing: no onnxruntime")
