@@ -8,22 +8,15 @@ from pathlib import Path
 import pytest
 
 from coordinator.bundles import model_artifacts
-from coordinator.demo.run import DemoOptions, job_spec
-from coordinator.spec import load_spec, parse_spec
-from tests.examples.conftest import run_example
+from coordinator.demo.run import DemoOptions
+from coordinator.spec import load_spec
+from tests.examples.conftest import assert_is_demo_job, run_example
 
 JOB = Path(__file__).resolve().parents[2] / "examples" / "digits_fedbuff" / "job.yaml"
 
 
 def test_the_example_is_the_demo_job() -> None:
-    example = load_spec(JOB).to_dict()
-    demo = parse_spec(job_spec(DemoOptions())).to_dict()
-    # Model files are named relative to the job file in one, absolute in the other.
-    assert {k: v for k, v in example.items() if k != "model"} == {
-        k: v for k, v in demo.items() if k != "model"
-    }
-    paths = {kind: Path(path).name for kind, path in example["model"]["onnx"].items()}
-    assert paths == {kind: Path(path).name for kind, path in demo["model"]["onnx"].items()}
+    assert_is_demo_job(JOB, DemoOptions())
 
 
 def test_the_example_model_files_are_found_from_the_job_directory() -> None:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.examples.conftest import REPO, run_example
+from coordinator.demo.run import DemoOptions
+from tests.examples.conftest import REPO, assert_is_demo_job, run_example
+
+
+@pytest.mark.parametrize("algorithm", ["fedbuff", "fedavg"])
+def test_the_job_files_are_the_jobs_the_example_runs(algorithm: str) -> None:
+    options = DemoOptions(agents=8, algorithm=algorithm, target_accuracy=0.93)  # type: ignore[arg-type]
+    assert_is_demo_job(REPO / "examples" / "stragglers" / f"{algorithm}.yaml", options)
 
 
 @pytest.mark.slow
