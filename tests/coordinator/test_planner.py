@@ -194,16 +194,21 @@ def test_tags_and_labels() -> None:
     assert reasons(result)["audio"][0] == "no_dataset"
 
 
-def test_torch_backend_needs_torch_and_code() -> None:
-    s = parse_spec(
+def torch_model_spec(backend: str) -> JobSpec:
+    """A job whose model is a torch class, trained with ``backend``."""
+    return parse_spec(
         {
             "name": "t",
             "model": {"torch": "m.py:Net", "input_shape": [4]},
-            "backend": "torch",
+            "backend": backend,
             "data": {"dataset": "digits"},
             "stop": {"max_updates": 1},
         }
     )
+
+
+def test_torch_backend_needs_torch_and_code() -> None:
+    s = torch_model_spec("torch")
     fleet = [
         aggregator(),
         agent(
@@ -225,15 +230,7 @@ def test_torch_backend_needs_torch_and_code() -> None:
 
 
 def test_auto_backend_trains_with_torch_where_allowed_and_onnxruntime_elsewhere() -> None:
-    s = parse_spec(
-        {
-            "name": "t",
-            "model": {"torch": "m.py:Net", "input_shape": [4]},
-            "backend": "auto",
-            "data": {"dataset": "digits"},
-            "stop": {"max_updates": 1},
-        }
-    )
+    s = torch_model_spec("auto")
     both = {"onnxruntime": {"version": "1.17.0"}, "torch": {"version": "2.4.0"}}
     fleet = [
         aggregator(),
