@@ -46,7 +46,7 @@ def model_payloads() -> dict[str, int]:
 
 async def measure(host: str, port: int, label: str, size: int, seconds: float) -> dict[str, Any]:
     if size >= 10_000_000:
-        seconds *= 2  # a few messages a second: a longer window for as many samples
+        seconds *= 1.5  # a few messages a second: a longer window for more samples
     warmup = min(1.0, seconds / 4)
     arrivals: list[tuple[float, int]] = []
     topic = f"bench/ceiling/{label}"

@@ -33,6 +33,16 @@ LAYERS = (
 )
 
 
+IDLE = (
+    "select (selectors.py",
+    "_worker (concurrent/futures/thread.py:81)",
+    "_do_waitpid (asyncio/unix_events.py",
+    "Condition.wait (threading.py",
+)
+"""Leaf frames of a thread waiting (for I/O, work, a child): py-spy does not always see them as
+idle, and they are no CPU spent."""
+
+
 def py_spy() -> str | None:
     beside = Path(sys.executable).with_name("py-spy")
     return str(beside) if beside.exists() else shutil.which("py-spy")
@@ -89,7 +99,10 @@ class Profile:
             stack, _, number = line.rpartition(" ")
             if not number.isdigit():
                 continue
-            counts[layer_of(stack.split(";"))] += int(number)
+            frames = stack.split(";")
+            if any(idle in frames[-1] for idle in IDLE):
+                continue
+            counts[layer_of(frames)] += int(number)
         self.samples = sum(counts.values())
         if self.samples:
             self.shares = {k: round(v / self.samples, 3) for k, v in counts.most_common()}
