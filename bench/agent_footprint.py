@@ -52,7 +52,10 @@ def digits(path: Path) -> Path:
 
 
 async def measure(
-    work: Path, idle_from: float = IDLE_FROM, idle_until: float = IDLE_UNTIL
+    work: Path,
+    idle_from: float = IDLE_FROM,
+    idle_until: float = IDLE_UNTIL,
+    python: str = sys.executable,
 ) -> dict[str, float | int | str]:
     broker = MosquittoProcess(work / "mosquitto").start()
     try:
@@ -79,7 +82,7 @@ tags = ["vision"]
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             started = time.perf_counter()
             child = await asyncio.create_subprocess_exec(
-                sys.executable,
+                python,
                 "-m",
                 "agent.cli",
                 "run",

@@ -1,7 +1,10 @@
 """What a device pays: Ember's agent against Flower's SuperNode, idle, and the agent training.
 
 * Ember, idle: ``ember-agent run`` with the digits dataset on a mosquitto of our own
-  (:func:`bench.agent_footprint.measure`): RSS after the idle window, CPU over it.
+  (:func:`bench.agent_footprint.measure`): RSS after the idle window, CPU over it. The agent
+  runs as a device installs it, Ember with its base dependencies only, from
+  ``bench/.agent-venv`` (made once): in the development environment structlog also imports
+  rich and pygments, which no device has and which would count in the agent's memory.
 * Flower, idle: one ``flower-supernode --insecure`` connected to a ``flower-superlink`` on
   loopback, and the SuperExec it starts to run ClientApps: RSS of both processes together and
   their CPU over the same window. (Each training message then starts a ClientApp process as
@@ -13,6 +16,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +27,25 @@ import psutil
 
 from agent.logs import configure_logging
 from bench.agent_footprint import measure as agent_idle
-from bench.common import FLOWER, scaled, show, write_results
+from bench.common import FLOWER, REPO, scaled, show, write_results
 
 MB = 1e6
+AGENT_VENV = Path(__file__).resolve().parent / ".agent-venv"
+
+
+def agent_python() -> tuple[str, str]:
+    """The interpreter of a base install of Ember (made if missing) and what it is; the
+    benchmark's own interpreter if the install fails."""
+    python = AGENT_VENV / "bin" / "python"
+    done = AGENT_VENV / "installed"
+    if not done.exists():
+        print(f"installing Ember with its base dependencies into {AGENT_VENV} (once)", flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(AGENT_VENV)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO)], check=True)
+        except subprocess.CalledProcessError:
+            return sys.executable, "development environment"
+    return str(python), "base install"
 
 
 def _cpu_seconds(processes: list[psutil.Process]) -> float:
@@ -129,7 +150,9 @@ async def run() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="ember-footprint-") as tmp:
         work = Path(tmp)
         (work / "agent").mkdir()
-        agent = await agent_idle(work / "agent", idle_from, idle_until)
+        python, installed = await asyncio.to_thread(agent_python)
+        figures["agent_installed_as"] = installed
+        agent = await agent_idle(work / "agent", idle_from, idle_until, python)
         figures.update({f"agent_{k}": v for k, v in agent.items()})
         if FLOWER:
             figures.update(await flower_idle(work, idle_from, idle_until))
@@ -168,7 +191,8 @@ def summary(figures: dict[str, Any]) -> list[str]:
     idle_from, idle_until = figures["idle_window_s"]
     lines = [
         f"RSS at the end of the idle window, CPU over it ({idle_from:g}–{idle_until:g} s after "
-        "start). Bar: idle agent RSS ≤ 1/5 of SuperNode + SuperExec.",
+        f"start); the agent as a {figures.get('agent_installed_as', 'development environment')}"
+        ". Bar: idle agent RSS ≤ 1/5 of SuperNode + SuperExec.",
         "",
         "| process | RSS (MB) | CPU (% of one core) | vs Flower RSS |",
         "|---|---:|---:|---:|",
