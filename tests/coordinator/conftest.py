@@ -165,10 +165,12 @@ class FakeAgent:
         await self.set_role(bundle.job, bundle.role, "running", bundle=bundle.digest)
         return bundle
 
-    async def cancellation(self, timeout: float = 10.0) -> CancelRole:
+    async def cancellation(self, timeout: float = 10.0, *, job: str | None = None) -> CancelRole:
+        """The next cancel (of ``job``, when given: the end of an earlier job may cancel its
+        roles again, e.g. while this fake still reports them running, and arrive late)."""
         while True:
             command = await self.command(timeout)
-            if isinstance(command, CancelRole):
+            if isinstance(command, CancelRole) and job in (None, command.job):
                 return command
 
 
