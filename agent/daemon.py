@@ -149,6 +149,7 @@ class AgentDaemon:
             allow_code=config.allow_code,
             role_types=self.role_types,
             role_extras={
+                "labels": dict(config.labels),
                 "slowdown": config.simulation.slowdown,
                 "partial_work": config.simulation.partial_work,
                 "min_update_seconds": config.simulation.min_update_seconds,

@@ -45,9 +45,10 @@ REQUIRED_ARTIFACTS = (TRAIN_STEP, EVAL, INITIAL)
 ROLE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "trainer": (TRAIN_STEP, EVAL, INITIAL),
     "aggregator": (TRAIN_STEP, EVAL, INFERENCE, INITIAL),
-    "middle_aggregator": (INITIAL,),
+    "middle_aggregator": (TRAIN_STEP, EVAL, INITIAL),
 }
-"""Which artifacts each role receives: trainers need no inference graph."""
+"""Which artifacts each role receives: trainers and middle aggregators (which read the
+model's spec from the train-step graph) need no inference graph."""
 CODE_ROLES = frozenset({"trainer"})
 """Roles that run the model's Python source on a torch backend. Aggregators only evaluate, with
 the ONNX eval graph, so their bundles stay code-free and run on agents that refuse code."""

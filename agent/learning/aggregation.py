@@ -559,6 +559,20 @@ class BaseAggregator:
         self._counters.versions += 1
         return self._version, metrics
 
+    # -- following an upper tier
+
+    def follow(self, weights: Mapping[str, npt.ArrayLike], version: int) -> None:
+        """Adopt a model version made elsewhere: a middle aggregator's model is always the
+        newest global version it relays (Liu et al. 2020, edge aggregation with κ2 = 1), so
+        staleness is counted in global versions. Deltas already buffered stay (each was taken
+        against the version it names). ``ValueError`` if ``weights`` is not this model."""
+        arrays = {name: np.asarray(value) for name, value in weights.items()}
+        self._spec.check_weights(arrays, "followed weights")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version: expected an integer ≥ 0, got {version!r}")
+        self._weights = {name: frozen(owned(arrays[name])) for name in self._spec}
+        self._version = version
+
     # -- checkpoint
 
     def state_dict(self) -> State:

@@ -243,6 +243,15 @@ class SyncFedAvg(BaseAggregator):
             return None
         return self._finish(reason)
 
+    def follow(self, weights: Mapping[str, npt.ArrayLike], version: int) -> None:
+        """:meth:`BaseAggregator.follow`; a round still open trained on an older version and
+        is abandoned with what it had gathered (its updates would be late upstream)."""
+        super().follow(weights, version)
+        if self._round is not None and self._round.number != version:
+            self._buffer.reset()
+            self._metrics.reset()
+            self._round = None
+
     def _finish(self, reason: str) -> RoundResult:
         assert self._round is not None
         current = self._round

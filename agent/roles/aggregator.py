@@ -16,6 +16,7 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import time
@@ -32,6 +33,7 @@ from agent.learning.clipping import norm_guards
 from agent.learning.fedavg import SyncFedAvg
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.learning.feddyn import FedDynServer
+from agent.learning.hierarchy import Topology
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.optimizers import ServerOptimizer, make_server_optimizer
 from agent.learning.plan import TrainingPlan
@@ -73,6 +75,10 @@ class Aggregator(Role):
     def __init__(self, ctx: RoleContext) -> None:
         super().__init__(ctx)
         self.plan = TrainingPlan.from_config(ctx.bundle.config)
+        topology = Topology.from_config(ctx.bundle.config)
+        if topology.grouped and self.kind == "aggregator":
+            # The top aggregator's trainers are the groups' middle aggregators.
+            self.plan = dataclasses.replace(self.plan, min_trainers=topology.min_groups)
         self.checkpoints = Checkpoints(ctx.state_dir / "checkpoints")
         self.trainers: set[str] = set()
         self.tracker = StragglerTracker()
@@ -170,6 +176,7 @@ class Aggregator(Role):
             self.started_at = float(meta.get("started_at", self.started_at))
             self.trainers = set(meta.get("trainers", []))
             self.rejections = {str(k): int(v) for k, v in meta.get("rejections", {}).items()}
+            self._resume_meta(meta)
             # A sync round that was open goes on with what it had; its timeout starts afresh
             # (the clock is per process) so the updates of its trainers can still arrive.
             self._round_opened = time.monotonic()
@@ -232,7 +239,7 @@ class Aggregator(Role):
             await self._refuse(message.topic, str(exc), "malformed")
             return
         assert isinstance(decoded, ModelUpdate | ModelRequest)
-        if message.topic != self.ctx.topics.job_updates(job, decoded.agent):
+        if message.topic != self._updates_topic(decoded.agent):
             # Broker ACLs pin who may write each agent's updates topic; the agent named
             # inside the payload is only believed on that agent's own topic.
             reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
@@ -248,6 +255,14 @@ class Aggregator(Role):
         await self._on_update(decoded)
         self._acks[decoded.agent] = decoded.id
         self._acks_pending = True
+
+    def _updates_topic(self, agent: str) -> str:
+        """The topic ``agent``'s updates and requests must arrive on (ACLs pin its writer)."""
+        return self.ctx.topics.job_updates(self.ctx.bundle.job, agent)
+
+    def _model_topic(self) -> str:
+        """Where this aggregator's versions and receipts go."""
+        return self.ctx.topics.job_model(self.ctx.bundle.job)
 
     async def _refuse(self, topic: str, reason: str, code: str) -> None:
         """A message on the updates topic that is not a usable update: log and report why."""
@@ -268,7 +283,7 @@ class Aggregator(Role):
             await self._checkpoint()
         ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=dict(self._acks))
         self._acks_pending = False
-        await self.ctx.publish(self.ctx.topics.job_model(self.ctx.bundle.job), ack.to_msgpack())
+        await self.ctx.publish(self._model_topic(), ack.to_msgpack())
 
     def _wait_budget(self) -> float:
         if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
@@ -514,9 +529,17 @@ class Aggregator(Role):
             "started_at": self.started_at,
             "trainers": sorted(self.trainers),
             "rejections": self.rejections,
+            **self._extra_meta(),
         }
         await self.ctx.run_cpu(self.checkpoints.save, self.algo.version, state, meta)
         self._unsaved = False
+
+    def _extra_meta(self) -> dict[str, Any]:
+        """More to keep in each checkpoint's JSON (read back by :meth:`_resume_meta`)."""
+        return {}
+
+    def _resume_meta(self, meta: Mapping[str, Any]) -> None:
+        """Take back what :meth:`_extra_meta` kept."""
 
     def _progress(self) -> None:
         """This role's entry in the retained ``jobs/<job>/agents/<agent>/progress``."""

@@ -47,6 +47,9 @@ RESEND_MAX = 30.0
 ALIVE_GRACE = 1.0
 """An update still unacknowledged this long after it was sent is sent again as soon as the
 aggregator shows it is alive (publishes a version; it does so after every reconnect)."""
+SPOOL_MAX_UPDATES = 32
+SPOOL_MAX_BYTES = 256 << 20
+"""Default bounds of the update spool (``[spool]`` in the agent's config overrides them)."""
 LEDGER = "updates.jsonl"
 LEDGER_MAX_BYTES = 4 << 20
 """The audit trail is rotated to ``updates.jsonl.1`` beyond this size."""
@@ -111,6 +114,17 @@ class Delivery:
         self._pulse = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._full_logged = False
+
+    @classmethod
+    def for_role(cls, ctx: RoleContext) -> Delivery:
+        """Delivery through a spool in the role's state directory, bounded as the agent's
+        ``[spool]`` config says."""
+        spool = Spool(
+            ctx.state_dir / "spool",
+            max_entries=int(ctx.extras.get("spool_max_updates", SPOOL_MAX_UPDATES)),
+            max_bytes=int(ctx.extras.get("spool_max_bytes", SPOOL_MAX_BYTES)),
+        )
+        return cls(ctx, spool)
 
     # -- life ------------------------------------------------------------------------------------
     async def start(self) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from agent.learning.aggregation import ModelSpec
 from agent.learning.backend import Array, HyperParams, TrainingBackend
 from agent.learning.clipping import Rejection
 from agent.learning.feddyn import client_state_update, initial_client_state
+from agent.learning.hierarchy import Topology, TopologyError
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.plan import TrainingPlan
 from agent.protocol import (
@@ -45,7 +46,6 @@ from agent.protocol import (
 from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.delivery import ACK_TIMEOUT, Delivery
-from agent.spool import Spool
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription
 
@@ -53,9 +53,6 @@ log = structlog.get_logger("ember.trainer")
 
 MODEL_REQUEST_INTERVAL = 2.0
 """Seconds between requests for the current model while none has arrived."""
-SPOOL_MAX_UPDATES = 32
-SPOOL_MAX_BYTES = 256 << 20
-"""Default bounds of the update spool (``[spool]`` in the agent's config overrides them)."""
 
 
 class RoleError(RuntimeError):
@@ -71,15 +68,10 @@ class Trainer(Role):
     def __init__(self, ctx: RoleContext) -> None:
         super().__init__(ctx)
         self.plan = TrainingPlan.from_config(ctx.bundle.config)
+        self.topology = Topology.from_config(ctx.bundle.config)
         self._latest: ModelVersion | None = None
         self._arrived = asyncio.Event()
-        extras = ctx.extras
-        spool = Spool(
-            ctx.state_dir / "spool",
-            max_entries=int(extras.get("spool_max_updates", SPOOL_MAX_UPDATES)),
-            max_bytes=int(extras.get("spool_max_bytes", SPOOL_MAX_BYTES)),
-        )
-        self.delivery = Delivery(ctx, spool)
+        self.delivery = Delivery.for_role(ctx)
         self.updates_sent = 0
         self.rejected = 0
         """Messages on the model topic refused (malformed, another job's, wrong shapes)."""
@@ -102,8 +94,8 @@ class Trainer(Role):
         self.spec = ModelSpec.of(model.initial_params)
         backend: TrainingBackend = await ctx.run_cpu(make_backend, bundle, model)
         x, y = dataset.x, dataset.y
-        topic = ctx.topics.job_updates(bundle.job, ctx.agent_id)
-        models = await ctx.transport.subscribe(ctx.topics.job_model(bundle.job), max_messages=64)
+        topic, model_topic = self._channels()
+        models = await ctx.transport.subscribe(model_topic, max_messages=64)
         follower = asyncio.create_task(self._follow(models), name=f"{bundle.job}-models")
         state_path = ctx.state_dir / "feddyn_state.tensors"
         correction = self._load_state(state_path)
@@ -201,6 +193,22 @@ class Trainer(Role):
             return hyper
         steps = int(np.random.default_rng(hyper.seed).integers(1, planned))
         return dataclasses.replace(hyper, local_steps=steps, local_epochs=None)
+
+    def _channels(self) -> tuple[str, str]:
+        """Where this trainer's updates go and its model versions come from: the top
+        aggregator's topics, or in a hierarchical or hybrid job its group's middle
+        aggregator's (the group is this agent's ``group_by`` label)."""
+        ctx, job = self.ctx, self.ctx.bundle.job
+        if not self.topology.grouped:
+            return ctx.topics.job_updates(job, ctx.agent_id), ctx.topics.job_model(job)
+        try:
+            group = self.topology.group_of(ctx.extras.get("labels", {}))
+        except TopologyError as exc:
+            raise RoleError(str(exc)) from None
+        return (
+            ctx.topics.group_updates(job, group, ctx.agent_id),
+            ctx.topics.group_model(job, group),
+        )
 
     async def _simulate_slow_device(self, trained_for: float) -> None:
         """``[simulation]`` in the agent's config: take ``slowdown`` times as long, and at

@@ -8,12 +8,13 @@ from typing import Any
 
 import click
 
+from agent.protocol.topics import DEFAULT_PREFIX
 from coordinator.cli._common import PREFIX_ENV, fail, stderr
 
 
 @click.group()
 def broker() -> None:
-    """The MQTT broker's security: TLS, one login per agent, ACLs."""
+    """The MQTT broker's security (TLS, one login per agent, ACLs) and site bridges."""
 
 
 @broker.command("config")
@@ -187,3 +188,71 @@ def _with_websockets(listeners: tuple[Any, ...], port: int | None) -> tuple[Any,
 
 def _default_hosts() -> tuple[str, ...]:
     return tuple(dict.fromkeys([socket.gethostname(), "localhost", "127.0.0.1"]))
+
+
+@broker.command("bridge")
+@click.option("--site", required=True, metavar="NAME", help="This site's name (the bridge's).")
+@click.option("--central", required=True, metavar="HOST:PORT", help="The central broker's address.")
+@click.option("--prefix", envvar=PREFIX_ENV, default=None, help="Topic prefix [ember/v1].")
+@click.option("--username", default=None, help="The bridge's login on the central broker.")
+@click.option(
+    "--password-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="A file holding that login's password (kept out of the command line).",
+)
+@click.option(
+    "--cafile",
+    default=None,
+    metavar="PATH",
+    help="The central broker's CA certificate, as the site broker will find it: TLS.",
+)
+@click.option("--certfile", default=None, metavar="PATH", help="The bridge's client certificate.")
+@click.option("--keyfile", default=None, metavar="PATH", help="Its private key.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write here (e.g. /etc/mosquitto/conf.d/ember-bridge.conf) [stdout].",
+)
+def bridge(
+    site: str,
+    central: str,
+    prefix: str | None,
+    username: str | None,
+    password_file: Path | None,
+    cafile: str | None,
+    certfile: str | None,
+    keyfile: str | None,
+    out: Path | None,
+) -> None:
+    """A site mosquitto's bridge to the central broker, for hierarchical FL: agent presence,
+    metrics and updates for a top aggregator go out; inboxes, global model versions and job
+    states come in; a group's own topics stay at the site. Persistent session, no echo
+    loops, reconnect backoff. Include it in the site broker's mosquitto.conf."""
+    from coordinator.brokerkit.bridge import BridgeSettings, render_bridge
+
+    try:
+        password = password_file.read_text().strip() if password_file else None
+        settings = BridgeSettings(
+            site=site,
+            address=central,
+            prefix=prefix or DEFAULT_PREFIX,
+            username=username,
+            password=password,
+            cafile=cafile,
+            certfile=certfile,
+            keyfile=keyfile,
+        )
+        text = render_bridge(settings)
+        if out is None:
+            click.echo(text, nl=False)
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        if password is not None:
+            out.chmod(0o600)
+    except (ValueError, OSError) as exc:
+        fail(str(exc))
+    stderr(f"wrote {out}: bridge {site} → {central}; include it in the site's mosquitto.conf")

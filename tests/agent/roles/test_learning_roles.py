@@ -66,8 +66,10 @@ class Federation:
         bundle: RoleBundle,
         datasets: Mapping[str, Data],
         extras: dict[str, Any] | None = None,
+        broker: MosquittoProcess | None = None,
     ) -> RoleContext:
-        transport = Transport(BrokerConfig(urls=(self.broker.url,), backoff_initial=0.05))
+        url = (broker or self.broker).url
+        transport = Transport(BrokerConfig(urls=(url,), backoff_initial=0.05))
         transport.start()
         await transport.wait_connected(5)
         self.transports.append(transport)
@@ -122,7 +124,7 @@ def digits(clients: int) -> tuple[list[Data], Data]:
 
 def bundle(role: str, config: dict[str, Any], dataset: str) -> RoleBundle:
     artifacts = load_demo_model().to_artifacts()
-    if role == "trainer":
+    if role != "aggregator":
         artifacts.pop("inference.onnx", None)
     return RoleBundle(
         job="digits", role=role, config=config, dataset={"name": dataset}, artifacts=artifacts

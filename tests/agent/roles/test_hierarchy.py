@@ -1,0 +1,138 @@
+"""Hierarchical FL over two real mosquittos joined by the bridge `ember broker bridge` writes.
+
+The top aggregator runs on the central broker; group ``lab`` (a middle aggregator and two
+trainers) on a site broker bridged to it, group ``hq`` on the central broker itself. Each role
+has its own MQTT connection and state directory, as on separate agents (the daemon's runtime
+is tested on its own in tests/agent/test_runtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.protocol import Topics
+from agent.roles.aggregator import Aggregator
+from agent.roles.middle import MiddleAggregator
+from agent.roles.trainer import RoleError, Trainer
+from coordinator.brokerkit.bridge import BridgeSettings, render_bridge
+from coordinator.demo.run import DemoOptions
+from coordinator.mosquitto import MosquittoProcess
+from tests.agent.roles.test_learning_roles import Federation, bundle, config, digits
+
+TARGET = DemoOptions().target_accuracy
+GROUPS = {"lab": (0, 1), "hq": (2, 3)}
+
+
+@dataclass
+class Sites:
+    federation: Federation
+    central: MosquittoProcess
+    site: MosquittoProcess
+    """Bridged to ``central`` by the configuration ``ember broker bridge`` writes."""
+
+
+@pytest.fixture
+async def sites(mosquitto_factory: Any, topics: Topics, tmp_path: Path) -> AsyncIterator[Sites]:
+    central = mosquitto_factory()
+    bridge = render_bridge(
+        BridgeSettings(
+            site="lab",
+            address=f"127.0.0.1:{central.port}",
+            prefix=topics.prefix,
+            restart_timeout=(1, 5),
+        )
+    )
+    site = mosquitto_factory(extra_config=bridge)
+    fed = Federation(central, topics, tmp_path)
+    yield Sites(fed, central, site)
+    for transport in fed.transports:
+        await transport.close()
+
+
+def hierarchical(mode: str, **algorithm: Any) -> dict[str, Any]:
+    cfg = config(mode=mode, stop={"target_accuracy": TARGET, "max_versions": 200}, **algorithm)
+    cfg["topology"] = {"kind": "hierarchical", "group_by": "site", "buffer_size": 2}
+    if mode == "sync":
+        cfg["topology"]["min_groups"] = 2
+    return cfg
+
+
+async def start_hierarchy(
+    fed: Federation,
+    cfg: dict[str, Any],
+    central: MosquittoProcess,
+    site: MosquittoProcess,
+) -> tuple[asyncio.Task[None], list[asyncio.Task[None]], list[asyncio.Task[None]]]:
+    shards, holdout = digits(4)
+    top = Aggregator(
+        await fed.context(
+            "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
+        )
+    )
+    top_task = asyncio.create_task(top.run())
+    middles, trainers = [], []
+    for group, members in GROUPS.items():
+        broker = site if group == "lab" else central
+        labels = {"labels": {"site": group}}
+        middle = MiddleAggregator(
+            await fed.context(
+                f"gw-{group}", bundle("middle_aggregator", cfg, ""), {}, labels, broker=broker
+            )
+        )
+        middles.append(asyncio.create_task(middle.run()))
+        for i in members:
+            trainer = Trainer(
+                await fed.context(
+                    f"pi-{i}",
+                    bundle("trainer", cfg, "digits"),
+                    {"digits": shards[i]},
+                    labels,
+                    broker=broker,
+                )
+            )
+            fed.trainers.append(trainer)
+            trainers.append(asyncio.create_task(trainer.run()))
+    return top_task, middles, trainers
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+async def test_hierarchical_job_over_a_bridged_site_reaches_the_target(
+    sites: Sites, mode: str
+) -> None:
+    federation, central, site = sites.federation, sites.central, sites.site
+    cfg = hierarchical(mode, buffer_size=2, round_timeout=30)
+    top, middles, trainers = await start_hierarchy(federation, cfg, central, site)
+    await asyncio.wait_for(top, 150)
+    # The final version reached both groups: across the bridge, and relayed by each middle.
+    await asyncio.wait_for(asyncio.gather(*middles, *trainers), 30)
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert len(completed) == 1
+    assert f"target accuracy {TARGET}" in completed[0]["reason"]
+    versions = federation.versions()
+    assert versions[-1]["accuracy"] >= TARGET > versions[0]["accuracy"]
+    # The top saw the two middle aggregators as its only trainers...
+    assert versions[-1]["trainers"] == 2
+    # ...and each middle sent group updates built from its own trainers' deltas.
+    sent = {e["agent"]: e for e in federation.events if e["event"] == "group_update"}
+    assert set(sent) == {"gw-lab", "gw-hq"}
+    assert all(e["samples"] > 0 for e in sent.values())
+    assert all(t.updates_sent > 0 for t in federation.trainers)
+    if mode == "async":
+        # FedBuff at the top: K = 2 group updates per version, each applied once.
+        assert versions[-1]["updates_applied"] == 2 * versions[-1]["version"]
+
+
+async def test_a_middle_aggregator_without_its_group_label_fails_with_the_reason(
+    sites: Sites,
+) -> None:
+    cfg = hierarchical("async")
+    with pytest.raises(RoleError, match="no 'site' label"):
+        MiddleAggregator(
+            await sites.federation.context("gw", bundle("middle_aggregator", cfg, ""), {})
+        )
