@@ -6,6 +6,10 @@ from where it runs: the job names the data and compute it needs, the planner fin
 * One **aggregator**, on an online agent carrying the spec's aggregator labels (by default
   ``role=aggregator``: the coordinator's embedded agent or a gateway), the preferred agent first,
   then the least busy one.
+* In a **hierarchical** or **hybrid** job (``topology.group_by``), one **middle aggregator**
+  per group of trainers (agents sharing the label's value), on an agent of that group: a gateway
+  carrying the aggregator labels first, else (hybrid) the group's leading trainer, else the
+  strongest agent (:func:`place_middle_aggregators`). Trainers without the label are rejected.
 * **Trainers**: online agents holding a dataset that matches by name and/or tags with at least
   ``min_samples`` samples, enough memory, an accepted CPU architecture, the runtime the backend
   needs and the required labels. Biggest datasets first. In ``async`` mode (FedBuff) the first
@@ -19,7 +23,7 @@ Every other agent is rejected with a reason code and a sentence.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +41,7 @@ CODE_NOT_ALLOWED = "code_not_allowed"
 NO_DATASET = "no_dataset"
 TOO_FEW_SAMPLES = "too_few_samples"
 EXCLUDED = "excluded"
+NO_GROUP = "no_group"
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,14 @@ class Selected:
     feature_shape: tuple[int, ...] | None = None
     backend: str | None = None
     """What a trainer trains with (:func:`trainer_backend`); ``None`` for other roles."""
+    group: str | None = None
+    """Hierarchical and hybrid jobs: the group (value of the ``group_by`` label)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "agent": self.agent,
             "role": self.role,
+            "group": self.group,
             "dataset": self.dataset,
             "samples": self.samples,
             "standby": self.standby,
@@ -95,6 +103,10 @@ class Plan:
     @property
     def trainers(self) -> list[Selected]:
         return [s for s in self.selected if s.role == "trainer"]
+
+    @property
+    def middle_aggregators(self) -> list[Selected]:
+        return [s for s in self.selected if s.role == "middle_aggregator"]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +162,11 @@ def trainer_eligibility(agent: AgentView, spec: JobSpec) -> Eligibility:
     if info is None:
         return Eligibility(problems=((NO_INFO, "no info published"),))
     problems: list[tuple[str, str]] = []
+    group_by = spec.topology.group_by
+    if group_by is not None and not info.labels.get(group_by):
+        problems.append(
+            (NO_GROUP, f"no {group_by!r} label (the job groups its trainers by {group_by})")
+        )
     missing = {k: v for k, v in spec.compute.labels.items() if info.labels.get(k) != v}
     if missing:
         text = ", ".join(f"{k}={v}" for k, v in missing.items())
@@ -271,8 +288,10 @@ def plan(
             rejected.append(Rejected(agent.id, code, "; ".join(t for _, t in check.problems)))
     eligible.sort(key=lambda pair: (-(pair[1].samples or 0), pair[0].id))
     active = min(spec.algorithm.active_trainers, len(eligible))
+    group_by = spec.topology.group_by
+    trainers: list[Selected] = []
     for i, (agent, dataset) in enumerate(eligible):
-        selected.append(
+        trainers.append(
             Selected(
                 agent=agent.id,
                 role="trainer",
@@ -281,11 +300,75 @@ def plan(
                 standby=i >= active,
                 feature_shape=dataset.feature_shape,
                 backend=None if agent.info is None else trainer_backend(agent.info, spec.backend),
+                group=None
+                if group_by is None or agent.info is None
+                else agent.info.labels[group_by],
             )
         )
+    if group_by is not None:
+        middles = place_middle_aggregators(fleet, spec, trainers, exclude)
+        selected.extend(middles)
+        if len(middles) < spec.topology.min_groups:
+            problems.append(
+                f"needs trainers in at least {spec.topology.min_groups} group(s) by "
+                f"{group_by}, found {len(middles)}"
+            )
+    selected.extend(trainers)
     if len(eligible) < spec.algorithm.min_trainers:
         problems.append(
             f"needs at least {spec.algorithm.min_trainers} trainer(s), found {len(eligible)} "
             f"(agents with {spec.data.describe()} and ≥ {spec.data.min_samples} samples)"
         )
     return Plan(selected=tuple(selected), rejected=tuple(rejected), problems=tuple(problems))
+
+
+def place_middle_aggregators(
+    fleet: Iterable[AgentView],
+    spec: JobSpec,
+    trainers: Iterable[Selected],
+    exclude: Collection[str] = (),
+) -> list[Selected]:
+    """One middle aggregator for every group with an active trainer (Liu et al. 2020's edge
+    server), on an online agent of that group: one carrying the aggregator labels (a gateway)
+    first; in a hybrid job one of the group's own trainers (its leader: the most samples) next;
+    then the strongest (most memory, most cores), least busy agent."""
+    group_by = spec.topology.group_by
+    assert group_by is not None
+    members: dict[str, list[Selected]] = {}
+    for t in trainers:
+        if not t.standby and t.group is not None:
+            members.setdefault(t.group, []).append(t)
+    wanted = spec.aggregator.labels
+    chosen: list[Selected] = []
+    for group, group_trainers in sorted(members.items()):
+        samples = {t.agent: t.samples or 0 for t in group_trainers}
+        hosts = [
+            a
+            for a in fleet
+            if a.online
+            and a.info is not None
+            and a.info.labels.get(group_by) == group
+            and a.id not in exclude
+        ]
+
+        if hosts:
+            leaders = samples if spec.topology.kind == "hybrid" else {}
+            best = min(hosts, key=lambda a: _host_rank(a, wanted, leaders))
+            chosen.append(Selected(agent=best.id, role="middle_aggregator", group=group))
+    return chosen
+
+
+def _host_rank(agent: AgentView, wanted: Mapping[str, str], leaders: Mapping[str, int]) -> Any:
+    """Sort key of a middle aggregator's host, best first: a gateway (aggregator labels), a
+    leading trainer of the group (hybrid: most samples), more memory, more cores, less busy."""
+    info = agent.info
+    assert info is not None
+    gateway = bool(wanted) and all(info.labels.get(k) == v for k, v in wanted.items())
+    return (
+        not gateway,
+        -leaders.get(agent.id, -1),
+        -(info.memory_mb or 0),
+        -(info.cpu_cores or 0),
+        len(agent.running_roles()),
+        agent.id,
+    )

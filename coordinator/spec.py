@@ -33,6 +33,7 @@ LOSSES = ("cross_entropy", "mse")
 STALENESS_WEIGHTS = ("sqrt", "constant")
 SELECTIONS = ("random", "oort")
 PARTIAL_WORK = ("keep", "drop")
+TOPOLOGIES = ("two_tier", "hierarchical", "hybrid")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "feddyn")
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 ARCHES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
@@ -205,6 +206,25 @@ class AggregatorSpec:
 
 
 @dataclass(frozen=True)
+class TopologySpec:
+    """How roles are arranged: two-tier (trainers → one aggregator), hierarchical (Liu et al.
+    2020: trainers → a middle aggregator per group → the top aggregator) or hybrid (Flame's:
+    ring all-reduce inside each group, then one update per group to the top)."""
+
+    kind: str = "two_tier"
+    group_by: str | None = None
+    """The agent label whose value names an agent's group (e.g. ``site``)."""
+    buffer_size: int = 2
+    """Hierarchical, async: updates a middle aggregator buffers per update it sends upstream."""
+    min_groups: int = 1
+    """Groups needed to start, and the top aggregator's minimum per sync round."""
+
+    @property
+    def grouped(self) -> bool:
+        return self.kind != "two_tier"
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A validated job spec (see ``docs/job-spec.md``)."""
 
@@ -217,6 +237,7 @@ class JobSpec:
     algorithm: AlgorithmSpec = field(default_factory=AlgorithmSpec)
     stop: StopSpec = field(default_factory=StopSpec)
     aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    topology: TopologySpec = field(default_factory=TopologySpec)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalised spec as plain data (JSON- and msgpack-safe), every default filled in."""
@@ -276,6 +297,12 @@ class JobSpec:
             },
             "stop": stop,
             "aggregator": {"labels": dict(self.aggregator.labels)},
+            "topology": {
+                "kind": self.topology.kind,
+                "group_by": self.topology.group_by,
+                "buffer_size": self.topology.buffer_size,
+                "min_groups": self.topology.min_groups,
+            },
         }
 
 
@@ -493,7 +520,13 @@ def parse_spec(raw: Any) -> JobSpec:
     algorithm = top.take("algorithm", _algorithm, AlgorithmSpec())
     stop = top.need("stop", _stop)
     aggregator = top.take("aggregator", _aggregator, AggregatorSpec())
+    topology = top.take("topology", _topology, TopologySpec())
     top.done()
+    if topology.grouped:
+        if algorithm.server_optimizer.name == "feddyn":
+            raise SpecError("topology.kind", f"{topology.kind} jobs do not support feddyn")
+        if topology.kind == "hybrid" and algorithm.mode != "async":
+            raise SpecError("topology.kind", "hybrid jobs run with algorithm.mode: async")
     if backend in ("torch", "auto") and model.torch is None:
         raise SpecError("backend", f"{backend} needs model.torch (a file.py:Class), not ONNX files")
     return JobSpec(
@@ -506,6 +539,7 @@ def parse_spec(raw: Any) -> JobSpec:
         algorithm=algorithm,
         stop=stop,
         aggregator=aggregator,
+        topology=topology,
     )
 
 
@@ -712,6 +746,22 @@ def _aggregator(value: Any, where: str) -> AggregatorSpec:
     f = _Fields(value, where)
     spec = AggregatorSpec(labels=f.take("labels", _labels, {"role": "aggregator"}))
     f.done()
+    return spec
+
+
+def _topology(value: Any, where: str) -> TopologySpec:
+    f = _Fields(value, where)
+    spec = TopologySpec(
+        kind=f.take("kind", _choice(TOPOLOGIES), "two_tier"),
+        group_by=f.take("group_by", _str(_LABEL, "a label name"), None),
+        buffer_size=f.take("buffer_size", _int(1), 2),
+        min_groups=f.take("min_groups", _int(1), 1),
+    )
+    f.done()
+    if spec.grouped and spec.group_by is None:
+        raise SpecError(f.where("group_by"), f"required by kind: {spec.kind} (e.g. site)")
+    if not spec.grouped and spec.group_by is not None:
+        raise SpecError(f.where("group_by"), "only used by hierarchical and hybrid jobs")
     return spec
 
 

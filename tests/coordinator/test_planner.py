@@ -310,3 +310,48 @@ def test_an_eval_dataset_binds_the_aggregator_to_an_agent_that_holds_it() -> Non
         "no online agent can host the aggregator (needs labels role=aggregator and dataset "
         "digits-test;"
     )
+
+
+def test_hierarchical_jobs_get_a_middle_aggregator_per_group_on_a_gateway_of_it() -> None:
+    fleet = [
+        aggregator(),
+        agent("lab-gw", labels={"site": "lab", "role": "aggregator"}, datasets=[]),
+        agent("lab-1", labels={"site": "lab"}),
+        agent("lab-2", labels={"site": "lab"}, memory={"total": 8 * 1024**3}),
+        # No gateway at hq: the strongest agent of the group hosts its middle aggregator.
+        agent("hq-1", labels={"site": "hq"}, datasets=[{"name": "digits", "samples": 900}]),
+        agent("hq-2", labels={"site": "hq"}, memory={"total": 16 * 1024**3}),
+        agent("nowhere"),
+    ]
+    topology = {"kind": "hierarchical", "group_by": "site", "min_groups": 2}
+    result = plan(fleet, spec(topology=topology, algorithm__concurrency=4))
+    assert result.feasible
+    assert result.aggregator is not None
+    assert result.aggregator.agent == "coordinator-host"
+    middles = {s.group: s.agent for s in result.middle_aggregators}
+    assert middles == {"lab": "lab-gw", "hq": "hq-2"}
+    assert {s.agent: s.group for s in result.trainers} == {
+        "hq-1": "hq",
+        "hq-2": "hq",
+        "lab-1": "lab",
+        "lab-2": "lab",
+    }
+    assert reasons(result)["nowhere"] == (
+        "no_group",
+        "no 'site' label (the job groups its trainers by site)",
+    )
+    # The hybrid ring's leader (the group's biggest trainer) hosts the group's relay.
+    hybrid = plan(
+        [fleet[0], *fleet[2:]],
+        spec(topology={"kind": "hybrid", "group_by": "site"}, algorithm__concurrency=4),
+    )
+    # (lab-1 and lab-2 hold as many samples: the stronger one leads.)
+    assert {s.group: s.agent for s in hybrid.middle_aggregators} == {"lab": "lab-2", "hq": "hq-1"}
+
+
+def test_too_few_groups_is_a_problem() -> None:
+    fleet = [aggregator(), agent("lab-1", labels={"site": "lab"})]
+    topology = {"kind": "hierarchical", "group_by": "site", "min_groups": 2}
+    result = plan(fleet, spec(topology=topology))
+    assert not result.feasible
+    assert result.problems == ("needs trainers in at least 2 group(s) by site, found 1",)

@@ -218,7 +218,7 @@ BAD: list[tuple[str, Any, str]] = [
         "extra",
         1,
         "extra: unknown field (expected one of name, description, model, backend, data, "
-        "compute, algorithm, stop, aggregator)",
+        "compute, algorithm, stop, aggregator, topology)",
     ),
     ("aggregator.labels", {"role": [1]}, "aggregator.labels.role: must be a string, got a list"),
     (
@@ -244,6 +244,22 @@ BAD: list[tuple[str, Any, str]] = [
         {"blacklist": 3},
         "algorithm.oort.blacklist: unknown field (did you mean blacklist_rounds?)",
     ),
+    (
+        "topology.kind",
+        "mesh",
+        "topology.kind: must be one of two_tier, hierarchical, hybrid, got 'mesh'",
+    ),
+    (
+        "topology",
+        {"kind": "hierarchical"},
+        "topology.group_by: required by kind: hierarchical (e.g. site)",
+    ),
+    (
+        "topology",
+        {"group_by": "site"},
+        "topology.group_by: only used by hierarchical and hybrid jobs",
+    ),
+    ("topology.buffer_size", 0, "topology.buffer_size: must be ≥ 1, got 0"),
 ]
 
 
@@ -257,6 +273,24 @@ def test_oort_settings_reach_the_roles_plan() -> None:
     assert plan.oort_blacklist_rounds == 8
     default = TrainingPlan.from_config(parse_spec(example()).to_dict())
     assert (default.oort_preferred_duration, default.oort_blacklist_rounds) == (None, None)
+
+
+def test_topologies_parse_and_round_trip() -> None:
+    raw = with_change("topology", {"kind": "hierarchical", "group_by": "site", "buffer_size": 3})
+    spec = parse_spec(raw)
+    assert spec.topology.grouped
+    assert spec.to_dict()["topology"] == {
+        "kind": "hierarchical",
+        "group_by": "site",
+        "buffer_size": 3,
+        "min_groups": 1,
+    }
+    assert parse_spec(spec.to_dict()) == spec
+    assert parse_spec(example()).to_dict()["topology"]["kind"] == "two_tier"
+    hybrid = with_change("topology", {"kind": "hybrid", "group_by": "site"})
+    hybrid["algorithm"]["mode"] = "sync"
+    with pytest.raises(SpecError, match=r"hybrid jobs run with algorithm\.mode: async"):
+        parse_spec(hybrid)
 
 
 def test_feddyn_needs_sync_rounds_and_its_alpha() -> None:
