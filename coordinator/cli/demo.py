@@ -81,6 +81,20 @@ from coordinator.demo.run import Demo, DemoError, DemoOptions, DemoSummary, Prog
     type=click.FloatRange(1),
     help="How many times slower the stragglers train.",
 )
+@click.option(
+    "--topology",
+    default="two_tier",
+    show_default=True,
+    type=click.Choice(["two_tier", "hierarchical", "hybrid"]),
+    help="hierarchical: a middle aggregator per site; hybrid: ring all-reduce per site.",
+)
+@click.option(
+    "--sites",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="With --topology hierarchical or hybrid: how many sites the agents are spread over.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data split.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 def demo(
@@ -94,6 +108,8 @@ def demo(
     seed: int,
     stragglers: float,
     slowdown: float,
+    topology: str,
+    sites: int,
     as_json: bool,
 ) -> None:
     """Train a model on scikit-learn's digits across local agents, end to end.
@@ -121,6 +137,8 @@ def demo(
         seed=seed,
         stragglers=stragglers,
         slowdown=slowdown,
+        topology=topology,  # type: ignore[arg-type]
+        sites=sites,
     )
     logging.getLogger().setLevel(logging.ERROR)
     console = Console(stderr=as_json)

@@ -44,6 +44,7 @@ from coordinator.spec import parse_spec
 log = structlog.get_logger("ember.demo")
 
 Algorithm = Literal["fedbuff", "fedavg"]
+Topology = Literal["two_tier", "hierarchical", "hybrid"]
 Backend = Literal["onnxruntime", "torch", "auto"]
 """``auto``: every other agent allows code and trains with torch, the rest with onnxruntime."""
 MODEL_SOURCE = Path(__file__).with_name("model.py")
@@ -73,6 +74,13 @@ class DemoOptions:
     """Fraction of the agents that play slow devices (``[simulation] slowdown``)."""
     slowdown: float = 10.0
     """How many times slower those agents train."""
+    topology: Topology = "two_tier"
+    """``hierarchical`` or ``hybrid``: the agents form :attr:`sites` groups by a ``site``
+    label (agent i is at ``site-{i % sites}``), each with its own middle aggregator."""
+    sites: int = 2
+    site_brokers: dict[str, str] = field(default_factory=dict)
+    """Site name → the broker URL that site's agents use (e.g. a site mosquitto bridged to
+    the central one); other agents use the coordinator's broker."""
     agents_per_process: int = 1
     """Agents each ``ember-agent run`` process hosts (``--also``): a large simulated fleet
     starts faster on a small machine. Each keeps its own identity, connection and state."""
@@ -197,7 +205,19 @@ def job_spec(options: DemoOptions) -> dict[str, Any]:
             **({"target_accuracy": options.target_accuracy} if options.target_accuracy else {}),
             "max_minutes": round(options.max_seconds / 60.0, 3),
         },
+        **(
+            {}
+            if options.topology == "two_tier"
+            else {"topology": {"kind": options.topology, "group_by": "site", "buffer_size": 2}}
+        ),
     }
+
+
+def demo_labels(options: DemoOptions, index: int) -> dict[str, str]:
+    """Agent ``index``'s labels: in a hierarchical or hybrid demo also its ``site``."""
+    if options.topology == "two_tier":
+        return {"demo": "digits"}
+    return {"demo": "digits", "site": f"site-{index % options.sites}"}
 
 
 def digits_scenario(options: DemoOptions) -> Scenario:
@@ -215,7 +235,7 @@ def digits_scenario(options: DemoOptions) -> Scenario:
                 dataset=shard.save(data / f"digits-{i}.npz"),
                 dataset_name="digits",
                 tags=("vision", "demo"),
-                labels={"demo": "digits"},
+                labels=demo_labels(options, i),
                 allow_code=options.backend == "torch" or (options.backend == "auto" and i % 2 == 0),
                 simulation={"slowdown": options.slowdown if i < slow else 1.0},
             )
@@ -362,7 +382,9 @@ class Demo:
                     agent,
                     state_dir=agent_dir / "state",
                     prefix=self.prefix,
-                    broker=broker.urls[0],
+                    broker=self.options.site_brokers.get(
+                        agent.labels.get("site", ""), broker.urls[0]
+                    ),
                     protocol=broker.protocol,
                     key=key,
                 )
