@@ -116,12 +116,13 @@ class Delivery:
         self._full_logged = False
 
     @classmethod
-    def for_role(cls, ctx: RoleContext) -> Delivery:
+    def for_role(cls, ctx: RoleContext, *, max_updates: int | None = None) -> Delivery:
         """Delivery through a spool in the role's state directory, bounded as the agent's
-        ``[spool]`` config says."""
+        ``[spool]`` config says (at most ``max_updates`` updates, if given)."""
+        entries = int(ctx.extras.get("spool_max_updates", SPOOL_MAX_UPDATES))
         spool = Spool(
             ctx.state_dir / "spool",
-            max_entries=int(ctx.extras.get("spool_max_updates", SPOOL_MAX_UPDATES)),
+            max_entries=min(entries, max_updates or entries),
             max_bytes=int(ctx.extras.get("spool_max_bytes", SPOOL_MAX_BYTES)),
         )
         return cls(ctx, spool)

@@ -73,7 +73,10 @@ class MiddleAggregator(Aggregator):
         except TopologyError as exc:
             raise RoleError(str(exc)) from None
         self.hybrid = self.topology.kind == "hybrid"
-        self.delivery = Delivery.for_role(ctx)
+        # One update in flight upstream, as a trainer: the next group delta waits for the
+        # top's receipt (and the group's trainers for ours), so a slow link to the top
+        # cannot queue up deltas that would arrive too stale to count.
+        self.delivery = Delivery.for_role(ctx, max_updates=1)
         self.forward = Forward()
         self.sent_upstream = 0
         self._global: ModelVersion | None = None
@@ -173,6 +176,9 @@ class MiddleAggregator(Aggregator):
                 if me in decoded.acks:
                     self.delivery.acknowledged(decoded.acks[me])
             else:
+                if decoded.final:
+                    self._final = True  # also ends a wait for room upstream
+                    self.delivery.pulse()
                 self._inbox.put_nowait(decoded)
 
     async def _loop(self) -> None:
@@ -291,6 +297,10 @@ class MiddleAggregator(Aggregator):
             )
             payload = await self.ctx.run_cpu(update.to_msgpack)
             await self._checkpoint()
+            spool = self.delivery.spool
+            await self.delivery.wait(lambda: spool.has_room(len(payload)) or self._final, None)
+            if self._final:
+                return  # the job is over: nobody upstream applies it any more
             await self.delivery.put(update.id, self._upstream_topic(), payload, base)
             self.sent_upstream += 1
             await self.ctx.report(

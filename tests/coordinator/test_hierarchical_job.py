@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.transport import BrokerConfig, Transport
 from coordinator.demo.run import Demo, DemoOptions
 from coordinator.mosquitto import MosquittoProcess
@@ -41,6 +43,7 @@ def bridge_config(central: MosquittoProcess, prefix: str) -> str:
     return done.stdout
 
 
+@pytest.mark.timeout(300)
 async def test_hierarchical_job_over_a_bridged_site_broker(
     mosquitto_factory: Any, tmp_path: Path
 ) -> None:

@@ -56,7 +56,7 @@ async def sites(mosquitto_factory: Any, topics: Topics, tmp_path: Path) -> Async
 
 
 def hierarchical(mode: str, **algorithm: Any) -> dict[str, Any]:
-    cfg = config(mode=mode, stop={"target_accuracy": TARGET, "max_versions": 200}, **algorithm)
+    cfg = config(mode=mode, stop={"target_accuracy": TARGET, "max_versions": 600}, **algorithm)
     cfg["topology"] = {"kind": "hierarchical", "group_by": "site", "buffer_size": 2}
     if mode == "sync":
         cfg["topology"]["min_groups"] = 2
