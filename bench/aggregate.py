@@ -24,9 +24,9 @@ from typing import Any
 
 from agent.logs import configure_logging
 from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
+from bench.cpu_profile import Profile
 from bench.harness import job_config, start_aggregator, stop_aggregator
 from bench.models import mlp, parameter_count, tensor_layout
-from bench.profile import Profile
 
 MB = 1e6
 MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
