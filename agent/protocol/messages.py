@@ -212,6 +212,23 @@ class ModelVersion(Message):
 
 
 @dataclass(frozen=True, kw_only=True)
+class RingChunk(Message):
+    """One step of a ring all-reduce among a hybrid group's trainers (Patarasuk and Yuan 2009,
+    as Flame's hybrid topology uses it): in ``phase`` ``reduce`` (reduce-scatter) the receiver
+    adds the chunk into its own, in ``gather`` (all-gather) it keeps it. ``ring`` names the
+    ring instance (the id of the model version message that formed it)."""
+
+    TYPE: ClassVar[str] = "ring_chunk"
+    job: Name
+    ring: Name
+    sender: Name
+    phase: Literal["reduce", "gather"]
+    step: Count
+    index: Count
+    tensors: Tensors
+
+
+@dataclass(frozen=True, kw_only=True)
 class UpdateAck(Message):
     """The aggregator's receipt for trainers' updates: the id of the last update it processed
     from each agent (applied, stale, duplicate or rejected alike), with the current version.

@@ -21,6 +21,7 @@ from agent.protocol import (
     Pong,
     ProtocolError,
     ProtocolLimits,
+    RingChunk,
     RpcRequest,
     RpcResponse,
     UpdateAck,
@@ -59,6 +60,15 @@ EXAMPLES: list[Message] = [
     ),
     ModelRequest(job="digits", agent="pi-1"),
     UpdateAck(job="digits", version=3, acks={"pi-1": "abc"}),
+    RingChunk(
+        job="digits",
+        ring="abc",
+        sender="pi-1",
+        phase="reduce",
+        step=1,
+        index=2,
+        tensors={"chunk": np.arange(5, dtype=np.float32)},
+    ),
     EnrolRequest(token="0f" * 6, agent="pi-1", client="enrol-pi-1", nonce=b"\x01" * 16),
     EnrolReply(request="abc", ok=False, reason="token already used"),
     RpcRequest(
