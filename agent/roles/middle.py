@@ -337,35 +337,46 @@ class MiddleAggregator(Aggregator):
         if latest is None:
             return
         relayed = self._relayed
-        same = (
-            relayed is not None
-            and relayed.version == latest.version
-            and not new_ring
-            and not (final or latest.final)
-        )
-        participants: list[str] = []
-        if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
-            participants = sorted(self.algo.current_round.participants)
-        elif self.hybrid:
-            if same and relayed is not None:
-                participants = list(relayed.participants)
-            else:
-                participants = sorted(self.trainers)
+        ending = final or latest.final
+        # A ring under way keeps its message (its id names the ring) until it ends; else the
+        # message changes when the global version or the round's participants do.
+        keep = self.hybrid or self._unchanged(relayed)
+        if relayed is None or ending or new_ring or not keep:
+            participants: list[str] = []
+            if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
+                participants = sorted(self.algo.current_round.participants)
+            elif self.hybrid and not ending:
+                # The ring's first member reports its result: this agent's trainer when it
+                # is one (its update then stays on this agent's broker connection).
+                me = self.ctx.agent_id
+                participants = sorted(self.trainers, key=lambda agent: (agent != me, agent))
                 self._ring_started = time.monotonic()
-        if not (same and relayed is not None and relayed.participants == participants):
             relayed = ModelVersion(
                 job=latest.job,
                 version=latest.version,
                 tensors=dict(latest.tensors),
                 metrics=dict(latest.metrics),
                 participants=participants,
-                final=final or latest.final,
+                final=ending,
             )
         assert relayed is not None
         self._relayed = relayed
         payload = await self.ctx.run_cpu(relayed.to_msgpack)
         await self.ctx.publish(self._model_topic(), payload)
         self._last_publish = time.monotonic()
+
+    def _unchanged(self, relayed: ModelVersion | None) -> bool:
+        """The last relayed message still says what the group should hear: the newest
+        global version, and (sync) the open round's participants."""
+        latest = self._global
+        current = self.algo.current_round if isinstance(self.algo, SyncFedAvg) else None
+        participants = sorted(current.participants) if current is not None else []
+        return (
+            latest is not None
+            and relayed is not None
+            and relayed.version == latest.version
+            and relayed.participants == participants
+        )
 
     async def _finish(self, reason: str) -> None:
         if self._acks_pending:

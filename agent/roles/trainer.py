@@ -35,6 +35,7 @@ from agent.learning.feddyn import client_state_update, initial_client_state
 from agent.learning.hierarchy import Topology, TopologyError
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.plan import TrainingPlan
+from agent.learning.ring import weighted_mean, weighted_vector
 from agent.protocol import (
     ModelRequest,
     ModelUpdate,
@@ -46,6 +47,7 @@ from agent.protocol import (
 from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.delivery import ACK_TIMEOUT, Delivery
+from agent.roles.ring import RingError, RingMember
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription
 
@@ -69,6 +71,10 @@ class Trainer(Role):
         super().__init__(ctx)
         self.plan = TrainingPlan.from_config(ctx.bundle.config)
         self.topology = Topology.from_config(ctx.bundle.config)
+        self.ring: RingMember | None = None
+        """Hybrid FL: this trainer's side of its group's ring all-reduce."""
+        self._ring_done = ""
+        """Hybrid FL: the ring (model version message id) this trainer took part in last."""
         self._latest: ModelVersion | None = None
         self._arrived = asyncio.Event()
         self.delivery = Delivery.for_role(ctx)
@@ -95,6 +101,9 @@ class Trainer(Role):
         backend: TrainingBackend = await ctx.run_cpu(make_backend, bundle, model)
         x, y = dataset.x, dataset.y
         topic, model_topic = self._channels()
+        if self.topology.kind == "hybrid":
+            self.ring = RingMember(ctx, self._group())
+            await self.ring.start()  # before joining: chunks may come as soon as a ring forms
         models = await ctx.transport.subscribe(model_topic, max_messages=64)
         follower = asyncio.create_task(self._follow(models), name=f"{bundle.job}-models")
         state_path = ctx.state_dir / "feddyn_state.tensors"
@@ -150,11 +159,18 @@ class Trainer(Role):
                     # Oort's statistical utility (Lai et al. 2021) from per-sample losses.
                     metrics["loss_sq_sum"] = result.loss_sq_sum
                     metrics["loss_samples"] = float(result.samples)
+                samples = len(y)
+                if self.ring is not None:
+                    pooled = await self._ring_average(version, delta, samples)
+                    if pooled is None:  # the leader reports the group's average, or it failed
+                        ctx.progress({"state": "waiting_model"})
+                        continue
+                    delta, samples = pooled
                 update = ModelUpdate(
                     job=bundle.job,
                     agent=ctx.agent_id,
                     base_version=version.version,
-                    num_samples=len(y),
+                    num_samples=samples,
                     tensors=delta,
                     metrics=metrics,
                 )
@@ -184,6 +200,31 @@ class Trainer(Role):
             await self.delivery.close()
             await cancel_and_wait([follower])
             await models.close()
+            if self.ring is not None:
+                await self.ring.close()
+
+    async def _ring_average(
+        self, version: ModelVersion, delta: dict[str, Array], samples: int
+    ) -> tuple[dict[str, Array], int] | None:
+        """Hybrid FL: average ``delta`` with the ring the version names (weighted by sample
+        count, by ring all-reduce); the group's mean and total samples for the ring's leader
+        (its first member), ``None`` for the others or when the ring failed."""
+        assert self.ring is not None
+        self._ring_done = version.id
+        members = list(version.participants)
+        self.ctx.progress({"state": "ring_allreduce", "ring_members": len(members)})
+        vector = await self.ctx.run_cpu(weighted_vector, delta, float(samples))
+        try:
+            total = await self.ring.allreduce(
+                version.id, members, vector, timeout=self.plan.round_timeout
+            )
+        except RingError as exc:
+            log.warning("ring_failed", job=self.ctx.bundle.job, reason=str(exc))
+            return None
+        if members[0] != self.ctx.agent_id:
+            return None
+        mean, weight = await self.ctx.run_cpu(weighted_mean, total, delta)
+        return mean, round(weight)
 
     def _cut_short(self, hyper: HyperParams, samples: int) -> HyperParams:
         """``[simulation] partial_work``: stop after a seeded, uniformly random number of steps
@@ -201,14 +242,17 @@ class Trainer(Role):
         ctx, job = self.ctx, self.ctx.bundle.job
         if not self.topology.grouped:
             return ctx.topics.job_updates(job, ctx.agent_id), ctx.topics.job_model(job)
-        try:
-            group = self.topology.group_of(ctx.extras.get("labels", {}))
-        except TopologyError as exc:
-            raise RoleError(str(exc)) from None
+        group = self._group()
         return (
             ctx.topics.group_updates(job, group, ctx.agent_id),
             ctx.topics.group_model(job, group),
         )
+
+    def _group(self) -> str:
+        try:
+            return self.topology.group_of(self.ctx.extras.get("labels", {}))
+        except TopologyError as exc:
+            raise RoleError(str(exc)) from None
 
     async def _simulate_slow_device(self, trained_for: float) -> None:
         """``[simulation]`` in the agent's config: take ``slowdown`` times as long, and at
@@ -285,7 +329,9 @@ class Trainer(Role):
             # A synchronous aggregator opens a round once it knows enough trainers: a version
             # without a round is the cue to say we are here (once per version, then every 2 s).
             between_rounds = (
-                self.plan.mode == "sync" and latest is not None and not latest.participants
+                (self.plan.mode == "sync" or self.ring is not None)
+                and latest is not None
+                and not latest.participants
             )
             if between_rounds and latest is not None and latest.version != announced:
                 announced = latest.version
@@ -301,6 +347,8 @@ class Trainer(Role):
                 await self._request_model(topic, have=trained_on)
 
     def _usable(self, version: ModelVersion, trained_on: int) -> bool:
+        if self.ring is not None:  # hybrid: once per ring that names this trainer
+            return self.ctx.agent_id in version.participants and version.id != self._ring_done
         if self.plan.mode == "async":
             # An aggregator choosing who starts next (Oort) names them; a naming that came
             # before this trainer's last update went out was for the run that update ended.

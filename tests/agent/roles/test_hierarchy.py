@@ -55,9 +55,9 @@ async def sites(mosquitto_factory: Any, topics: Topics, tmp_path: Path) -> Async
         await transport.close()
 
 
-def hierarchical(mode: str, **algorithm: Any) -> dict[str, Any]:
+def grouped(mode: str, kind: str = "hierarchical", **algorithm: Any) -> dict[str, Any]:
     cfg = config(mode=mode, stop={"target_accuracy": TARGET, "max_versions": 600}, **algorithm)
-    cfg["topology"] = {"kind": "hierarchical", "group_by": "site", "buffer_size": 2}
+    cfg["topology"] = {"kind": kind, "group_by": "site", "buffer_size": 2}
     if mode == "sync":
         cfg["topology"]["min_groups"] = 2
     return cfg
@@ -101,12 +101,14 @@ async def start_hierarchy(
     return top_task, middles, trainers
 
 
-@pytest.mark.parametrize("mode", ["async", "sync"])
-async def test_hierarchical_job_over_a_bridged_site_reaches_the_target(
-    sites: Sites, mode: str
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("hierarchical", "async"), ("hierarchical", "sync"), ("hybrid", "async")]
+)
+async def test_a_grouped_job_over_a_bridged_site_reaches_the_target(
+    sites: Sites, kind: str, mode: str
 ) -> None:
     federation, central, site = sites.federation, sites.central, sites.site
-    cfg = hierarchical(mode, buffer_size=2, round_timeout=30)
+    cfg = grouped(mode, kind, buffer_size=2, round_timeout=30)
     top, middles, trainers = await start_hierarchy(federation, cfg, central, site)
     await asyncio.wait_for(top, 150)
     # The final version reached both groups: across the bridge, and relayed by each middle.
@@ -122,7 +124,19 @@ async def test_hierarchical_job_over_a_bridged_site_reaches_the_target(
     sent = {e["agent"]: e for e in federation.events if e["event"] == "group_update"}
     assert set(sent) == {"gw-lab", "gw-hq"}
     assert all(e["samples"] > 0 for e in sent.values())
-    assert all(t.updates_sent > 0 for t in federation.trainers)
+    if kind == "hybrid":
+        # Inside each group the trainers averaged by ring all-reduce, and the ring's first
+        # member reported the result (the other only ever for a ring it was alone in) with
+        # the samples of both; no ring chunk was refused.
+        assert all(t.ring is not None and t.ring.rejected == 0 for t in federation.trainers)
+        shards, _ = digits(4)
+        for group, (a, b) in GROUPS.items():
+            sent = sorted(federation.trainers[i].updates_sent for i in (a, b))
+            assert sent[0] <= 1 < sent[1], (group, sent)
+            samples = [e["samples"] for e in federation.events if e.get("group") == group]
+            assert max(samples) == len(shards[a].y) + len(shards[b].y)
+    else:
+        assert all(t.updates_sent > 0 for t in federation.trainers)
     if mode == "async":
         # FedBuff at the top: K = 2 group updates per version, each applied once.
         assert versions[-1]["updates_applied"] == 2 * versions[-1]["version"]
@@ -131,7 +145,7 @@ async def test_hierarchical_job_over_a_bridged_site_reaches_the_target(
 async def test_a_middle_aggregator_without_its_group_label_fails_with_the_reason(
     sites: Sites,
 ) -> None:
-    cfg = hierarchical("async")
+    cfg = grouped("async")
     with pytest.raises(RoleError, match="no 'site' label"):
         MiddleAggregator(
             await sites.federation.context("gw", bundle("middle_aggregator", cfg, ""), {})
