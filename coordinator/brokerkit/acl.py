@@ -7,14 +7,18 @@ MQTT client id (``%c``). Grants, by kind of account:
 * **agent** (username = agent id): write only its own ``agents/<id>/{status,info,telemetry,
   roles}``, its own ``jobs/+/updates/<id>`` (updates and model requests) and its own
   ``jobs/+/agents/<id>/progress``; read only its own inbox and the jobs' model topics (versions
-  and update receipts).
+  and update receipts). In hierarchical and hybrid jobs also its own
+  ``jobs/+/groups/+/updates/<id>``, the groups' relayed ``model`` topics, and its own side of
+  a hybrid group's ring (writes ``ring/<id>/+``, reads ``ring/+/<id>``).
 * **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
   model topics, read every trainer's updates and write its own ``jobs/+/metrics/<id>`` (model
   versions, completion: events the coordinator acts on, so a trainer may not send them; the
   coordinator also believes them only from the agent it made the job's aggregator). An
   agent without the grant that is placed as an aggregator has its model versions dropped by
   the broker, so give the grant to the agents labelled ``role=aggregator`` (gateways) and no
-  others.
+  others. The grant also covers a group's middle aggregator (hierarchical and hybrid jobs):
+  relaying versions on ``jobs/+/groups/+/model`` and reading the group members' updates;
+  its own update upstream goes on its own ``jobs/+/updates/<id>`` like a trainer's.
 * **coordinator**: read and write everything under the prefix and the Home Assistant discovery
   prefix (it also runs the embedded agent that hosts the top aggregator, under the same
   credential, on the same host).
@@ -84,12 +88,20 @@ class Account:
             ("read", topics.agent_inbox(me)),
             ("write", f"{p}/jobs/+/updates/{me}"),
             ("write", f"{p}/jobs/+/agents/{me}/progress"),
+            # Hierarchical and hybrid jobs: its own updates to its group's middle aggregator,
+            # the versions that aggregator relays, and its own side of the group's ring.
+            ("write", f"{p}/jobs/+/groups/+/updates/{me}"),
+            ("read", f"{p}/jobs/+/groups/+/model"),
+            ("write", f"{p}/jobs/+/groups/+/ring/{me}/+"),
+            ("read", f"{p}/jobs/+/groups/+/ring/+/{me}"),
             ("write", f"{discovery}/+/{node_id('agent', me)}/+/config"),
             ("read", f"{discovery}/{STATUS_LEAF}"),
         ]
         if self.aggregator:
             rules += [
                 ("readwrite", f"{p}/jobs/+/model/#"),
+                ("readwrite", f"{p}/jobs/+/groups/+/model"),
+                ("read", f"{p}/jobs/+/groups/+/updates/+"),
                 ("read", f"{p}/jobs/+/updates/+"),
                 ("write", f"{p}/jobs/+/metrics/{me}"),
             ]

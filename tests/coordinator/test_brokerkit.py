@@ -122,6 +122,9 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.job_model("j1"),
             t.job_state("j1"),
             t.rpc_requests(),
+            t.group_updates("j1", "lab", "bob"),
+            t.group_model("j1", "lab"),  # a middle aggregator's: aggregators only
+            t.group_ring("j1", "lab", "bob", "alice"),
         ]
         for topic in forged:
             await alice.publish(topic, b"forged by alice")
@@ -131,6 +134,8 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
         own = [
             t.agent_status("alice"),
             t.job_updates("j1", "alice"),
+            t.group_updates("j1", "lab", "alice"),
+            t.group_ring("j1", "lab", "alice", "bob"),
             t.job_progress("j1", "alice"),
         ]
         for topic in own:
@@ -154,17 +159,26 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
     try:
         alice_sees = await alice.subscribe(f"{t.prefix}/#")
         gw_sees = await gw.subscribe(t.all_job_updates("j1"))
+        gw_group = await gw.subscribe(t.all_group_updates("j1", "lab"))
         await coordinator.publish(t.agent_inbox("bob"), b"for bob only")
         await coordinator.publish(t.job_updates("j1", "bob"), b"bob's update")
         await coordinator.publish(t.job_state("j1"), b"state")
         await coordinator.publish(t.job_model("j1"), b"model version")
+        await coordinator.publish(t.group_updates("j1", "lab", "bob"), b"bob's group update")
+        await coordinator.publish(t.group_model("j1", "lab"), b"relayed version")
+        await coordinator.publish(t.group_ring("j1", "lab", "bob", "carol"), b"for carol")
+        await coordinator.publish(t.group_ring("j1", "lab", "bob", "alice"), b"for alice")
         await coordinator.publish(t.agent_inbox("alice"), b"for alice")
         assert await received_until(alice_sees, t.agent_inbox("alice")) == [
             t.job_model("j1"),
+            t.group_model("j1", "lab"),
+            t.group_ring("j1", "lab", "bob", "alice"),
             t.agent_inbox("alice"),
         ]
-        # The aggregator grant: gw reads every trainer's updates and writes model versions.
+        # The aggregator grant: gw reads every trainer's updates and writes model versions,
+        # as a top or a middle aggregator.
         assert (await gw_sees.get(timeout=10)).topic == t.job_updates("j1", "bob")
+        assert (await gw_group.get(timeout=10)).topic == t.group_updates("j1", "lab", "bob")
         models = await coordinator.subscribe(t.job_model("j1"))
         await alice.publish(t.job_model("j1"), b"alice is no aggregator")
         await gw.publish(t.job_model("j1"), b"gw's version")

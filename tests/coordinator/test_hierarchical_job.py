@@ -1,8 +1,9 @@
-"""A hierarchical job end to end over two mosquittos: the coordinator and its top aggregator on
-the central broker, one site's agents (its middle aggregator and trainers) on a site broker
-bridged to it by the configuration ``ember broker bridge`` writes, the other site's agents on
-the central broker. Real agent processes, real placement and signed bundles (``ember demo``'s
-machinery with a topology)."""
+"""Hierarchical and hybrid jobs end to end over two mosquittos: the coordinator and its top
+aggregator on the central broker, one site's agents (its middle aggregator and trainers) on a
+site broker bridged to it by the configuration ``ember broker bridge`` writes, the other site's
+agents on the central broker. In the hybrid job each site's trainers average by ring all-reduce
+at their site and the group's leader hosts its middle aggregator. Real agent processes, real
+placement and signed bundles (``ember demo``'s machinery with a topology)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -44,15 +45,16 @@ def bridge_config(central: MosquittoProcess, prefix: str) -> str:
 
 
 @pytest.mark.timeout(300)
-async def test_hierarchical_job_over_a_bridged_site_broker(
-    mosquitto_factory: Any, tmp_path: Path
+@pytest.mark.parametrize("topology", ["hierarchical", "hybrid"])
+async def test_a_grouped_job_over_a_bridged_site_broker(
+    mosquitto_factory: Any, tmp_path: Path, topology: Literal["hierarchical", "hybrid"]
 ) -> None:
     central = mosquitto_factory()
     options = DemoOptions(
         agents=4,
         broker=central.url,
         out=tmp_path / "out",
-        topology="hierarchical",
+        topology=topology,
         sites=2,
         max_seconds=150,
     )
