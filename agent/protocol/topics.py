@@ -90,25 +90,25 @@ class Topics:
         return self.job(job, "updates", "+")
 
     # groups (hierarchical and hybrid FL) -----------------------------------------------------
-    def job_group(self, job: str, group: str, *rest: str) -> str:
+    def _group(self, job: str, group: str, *rest: str) -> str:
         return self.job(job, "groups", check_segment(group, "group"), *rest)
 
     def group_updates(self, job: str, group: str, agent: str) -> str:
         """A group member's deltas and model requests to its middle aggregator (hierarchical
         FL, Liu et al. 2020), msgpack, chunked; one topic per agent so ACLs can pin writers."""
-        return self.job_group(job, group, "updates", check_segment(agent, "agent id"))
+        return self._group(job, group, "updates", check_segment(agent, "agent id"))
 
     def all_group_updates(self, job: str, group: str) -> str:
-        return self.job_group(job, group, "updates", "+")
+        return self._group(job, group, "updates", "+")
 
     def group_model(self, job: str, group: str) -> str:
         """The global model versions (and receipts) the middle aggregator relays to its group."""
-        return self.job_group(job, group, "model")
+        return self._group(job, group, "model")
 
     def group_ring(self, job: str, group: str, sender: str, receiver: str) -> str:
         """Ring all-reduce chunks from one member of a hybrid group to its successor (written
         only by ``sender``; ``receiver`` subscribes to :meth:`group_ring_inbox`)."""
-        return self.job_group(
+        return self._group(
             job,
             group,
             "ring",
@@ -117,7 +117,7 @@ class Topics:
         )
 
     def group_ring_inbox(self, job: str, group: str, receiver: str) -> str:
-        return self.job_group(job, group, "ring", "+", check_segment(receiver, "agent id"))
+        return self._group(job, group, "ring", "+", check_segment(receiver, "agent id"))
 
     def job_metrics(self, job: str, agent: str) -> str:
         """JSON metric events of the job's roles on one agent, QoS 0. One topic per agent, as

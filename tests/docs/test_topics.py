@@ -49,7 +49,16 @@ SCHEMAS = REPO / "agent" / "protocol" / "schemas"
 DEFAULT_BASES = {"ember/v1": "ember", "homeassistant": "homeassistant"}
 
 ENROLMENT = "enrolment needs a broker kit with logins (tests/coordinator/test_enrolment.py)"
-NOT_EXERCISED = {"enrol/requests": ENROLMENT, "enrol/replies/<client>": ENROLMENT}
+GROUPS = (
+    "the job is two-tier; hierarchical and hybrid jobs run in tests/agent/roles/test_hierarchy.py"
+)
+NOT_EXERCISED = {
+    "enrol/requests": ENROLMENT,
+    "enrol/replies/<client>": ENROLMENT,
+    "jobs/<job>/groups/<group>/updates/<agent>": GROUPS,
+    "jobs/<job>/groups/<group>/model": GROUPS,
+    "jobs/<job>/groups/<group>/ring/<agent>/<successor>": GROUPS,
+}
 """Documented topics the job below does not produce, each with the reason."""
 
 
