@@ -19,9 +19,12 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import yaml
+
+from agent.learning.hierarchy import Kind as TopologyKind
+from agent.learning.hierarchy import Topology as TopologySpec
 
 T = TypeVar("T")
 
@@ -203,25 +206,6 @@ class AggregatorSpec:
     """Where the top aggregator may run: agents carrying these labels."""
 
     labels: dict[str, str] = field(default_factory=lambda: {"role": "aggregator"})
-
-
-@dataclass(frozen=True)
-class TopologySpec:
-    """How roles are arranged: two-tier (trainers → one aggregator), hierarchical (Liu et al.
-    2020: trainers → a middle aggregator per group → the top aggregator) or hybrid (Flame's:
-    ring all-reduce inside each group, then one update per group to the top)."""
-
-    kind: str = "two_tier"
-    group_by: str | None = None
-    """The agent label whose value names an agent's group (e.g. ``site``)."""
-    buffer_size: int = 2
-    """Hierarchical, async: updates a middle aggregator buffers per update it sends upstream."""
-    min_groups: int = 1
-    """Groups needed to start, and the top aggregator's minimum per sync round."""
-
-    @property
-    def grouped(self) -> bool:
-        return self.kind != "two_tier"
 
 
 @dataclass(frozen=True)
@@ -752,7 +736,7 @@ def _aggregator(value: Any, where: str) -> AggregatorSpec:
 def _topology(value: Any, where: str) -> TopologySpec:
     f = _Fields(value, where)
     spec = TopologySpec(
-        kind=f.take("kind", _choice(TOPOLOGIES), "two_tier"),
+        kind=cast(TopologyKind, f.take("kind", _choice(TOPOLOGIES), "two_tier")),
         group_by=f.take("group_by", _str(_LABEL, "a label name"), None),
         buffer_size=f.take("buffer_size", _int(1), 2),
         min_groups=f.take("min_groups", _int(1), 1),

@@ -33,7 +33,9 @@ class TopologyError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class Topology:
-    """``topology`` of a job spec: two-tier (the default), hierarchical or hybrid."""
+    """``topology`` of a job spec: two-tier (the default), hierarchical (Liu et al. 2020) or
+    hybrid (Flame's). The coordinator's spec parser builds it from the YAML (with its checks);
+    roles read it back from their bundle's configuration."""
 
     kind: Kind = "two_tier"
     group_by: str | None = None
