@@ -21,8 +21,7 @@ from coordinator.mosquitto import MosquittoProcess, free_port
 def _structlog_never_caches() -> Iterator[None]:
     """Tests that run a CLI command in-process (click's CliRunner) configure logging the way
     the command does, with loggers cached on first use; a cached logger never reaches
-    ``structlog.testing.capture_logs`` again, so a later test asserting on a log event would
-    fail depending on test order. In tests, configuration never caches."""
+    ``structlog.testing.capture_logs`` again. In tests, configuration never caches."""
     original = structlog.configure
 
     def configure(*args: Any, **kwargs: Any) -> None:
@@ -32,6 +31,14 @@ def _structlog_never_caches() -> Iterator[None]:
     structlog.configure = configure
     yield
     structlog.configure = original
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults_after_each_test() -> Iterator[None]:
+    """Whatever a test configured (a CLI command's level filter drops info events before
+    ``capture_logs`` sees them) ends with the test, so log assertions never depend on order."""
+    yield
+    structlog.reset_defaults()
 
 
 settings.register_profile(
