@@ -469,6 +469,7 @@ async def test_the_embedded_agent_hosts_the_aggregator(
                 "standby": False,
                 "feature_shape": None,
                 "backend": None,
+                "group": None,
             }
             toml = (tmp_path / "state" / "embedded-agent.toml").read_text()
             assert 'coordinator_keys = ["ed25519:' in toml
