@@ -88,6 +88,11 @@ class MiddleAggregator(Aggregator):
         self._round_done = -1
         """Sync: the global version this middle already sent its round's delta for."""
         self._ring_started = 0.0
+        self._heard: dict[str, float] = {}
+        """Hybrid: when each member last sent a request or an update."""
+        self._absent: set[str] = set()
+        """Hybrid: members silent through a ring that timed out, left out until heard again."""
+        self._failed_ring = ""
         self._inbox: asyncio.Queue[Inbound | ModelVersion] = asyncio.Queue()
         self._arriving = 0
         """Samples of the update being offered (taken by the batch it completes)."""
@@ -258,21 +263,46 @@ class MiddleAggregator(Aggregator):
         return True
 
     async def _on_request(self, request: ModelRequest) -> None:
-        joined = request.agent not in self.trainers
+        self._hear(request.agent)
         await super()._on_request(request)
-        if self.hybrid and joined and self._ring_idle():
+        if self.hybrid and self._ring_idle():
             await self._publish(new_ring=True)  # a ring for the members known now
+
+    def _hear(self, agent: str) -> None:
+        self._heard[agent] = time.monotonic()
+        self._absent.discard(agent)
 
     def _ring_idle(self) -> bool:
         """Hybrid: no ring is under way (none started, or the last one timed out)."""
-        if self._relayed is None or not self._relayed.participants:
+        relayed = self._relayed
+        if relayed is None or not relayed.participants:
             return True
-        return time.monotonic() - self._ring_started >= self.plan.round_timeout
+        if time.monotonic() - self._ring_started < self.plan.round_timeout:
+            return False
+        if self._failed_ring != relayed.id:
+            # Members not heard from since the ring began are left out of the next rings
+            # until they ask for a version again (a live member of a stalled ring does so
+            # once it gives the ring up).
+            self._failed_ring = relayed.id
+            started = self._ring_started
+            silent = {m for m in relayed.participants if self._heard.get(m, 0.0) < started}
+            self._absent |= silent
+            log.info(
+                "ring_timed_out",
+                job=self.ctx.bundle.job,
+                group=self.group,
+                absent=sorted(self._absent),
+            )
+        return True
+
+    def _ring_members(self) -> list[str]:
+        """The next ring, in order: every known member not absent, this agent's first."""
+        me = self.ctx.agent_id
+        return sorted(self.trainers - self._absent, key=lambda agent: (agent != me, agent))
 
     async def _on_timer(self) -> None:
         await super()._on_timer()
-        if self.hybrid and self.trainers and self._global is not None and self._ring_idle():
-            log.info("ring_restarted", job=self.ctx.bundle.job, group=self.group)
+        if self.hybrid and self._ring_members() and self._global is not None and self._ring_idle():
             await self._publish(new_ring=True)
 
     # -- "a new version" is "send an update upstream" ------------------------------------------
@@ -320,6 +350,7 @@ class MiddleAggregator(Aggregator):
         await self._publish(new_ring=self.hybrid)
 
     async def _on_update(self, update: ModelUpdate) -> None:
+        self._hear(update.agent)
         applied = self.algo.counters.applied
         self._arriving = update.num_samples
         try:
@@ -348,8 +379,7 @@ class MiddleAggregator(Aggregator):
             elif self.hybrid and not ending:
                 # The ring's first member reports its result: this agent's trainer when it
                 # is one (its update then stays on this agent's broker connection).
-                me = self.ctx.agent_id
-                participants = sorted(self.trainers, key=lambda agent: (agent != me, agent))
+                participants = self._ring_members()
                 self._ring_started = time.monotonic()
             relayed = ModelVersion(
                 job=latest.job,

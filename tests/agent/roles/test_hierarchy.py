@@ -26,7 +26,7 @@ from coordinator.mosquitto import MosquittoProcess
 from tests.agent.roles.test_learning_roles import Federation, bundle, config, digits
 
 TARGET = DemoOptions().target_accuracy
-GROUPS = {"lab": (0, 1), "hq": (2, 3)}
+GROUPS: dict[str, tuple[int, ...]] = {"lab": (0, 1), "hq": (2, 3)}
 
 
 @dataclass
@@ -68,8 +68,9 @@ async def start_hierarchy(
     cfg: dict[str, Any],
     central: MosquittoProcess,
     site: MosquittoProcess,
+    groups: dict[str, tuple[int, ...]] = GROUPS,
 ) -> tuple[asyncio.Task[None], list[asyncio.Task[None]], list[asyncio.Task[None]]]:
-    shards, holdout = digits(4)
+    shards, holdout = digits(sum(len(members) for members in groups.values()))
     top = Aggregator(
         await fed.context(
             "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
@@ -77,7 +78,7 @@ async def start_hierarchy(
     )
     top_task = asyncio.create_task(top.run())
     middles, trainers = [], []
-    for group, members in GROUPS.items():
+    for group, members in groups.items():
         broker = site if group == "lab" else central
         labels = {"labels": {"site": group}}
         middle = MiddleAggregator(
@@ -150,3 +151,25 @@ async def test_a_middle_aggregator_without_its_group_label_fails_with_the_reason
         MiddleAggregator(
             await sites.federation.context("gw", bundle("middle_aggregator", cfg, ""), {})
         )
+
+
+async def test_a_hybrid_ring_goes_on_without_a_member_that_died(sites: Sites) -> None:
+    federation = sites.federation
+    cfg = grouped("async", "hybrid", buffer_size=2, round_timeout=3)
+    groups = {"lab": (0, 1, 2), "hq": (3, 4)}
+    top, _, trainers = await start_hierarchy(federation, cfg, sites.central, sites.site, groups)
+    await asyncio.wait_for(
+        federation.wait_for(lambda e: e["event"] == "model_version" and e["version"] >= 3), 60
+    )
+    trainers[1].cancel()  # pi-1, a member of lab's ring, dies mid-job
+    with pytest.raises(asyncio.CancelledError):
+        await trainers[1]
+    dead_at = len([e for e in federation.events if e.get("group") == "lab"])
+    await asyncio.wait_for(top, 150)
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert f"target accuracy {TARGET}" in completed[0]["reason"]
+    # lab's rings went on with its two live members: their samples, not pi-1's.
+    shards, _ = digits(5)
+    lab = [e["samples"] for e in federation.events if e.get("group") == "lab"][dead_at + 1 :]
+    assert lab
+    assert lab[-1] == len(shards[0].y) + len(shards[2].y)
