@@ -29,6 +29,7 @@ PARTS = {
     "latency": "bench.latency",
     "footprint": "bench.footprint",
     "time_to_accuracy": "bench.time_to_accuracy",
+    "oort": "bench.oort",
     "fleet": "bench.fleet",
     "codec": "bench.codec",
     "agent_footprint": "bench.agent_footprint",

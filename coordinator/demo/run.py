@@ -81,6 +81,12 @@ class DemoOptions:
     site_brokers: dict[str, str] = field(default_factory=dict)
     """Site name → the broker URL that site's agents use (e.g. a site mosquitto bridged to
     the central one); other agents use the coordinator's broker."""
+    selection: Literal["random", "oort"] = "random"
+    """How the aggregator picks trainers (``algorithm.selection``)."""
+    clients_per_round: int | None = None
+    """Sync rounds: trainers sampled per round (``None``: all of them)."""
+    local_steps: int = 20
+    """SGD steps of 32 samples in each local run."""
     agents_per_process: int = 1
     """Agents each ``ember-agent run`` process hosts (``--also``): a large simulated fleet
     starts faster on a small machine. Each keeps its own identity, connection and state."""
@@ -197,9 +203,15 @@ def job_spec(options: DemoOptions) -> dict[str, Any]:
             "buffer_size": max(1, options.agents // 2),
             "concurrency": options.agents,
             "min_trainers": options.agents if sync else 1,
+            "selection": options.selection,
+            **(
+                {"clients_per_round": options.clients_per_round}
+                if options.clients_per_round
+                else {}
+            ),
             "staleness": {"weight": "sqrt", "max": 20},
             "server_optimizer": {"name": "fedavg", "lr": 1.0},
-            "client": {"local_steps": 20, "batch_size": 32, "lr": 0.1},
+            "client": {"local_steps": options.local_steps, "batch_size": 32, "lr": 0.1},
         },
         "stop": {
             **({"target_accuracy": options.target_accuracy} if options.target_accuracy else {}),
