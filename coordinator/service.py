@@ -23,7 +23,7 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -103,7 +103,7 @@ def embedded_agent_toml(
     agent_id: str,
     state_dir: Path,
     prefix: str,
-    broker_url: str,
+    broker_url: str | Sequence[str],
     public_key: str,
     datasets: tuple[tuple[str, Path], ...] = (),
     protocol: str = "auto",
@@ -111,7 +111,8 @@ def embedded_agent_toml(
     homeassistant: str | None = None,
 ) -> str:
     """The embedded agent's configuration (``agent.config``'s format). It reaches the broker
-    as the coordinator does (same host, same credentials and TLS files in ``broker``);
+    as the coordinator does (same brokers in the same failover order, same credentials and
+    TLS files in ``broker``);
     ``homeassistant`` is the discovery prefix to announce it under, if any."""
     secrets = [
         f"{key} = {_toml_string(str(value))}"
@@ -141,7 +142,12 @@ def embedded_agent_toml(
             f"topic_prefix = {_toml_string(prefix)}",
             "allow_code = false",
             "[broker]",
-            f"url = {_toml_string(broker_url)}",
+            "url = "
+            + (
+                _toml_string(broker_url)
+                if isinstance(broker_url, str)
+                else f"[{', '.join(_toml_string(u) for u in broker_url)}]"
+            ),
             f"protocol = {_toml_string(protocol)}",
             *secrets,
             "[trust]",
@@ -382,7 +388,8 @@ class Coordinator:
             agent_id=self.agent_id,
             state_dir=self.state_dir / "embedded-agent",
             prefix=self.config.prefix,
-            broker_url=self.config.broker.urls[0],
+            # Every URL: on a clustered broker the aggregator fails over with the coordinator.
+            broker_url=self.config.broker.urls,
             public_key=self.public_key,
             datasets=self.config.agent_datasets,
             protocol=self.config.broker.protocol,

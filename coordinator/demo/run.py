@@ -16,12 +16,13 @@ coordinator placing the job and dispatching signed bundles, real MQTT.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -87,6 +88,13 @@ class DemoOptions:
     """Sync rounds: trainers sampled per round (``None``: all of them)."""
     local_steps: int = 20
     """SGD steps of 32 samples in each local run."""
+    cluster: tuple[str, ...] = ()
+    """The nodes of a clustered broker (instead of ``broker``): agent i connects to node
+    i mod n first and fails over to the next ones in turn; the coordinator and its embedded
+    aggregator agent to the first node first."""
+    work_dir: Path | None = None
+    """Where the coordinator and the agents keep their state (a temporary directory, removed
+    at the end, when ``None``); fault tests read the trainers' update ledgers there."""
     agents_per_process: int = 1
     """Agents each ``ember-agent run`` process hosts (``--also``): a large simulated fleet
     starts faster on a small machine. Each keeps its own identity, connection and state."""
@@ -267,7 +275,13 @@ def digits_scenario(options: DemoOptions) -> Scenario:
 
 
 def agent_toml(
-    agent: LocalAgent, *, state_dir: Path, prefix: str, broker: str, protocol: str, key: str
+    agent: LocalAgent,
+    *,
+    state_dir: Path,
+    prefix: str,
+    broker: str | Sequence[str],
+    protocol: str,
+    key: str,
 ) -> str:
     """An agent's config file (agent/config.py's schema)."""
     labels = ", ".join(f"{k} = {json.dumps(v)}" for k, v in agent.labels.items())
@@ -281,7 +295,7 @@ def agent_toml(
             f"allow_code = {json.dumps(agent.allow_code)}",
             f"labels = {{ {labels} }}",
             "[broker]",
-            f"url = {json.dumps(broker)}",
+            f"url = {json.dumps(broker if isinstance(broker, str) else list(broker))}",
             f"protocol = {json.dumps(protocol)}",
             "[trust]",
             f"coordinator_keys = [{json.dumps(key)}]",
@@ -332,10 +346,15 @@ class Demo:
         federation: Federation | None = None
         began = time.monotonic()
         opts.out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="ember-demo-") as tmp:
-            root = Path(tmp)
-            broker = EmbeddedBroker() if opts.broker is None else None
-            url = opts.broker or await broker.start()  # type: ignore[union-attr]
+        with contextlib.ExitStack() as stack:
+            if opts.work_dir is None:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ember-demo-")))
+            else:
+                root = opts.work_dir
+                root.mkdir(parents=True, exist_ok=True)
+            external = opts.broker or (opts.cluster[0] if opts.cluster else None)
+            broker = EmbeddedBroker() if external is None else None
+            url = external or await broker.start()  # type: ignore[union-attr]
             coordinator: Coordinator | None = None
             try:
                 self._update(phase="preparing data")
@@ -345,7 +364,7 @@ class Demo:
                 if not federation.agents:
                     raise DemoError("the scenario made no agents")
                 config = BrokerConfig(
-                    urls=(url,),
+                    urls=opts.cluster or (url,),
                     protocol="3.1.1" if broker else "auto",
                     backoff_initial=0.1,
                     backoff_max=2.0,
@@ -383,6 +402,7 @@ class Demo:
         probe = root / RUNTIMES_CACHE
         await asyncio.to_thread(probe_runtimes, probe)
         configs = []
+        nodes = self.options.cluster
         for i, agent in enumerate(agents):
             agent_dir = root / f"agent-{i}"
             (agent_dir / "state").mkdir(parents=True)
@@ -394,7 +414,9 @@ class Demo:
                     agent,
                     state_dir=agent_dir / "state",
                     prefix=self.prefix,
-                    broker=self.options.site_brokers.get(
+                    broker=nodes[i % len(nodes) :] + nodes[: i % len(nodes)]
+                    if nodes
+                    else self.options.site_brokers.get(
                         agent.labels.get("site", ""), broker.urls[0]
                     ),
                     protocol=broker.protocol,
