@@ -321,6 +321,9 @@ class Transport:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
+        self._refused: dict[str, int] = {}
+        """Filters the broker refused on this connection (SUBACK ≥ 0x80), retried with backoff."""
+        self._retry: asyncio.Task[None] | None = None
         self._hooks: list[ConnectHook] = []
         self._broker_max_packet: int | None = None
         self._reassembler = Reassembler(
@@ -520,8 +523,9 @@ class Transport:
         self.protocol_in_use = "5" if protocol is aiomqtt.ProtocolVersion.V5 else "3.1.1"
         self._lost = asyncio.Event()
         filters = self._broker_filters()
+        self._refused = {}
         if filters:
-            await client.subscribe(filters)
+            self._note_refused(client, filters, await client.subscribe(filters))
         log.info(
             "mqtt_connected",
             broker=str(endpoint),
@@ -538,11 +542,48 @@ class Transport:
                 raise
             except Exception:
                 log.exception("connect_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
-        async for message in client.messages:
+        try:
+            async for message in client.messages:
+                try:
+                    self._route(message)
+                except Exception:  # one bad message must never end the connection loop
+                    log.exception("message_route_failed", topic=str(message.topic))
+        finally:
+            if self._retry is not None:
+                self._retry.cancel()
+
+    def _note_refused(
+        self, client: aiomqtt.Client, filters: list[tuple[str, int]], granted: Sequence[object]
+    ) -> None:
+        """Remember the filters a SUBACK refused and retry them while this connection lasts.
+
+        A clustered broker can refuse a subscription for a while: NATS backs each MQTT QoS 1
+        subscription with a JetStream consumer and answers 0x80 when it cannot create one, as
+        happens for seconds after a node of the cluster died. Left alone, the subscription would
+        silently not exist until the next reconnect."""
+        codes = [int(getattr(code, "value", code)) for code in granted]  # type: ignore[call-overload]
+        for (topic_filter, qos), code in zip(filters, codes, strict=False):
+            if code >= 0x80:
+                log.warning("subscribe_refused", filter=topic_filter, code=code)
+                self._refused[topic_filter] = qos
+        if self._refused and (self._retry is None or self._retry.done()):
+            self._retry = asyncio.create_task(self._retry_refused(client), name="mqtt-resubscribe")
+
+    async def _retry_refused(self, client: aiomqtt.Client) -> None:
+        delay = self.config.backoff_initial
+        while self._refused and self._client is client:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.config.backoff_max)
+            pending = list(self._refused.items())
+            self._refused = {}
             try:
-                self._route(message)
-            except Exception:  # one bad message must never end the connection loop
-                log.exception("message_route_failed", topic=str(message.topic))
+                granted = await client.subscribe(pending)
+            except aiomqtt.MqttError:
+                return  # the connection is going: the next one subscribes to everything
+            self._note_refused(client, pending, granted)
+            for topic_filter, _ in pending:
+                if topic_filter not in self._refused:
+                    log.info("subscribe_granted", filter=topic_filter)
 
     def _mark_disconnected(self) -> bool:
         """Forget the client; return whether a connection had been established."""
@@ -610,7 +651,9 @@ class Transport:
         client = self._client
         if client is not None and not already:
             try:
-                await client.subscribe(topic_filter, qos)
+                self._note_refused(
+                    client, [(topic_filter, qos)], await client.subscribe(topic_filter, qos)
+                )
             except aiomqtt.MqttError as exc:
                 # Restored by the next reconnect, like every other subscription.
                 log.warning("subscribe_deferred", filter=topic_filter, error=str(exc))

@@ -127,6 +127,11 @@ class MosquittoProcess:
         self.kill()
         raise TimeoutError(f"mosquitto did not accept connections on {self.url} within {timeout} s")
 
+    def reload(self) -> None:
+        """SIGHUP: mosquitto reads its ACL and password files again, keeping its clients."""
+        if self._process is not None and self.running:
+            self._process.send_signal(signal.SIGHUP)
+
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
         process = self._process

@@ -56,6 +56,23 @@ def test_ember_serve_homeassistant_announces_the_embedded_agent_too(tmp_path: Pa
     assert config.homeassistant.discovery_prefix == "hass"
 
 
+def test_the_embedded_agent_fails_over_between_the_coordinators_brokers(tmp_path: Path) -> None:
+    """On a clustered broker the aggregator must follow the coordinator to the next node."""
+    key, _ = init_key(tmp_path)
+    path = tmp_path / "embedded-agent.toml"
+    nodes = ("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1884", "mqtt://127.0.0.1:1885")
+    path.write_text(
+        embedded_agent_toml(
+            agent_id="coordinator-host",
+            state_dir=tmp_path / "state",
+            prefix="ember/v1",
+            broker_url=nodes,
+            public_key=public_text(key),
+        )
+    )
+    assert load_config(path, env={}).broker.urls == nodes
+
+
 def test_embedded_agent_id_is_a_topic_segment() -> None:
     assert embedded_agent_id("pi 4/b+#") == "coordinator-pi-4-b"
     assert embedded_agent_id("").startswith("coordinator-")
