@@ -163,6 +163,26 @@ async def test_subscriptions_survive_a_broker_restart(
         assert rx.stats.connections == 2
 
 
+async def test_a_connection_paho_lost_without_telling_aiomqtt_is_reconnected(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    """Fault injection: paho's socket closed under it (as a NATS node's reset did, measured in
+    tests/coordinator/test_clustered_broker.py) leaves aiomqtt's message loop waiting while
+    every publish fails. The first publish that fails tells the connection loop, which
+    reconnects, and the message goes out."""
+    async with Transport(config(mosquitto.url)) as rx, Transport(config(mosquitto.url)) as tx:
+        await rx.wait_connected(5)
+        await tx.wait_connected(5)
+        sub = await rx.subscribe(topics.all_agents("status"))
+        assert tx._client is not None
+        tx._client._client._sock_close()  # paho forgets its socket; nobody is told
+        with capture_logs() as logs:
+            await asyncio.wait_for(tx.publish(topics.agent_status("pi"), b"after"), 20)
+        assert any(e["event"] == "mqtt_connection_stalled" for e in logs)
+        assert (await sub.get(timeout=5)).payload == b"after"
+        assert tx.session == 2
+
+
 async def test_publish_during_an_outage_is_delivered_after_reconnect(
     mosquitto: MosquittoProcess, topics: Topics
 ) -> None:
