@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -539,7 +540,27 @@ class Transport:
             subscriptions=len(filters),
             broker_max_packet=self._broker_max_packet,
         )
+        self._stalled = asyncio.Event()
         self._connected.set()
+        # The hooks (which publish) and then the message loop each race a stall: a publish
+        # that finds the client without a connection while nothing else noticed.
+        stalled = asyncio.create_task(self._stalled.wait())
+        steps: list[asyncio.Task[None]] = []
+        try:
+            for step in (self._run_hooks, functools.partial(self._read, client)):
+                steps.append(asyncio.create_task(step()))
+                await asyncio.wait({steps[-1], stalled}, return_when=asyncio.FIRST_COMPLETED)
+                if not steps[-1].done():
+                    raise aiomqtt.MqttError("connection stalled: the client cannot publish")
+                steps[-1].result()  # the hooks' errors; the connection's end, as aiomqtt says
+        finally:
+            await cancel_and_wait(
+                [stalled, *steps], suppress=(aiomqtt.MqttError, NotConnectedError)
+            )
+            if self._retry is not None:
+                self._retry.cancel()
+
+    async def _run_hooks(self) -> None:
         for hook in list(self._hooks):
             try:
                 await hook(self.session)
@@ -547,19 +568,6 @@ class Transport:
                 raise
             except Exception:
                 log.exception("connect_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
-        self._stalled = asyncio.Event()
-        reader = asyncio.ensure_future(self._read(client))
-        stalled = asyncio.ensure_future(self._stalled.wait())
-        try:
-            await asyncio.wait({reader, stalled}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done():
-                reader.result()  # the connection's end, as aiomqtt reports it
-            else:
-                raise aiomqtt.MqttError("connection stalled: the client cannot publish")
-        finally:
-            await cancel_and_wait([reader, stalled], suppress=(aiomqtt.MqttError,))
-            if self._retry is not None:
-                self._retry.cancel()
 
     async def _read(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:

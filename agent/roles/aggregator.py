@@ -362,7 +362,9 @@ class Aggregator(Role):
                 duration=max(float(update.metrics.get("train_seconds", 0.0)), 0.0),
             )
         restart = False
-        if self._picks_starters and self.started.pop(update.agent, None) is not None:
+        if self._picks_starters:
+            # Its slot is free (started by this process or, after a restart, by the last one).
+            self.started.pop(update.agent, None)
             restart = self._start_idle()
         self._progress()
         if outcome.status is not Status.APPLIED:
