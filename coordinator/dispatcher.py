@@ -473,6 +473,7 @@ class Dispatcher:
                 await self._finish(job, "failed", f"{where}: {agg.reason}" if agg.reason else where)
             return
         await self._fill_trainers(job)
+        await self._fill_middles(job)
         await self._cancel_surplus(job)
         await self._advance(job)
 
@@ -521,6 +522,10 @@ class Dispatcher:
                 if a.role == "trainer":
                     a.state = "replaced" if mode == "async" else "dropped"
                     a.reason = "agent offline"
+                    commands.append(self._cancel_command(job, a, "replaced while offline"))
+                elif a.role == "middle_aggregator":
+                    # Its group's trainers wait for it: another agent of the group takes over.
+                    a.state, a.reason = "replaced", "agent offline"
                     commands.append(self._cancel_command(job, a, "replaced while offline"))
                 return
             if a.state == "running" and observed is None:
@@ -768,6 +773,64 @@ class Dispatcher:
         await self.store.save(assignments=changed, events=events)
         self._announce(job)
         await self._send_all(commands)
+
+    async def _fill_middles(self, job: _Job) -> None:
+        """Hierarchical and hybrid jobs: a middle aggregator at work for every group with a
+        trainer at work (a group a replacement trainer opened, or whose middle aggregator
+        went offline, failed or refused), placed as the planner places them; an agent whose
+        middle aggregator role failed or refused is not asked again."""
+        spec = job.spec
+        group_by = spec.topology.group_by
+        if group_by is None:
+            return
+
+        def group_of(agent_id: str) -> str | None:
+            agent = self.registry.get(agent_id)
+            return None if agent is None or agent.info is None else agent.info.labels.get(group_by)
+
+        middles = [a for a in job.assignments.values() if a.role == "middle_aggregator"]
+        covered = {group_of(a.agent) for a in middles if a.state in ACTIVE}
+        orphans = [
+            planner.Selected(
+                agent=a.agent, role="trainer", samples=a.samples, group=group_of(a.agent)
+            )
+            for a in job.assignments.values()
+            if a.role == "trainer" and a.state in ACTIVE
+        ]
+        orphans = [t for t in orphans if t.group is not None and t.group not in covered]
+        if not orphans:
+            return
+        given_up = {a.agent for a in middles if a.state in ("failed", "refused")}
+        chosen = planner.place_middle_aggregators(
+            self.registry.snapshot(), spec, orphans, exclude=given_up
+        )
+        now = self.clock()
+        changed: list[AssignmentRecord] = []
+        for selected in chosen:
+            a = job.assignments.get((selected.agent, "middle_aggregator")) or AssignmentRecord(
+                job=job.record.id,
+                agent=selected.agent,
+                role="middle_aggregator",
+                state="pending",
+                created_at=now,
+            )
+            a.state, a.reason, a.attempts = "pending", "replacement", 0
+            self._mark_dispatched(a, now)
+            job.assignments[(a.agent, a.role)] = a
+            changed.append(a)
+        if not changed:
+            return
+        events: list[tuple[str | None, str, Mapping[str, Any]]] = [
+            (
+                job.record.id,
+                "assignment",
+                {"agent": a.agent, "role": a.role, "state": a.state, "reason": a.reason},
+            )
+            for a in changed
+        ]
+        await self.store.save(assignments=changed, events=events)
+        self._announce(job)
+        await self._send_all(list(changed))
 
     async def _cancel_surplus(self, job: _Job) -> None:
         """Roles an agent still runs though their assignment ended (replaced, cancelled)."""

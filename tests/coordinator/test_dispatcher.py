@@ -457,3 +457,41 @@ async def test_a_role_cancelled_by_its_stopping_agent_is_sent_again(
     await gw.set_role(job.record.id, "aggregator", "running", bundle=again.digest)
     await eventually(lambda: job.assignments[("gw", "aggregator")].state == "running")
     assert job.record.phase == "running"
+
+
+async def test_a_group_whose_middle_aggregator_goes_offline_gets_another(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    def member(name: str, site: str, samples: int) -> dict[str, Any]:
+        datasets = [{"name": "digits", "tags": [], "samples": samples}]
+        return agent_info(name, labels={"site": site}, datasets=datasets)
+
+    infos = {
+        "gw": agent_info("gw", labels={"role": "aggregator"}),
+        "lab-gw": agent_info("lab-gw", labels={"role": "aggregator", "site": "lab"}),
+        "lab-a": member("lab-a", "lab", 300),
+        "hq-a": member("hq-a", "hq", 200),
+        "hq-b": member("hq-b", "hq", 100),
+    }
+    agents = {n: await FakeAgent(n, agents_transport, topics, i).start() for n, i in infos.items()}
+    spec = parse_spec(
+        {
+            **job_spec().to_dict(),
+            "topology": {"kind": "hierarchical", "group_by": "site", "min_groups": 2},
+        }
+    )
+    job = await core.dispatcher.submit(spec, artifacts())
+    roles = {name: {(await agents[name].accept(core.key)).role} for name in ("gw", "lab-gw")}
+    assert roles == {"gw": {"aggregator"}, "lab-gw": {"middle_aggregator"}}
+    await agents["lab-a"].accept(core.key)
+    # hq has no gateway: its strongest member hosts its middle aggregator and trains too.
+    hq_a = {(await agents["hq-a"].accept(core.key)).role for _ in range(2)}
+    assert hq_a == {"trainer", "middle_aggregator"}
+    await eventually(lambda: job.record.phase == "running")
+    await agents["hq-a"].go_offline()
+    hq_b = {(await agents["hq-b"].accept(core.key)).role for _ in range(2)}
+    assert hq_b == {"trainer", "middle_aggregator"}
+    middle = job.assignments[("hq-b", "middle_aggregator")]
+    await eventually(lambda: middle.state == "running")
+    assert job.assignments[("hq-a", "middle_aggregator")].state == "replaced"
+    assert job.assignments[("lab-gw", "middle_aggregator")].state == "running"
