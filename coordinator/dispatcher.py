@@ -562,6 +562,25 @@ class Dispatcher:
         message = CancelRole(job=job.record.id, role=a.role, reason=reason)
         return (self.topics.agent_inbox(a.agent), message.to_msgpack())
 
+    async def _commit_assignments(
+        self, job: _Job, changed: list[AssignmentRecord], commands: list[Command]
+    ) -> None:
+        """Store ``changed`` assignments with an event each, announce the job, then send
+        ``commands`` (the store first: a crash after sending must not forget a dispatch)."""
+        if not changed:
+            return
+        events: list[tuple[str | None, str, Mapping[str, Any]]] = [
+            (
+                job.record.id,
+                "assignment",
+                {"agent": a.agent, "role": a.role, "state": a.state, "reason": a.reason},
+            )
+            for a in changed
+        ]
+        await self.store.save(assignments=changed, events=events)
+        self._announce(job)
+        await self._send_all(commands)
+
     async def _send_all(self, commands: list[Command]) -> None:
         """Queue commands for the outbox; assignments become signed ``assign_role`` messages."""
         for command in commands:
@@ -760,19 +779,7 @@ class Dispatcher:
                 active.add(a.agent)
                 changed.append(a)
                 commands.append(a)
-        if not changed:
-            return
-        events: list[tuple[str | None, str, Mapping[str, Any]]] = [
-            (
-                job.record.id,
-                "assignment",
-                {"agent": a.agent, "role": a.role, "state": a.state, "reason": a.reason},
-            )
-            for a in changed
-        ]
-        await self.store.save(assignments=changed, events=events)
-        self._announce(job)
-        await self._send_all(commands)
+        await self._commit_assignments(job, changed, commands)
 
     async def _fill_middles(self, job: _Job) -> None:
         """Hierarchical and hybrid jobs: a middle aggregator at work for every group with a
@@ -818,19 +825,7 @@ class Dispatcher:
             self._mark_dispatched(a, now)
             job.assignments[(a.agent, a.role)] = a
             changed.append(a)
-        if not changed:
-            return
-        events: list[tuple[str | None, str, Mapping[str, Any]]] = [
-            (
-                job.record.id,
-                "assignment",
-                {"agent": a.agent, "role": a.role, "state": a.state, "reason": a.reason},
-            )
-            for a in changed
-        ]
-        await self.store.save(assignments=changed, events=events)
-        self._announce(job)
-        await self._send_all(list(changed))
+        await self._commit_assignments(job, changed, list(changed))
 
     async def _cancel_surplus(self, job: _Job) -> None:
         """Roles an agent still runs though their assignment ended (replaced, cancelled)."""
