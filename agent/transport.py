@@ -43,7 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
-from agent.protocol.errors import PayloadTooLarge, ProtocolError
+from agent.protocol.errors import PayloadTooLarge, ProtocolError, ReassemblyFull
 from agent.protocol.limits import KiB, MiB
 from agent.tasks import cancel_and_wait
 
@@ -191,6 +191,8 @@ class TransportStats:
     messages_in: int = 0
     bytes_in: int = 0
     chunks_rejected: int = 0
+    chunks_refused: int = 0
+    """Sound chunks of messages the reassembly bound had no room for (resent by their sender)."""
     dropped_full_queue: int = 0
     dropped_qos0_offline: int = 0
     resent_after_reconnect: int = 0
@@ -630,6 +632,11 @@ class Transport:
         if is_chunk(payload):
             try:
                 whole = self._reassembler.add(topic, payload)
+            except ReassemblyFull as exc:  # no room now: delayed (the sender resends), not lost
+                self.stats.chunks_refused += 1
+                if exc.first:
+                    log.info("chunked_message_refused", topic=topic, reason=str(exc))
+                return
             except ProtocolError as exc:  # ChunkError, or PayloadTooLarge for a forged size
                 self.stats.chunks_rejected += 1
                 log.warning("chunk_rejected", topic=topic, reason=str(exc))

@@ -19,8 +19,13 @@ followed by the chunk's bytes::
 
 :class:`Reassembler` takes frames in any order, ignores duplicates (also after completion, for
 QoS 1 redeliveries), rejects corrupt or inconsistent frames with a :class:`ChunkError`, keeps the
-memory reserved for incomplete messages under a bound (evicting the least recently active, of
-the same source first) and expires messages that stop making progress. A header's declared
+memory reserved for incomplete messages under a bound and expires messages that stop making
+progress. When the bound is reached, messages are admitted in arrival order: the chunks of a
+*new* message that does not fit are refused (:class:`ReassemblyFull`) rather than evicting
+partial messages that are further along, which under overload (many large messages in flight
+at once) would let none of them ever complete; the sender's spool resends the refused message
+later. So that one source (topic) cannot hold the whole bound, a source keeps at most half of
+it, evicting its own least recently active messages first. A header's declared
 size is only a claim: large messages are reassembled in anonymous memory maps, which the
 kernel backs with memory only as chunks arrive, so a forged first chunk claiming hundreds of
 megabytes costs nothing resident.
@@ -38,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.protocol.errors import ChunkError, PayloadTooLarge
+from agent.protocol.errors import ChunkError, PayloadTooLarge, ReassemblyFull
 from agent.protocol.limits import MiB
 from agent.protocol.msgpack_view import Buffer
 
@@ -163,6 +168,8 @@ class ReassemblyStats:
     rejected: int = 0
     expired: int = 0
     evicted: int = 0
+    refused: int = 0
+    """Messages refused for lack of room (their later chunks are refused too, uncounted here)."""
 
 
 MAP_ABOVE = 1024 * 1024
@@ -203,13 +210,15 @@ class Reassembler:
     max_message_bytes: int = 512 * MiB
     """A message claiming more than this is rejected at its first chunk."""
     max_pending_bytes: int = 1024 * MiB
-    """Bytes reserved for incomplete messages never exceed this."""
+    """Bytes reserved for incomplete messages never exceed this; a new message that does not
+    fit is refused until earlier ones complete or expire."""
     max_pending_messages: int = 256
+    """Incomplete messages at most; a new message beyond this is refused."""
     max_pending_per_source: int = 8
+    """Incomplete messages of one source (topic) at most; its own least recently active is
+    evicted first, so one noisy topic cannot push out the messages of the others."""
     max_chunks: int = 1 << 16
     """Chunks of one message at most (512 MiB in chunks of 8 KiB; senders use 256 KiB–1 MiB)."""
-    """Incomplete messages of one source (topic) at most; its own oldest is evicted first, so
-    one noisy topic cannot push out the messages of the others."""
     timeout: float = 60.0
     """Seconds without a new chunk after which an incomplete message is dropped."""
     remember_completed: int = 4096
@@ -223,7 +232,16 @@ class Reassembler:
 
     _partial: OrderedDict[tuple[str, bytes], _Partial] = field(default_factory=OrderedDict)
     _completed: OrderedDict[tuple[str, bytes], float] = field(default_factory=OrderedDict)
+    _refused: OrderedDict[tuple[str, bytes], float] = field(default_factory=OrderedDict)
+    """Messages refused for lack of room, by the time of their last chunk: their later chunks
+    are refused too (a message admitted half-way could never complete)."""
     _pending_bytes: int = 0
+
+    @property
+    def max_pending_bytes_per_source(self) -> int:
+        """Bytes one source's incomplete messages may hold: half the bound, so that a forged
+        first chunk of a huge declared size never blocks the other sources' traffic."""
+        return self.max_pending_bytes // 2
 
     @property
     def pending_bytes(self) -> int:
@@ -249,6 +267,13 @@ class Reassembler:
         if key in self._completed:
             self.stats.duplicates += 1
             return None
+        if key in self._refused:
+            self._refused[key] = now
+            self._refused.move_to_end(key)
+            raise ReassemblyFull(
+                f"message {header.message_id.hex()[:8]}: refused earlier for lack of room",
+                first=False,
+            )
         partial = self._partial.get(key)
         if partial is None:
             partial = self._start(key, header, now)
@@ -291,22 +316,30 @@ class Reassembler:
                 f"chunked message {header.message_id.hex()[:8]} claims {header.count} chunks, "
                 f"more than {self.max_chunks} (chunks of {header.chunk_size} bytes are too small)"
             )
-        if total > self.max_pending_bytes:
+        share = self.max_pending_bytes_per_source
+        if total > share:
             raise ChunkError(
                 f"chunked message {header.message_id.hex()[:8]} of {total} bytes cannot fit the "
-                f"reassembly bound of {self.max_pending_bytes}"
+                f"reassembly bound of {share} per source"
             )
         own = [k for k in self._partial if k[0] == key[0]]
-        while len(own) >= self.max_pending_per_source:
-            self._drop(own.pop(0), f"evicted: {self.max_pending_per_source} incomplete messages")
+        own_bytes = sum(len(self._partial[k].buffer) for k in own)
+        while own and (len(own) >= self.max_pending_per_source or own_bytes + total > share):
+            own_bytes -= self._drop(own.pop(0), "evicted: its source holds too many messages")
             self.stats.evicted += 1
-        while self._partial and (
-            self._pending_bytes + total > self.max_pending_bytes
-            or len(self._partial) >= self.max_pending_messages
+        if self._pending_bytes + total > self.max_pending_bytes or (
+            len(self._partial) >= self.max_pending_messages
         ):
-            oldest = next(iter(self._partial))
-            self._drop(oldest, "evicted to keep reassembly memory bounded")
-            self.stats.evicted += 1
+            self.stats.refused += 1
+            self._refused[key] = now
+            while len(self._refused) > self.remember_completed:
+                self._refused.popitem(last=False)
+            raise ReassemblyFull(
+                f"message {header.message_id.hex()[:8]} of {total} bytes refused: "
+                f"{self._pending_bytes} of {self.max_pending_bytes} bytes held by "
+                f"{len(self._partial)} incomplete messages (its sender will resend it)",
+                first=True,
+            )
         partial = _Partial(
             header.geometry(), _reserve(total), bytearray(header.count), header.count, now
         )
@@ -325,16 +358,20 @@ class Reassembler:
             self._drop(key, f"no chunk for {self.timeout:g} s")
             expired += 1
         self.stats.expired += expired
+        while self._refused and next(iter(self._refused.values())) < now - self.timeout:
+            self._refused.popitem(last=False)
         while (
             self._completed and next(iter(self._completed.values())) < now - self.remember_seconds
         ):
             self._completed.popitem(last=False)
         return expired
 
-    def _drop(self, key: tuple[str, bytes], reason: str) -> None:
+    def _drop(self, key: tuple[str, bytes], reason: str) -> int:
+        """Give up an incomplete message; return the bytes it held."""
         partial = self._forget(key)
         if self.on_drop is not None:
             self.on_drop(key[0], f"message {key[1].hex()[:8]}: {reason}", len(partial.buffer))
+        return len(partial.buffer)
 
     def _forget(self, key: tuple[str, bytes]) -> _Partial:
         partial = self._partial.pop(key)

@@ -15,6 +15,19 @@ class ChunkError(ProtocolError):
     """A chunk frame was rejected (corrupt, truncated, inconsistent with its siblings, too big)."""
 
 
+class ReassemblyFull(ProtocolError):
+    """A sound chunk of a message the reassembler has no room for now: refused, not corrupt.
+
+    ``first`` is true for the message's first refused chunk (log it once), false for the later
+    chunks of the same message. The sender's spool resends unacknowledged messages, so a refused
+    message is delayed, not lost.
+    """
+
+    def __init__(self, reason: str, *, first: bool) -> None:
+        super().__init__(reason)
+        self.first = first
+
+
 class PayloadTooLarge(ProtocolError):
     """A payload is larger than the configured maximum message size."""
 
