@@ -194,6 +194,24 @@ class _Partial:
     """One flag per chunk: a byte each, not a set of ints (a forged count is cheap to hold)."""
     missing: int
     last_seen: float
+    hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
+    """SHA-256 of the chunks ``0 .. hashed-1``: fed as in-order chunks arrive, while their data
+    is still in cache, so completion needs no second pass over the whole message."""
+    hashed: int = 0
+
+
+def _hash_in_order(partial: _Partial, data: memoryview, chunk_size: int) -> None:
+    """Hash the chunk that was next in order (from its frame), then every chunk after it that
+    had arrived out of order (from the message buffer)."""
+    partial.hasher.update(data)
+    partial.hashed += 1
+    count = len(partial.received)
+    if partial.hashed < count and partial.received[partial.hashed]:
+        with memoryview(partial.buffer) as whole:
+            while partial.hashed < count and partial.received[partial.hashed]:
+                start = partial.hashed * chunk_size
+                partial.hasher.update(whole[start : start + chunk_size])
+                partial.hashed += 1
 
 
 @dataclass
@@ -291,10 +309,12 @@ class Reassembler:
         partial.missing -= 1
         partial.last_seen = now
         self._partial.move_to_end(key)
+        if header.index == partial.hashed:
+            _hash_in_order(partial, data, header.chunk_size)
         if partial.missing:
             return None
         self._forget(key)
-        if hashlib.sha256(partial.buffer).digest() != header.digest:
+        if partial.hasher.digest() != header.digest:
             raise ChunkError(
                 f"message {header.message_id.hex()[:8]}: SHA-256 of the reassembled "
                 f"{header.total_size} bytes does not match"

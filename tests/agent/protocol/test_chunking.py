@@ -161,6 +161,37 @@ def test_a_wrong_digest_fails_the_whole_message() -> None:
     assert r.pending_bytes == 0
 
 
+@given(
+    st.binary(min_size=2, max_size=3000),
+    st.integers(1, 300),
+    st.integers(min_value=0),
+    st.randoms(use_true_random=False),
+)
+def test_one_substituted_chunk_in_any_order_fails_the_digest(
+    payload: bytes, chunk_size: int, which: int, rnd: object
+) -> None:
+    """The digest is computed as chunks arrive (in order from their frames, out of order from
+    the buffer): a chunk whose data was swapped for other bytes (its CRC redone, as an attacker
+    would) is caught whatever the arrival order."""
+    frames = split(payload, chunk_size)
+    header, data = parse_frame(frames[which % len(frames)])
+    forged = bytes(b ^ 0xFF for b in data)
+    frames[header.index] = build_frame(
+        header.message_id,
+        header.index,
+        header.count,
+        header.total_size,
+        chunk_size,
+        header.digest,
+        forged,
+    )
+    rnd.shuffle(frames)  # type: ignore[attr-defined]
+    r = Reassembler()
+    with pytest.raises(ChunkError, match="SHA-256 of the reassembled"):
+        feed(r, frames)
+    assert r.pending_bytes == 0
+
+
 @given(st.binary(min_size=10, max_size=2000), st.integers(1, 200))
 def test_chunks_of_two_messages_sharing_an_id_are_inconsistent(
     payload: bytes, chunk_size: int
