@@ -214,8 +214,8 @@ class Delivery:
 
         def drop() -> None:
             for entry in entries:
-                self.spool.remove(entry.id)
                 self.ledger.record("discarded", entry.id, reason=reason)
+                self.spool.remove(entry.id)
 
         if entries:
             await self.ctx.run_cpu(drop)
@@ -277,5 +277,7 @@ class Delivery:
         )
 
     def _done(self, entry: SpoolEntry, outcome: str, reason: str) -> None:
-        self.spool.remove(entry.id)
+        # The audit line first: a process that dies between the two keeps the entry spooled
+        # (sent again, refused as a duplicate) instead of an entry gone without a trace.
         self.ledger.record(outcome, entry.id, **({"reason": reason} if reason else {}))
+        self.spool.remove(entry.id)

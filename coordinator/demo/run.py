@@ -75,6 +75,9 @@ class DemoOptions:
     """Fraction of the agents that play slow devices (``[simulation] slowdown``)."""
     slowdown: float = 10.0
     """How many times slower those agents train."""
+    min_update_seconds: float = 0.0
+    """Every agent's ``[simulation] min_update_seconds``: a fixed least time per update, so a
+    job lasts long enough on any machine (fault tests outlast a failover with it)."""
     topology: Topology = "two_tier"
     """``hierarchical`` or ``hybrid``: the agents form :attr:`sites` groups by a ``site``
     label (agent i is at ``site-{i % sites}``), each with its own middle aggregator."""
@@ -257,7 +260,10 @@ def digits_scenario(options: DemoOptions) -> Scenario:
                 tags=("vision", "demo"),
                 labels=demo_labels(options, i),
                 allow_code=options.backend == "torch" or (options.backend == "auto" and i % 2 == 0),
-                simulation={"slowdown": options.slowdown if i < slow else 1.0},
+                simulation={
+                    "slowdown": options.slowdown if i < slow else 1.0,
+                    "min_update_seconds": options.min_update_seconds,
+                },
             )
             for i, shard in enumerate(shards)
         )
