@@ -190,3 +190,8 @@ class Flood:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()
             await self.process.wait()
+
+
+def time_to_target(value: Any) -> str:
+    """A time-to-accuracy figure for a table: seconds, or "not reached"."""
+    return "not reached" if value is None else f"{value:.1f}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.logs import configure_logging
-from bench.common import bench_broker, scaled, show, write_results
+from bench.common import bench_broker, scaled, show, time_to_target, write_results
 
 AGENTS = 8
 PER_ROUND = 4
@@ -104,17 +104,13 @@ async def run() -> dict[str, Any]:
     return figures
 
 
-def _seconds(value: Any) -> str:
-    return "not reached" if value is None else f"{value:.1f}"
-
-
 def main() -> None:
     configure_logging("warning")
     figures = asyncio.run(run())
     rows = [
         [
             selection,
-            _seconds(figures[f"{selection}_s"]),
+            time_to_target(figures[f"{selection}_s"]),
             figures[f"{selection}_versions"],
             figures[f"{selection}_final_accuracy"],
         ]
@@ -143,8 +139,8 @@ def summary(figures: dict[str, Any]) -> list[str]:
     for selection in SELECTIONS:
         accuracy = figures.get(f"{selection}_final_accuracy")
         lines.append(
-            f"| {selection} | {_seconds(figures.get(f'{selection}_s'))} | "
-            f"{', '.join(_seconds(t) for t in figures.get(f'{selection}_runs_s', []))} | "
+            f"| {selection} | {time_to_target(figures.get(f'{selection}_s'))} | "
+            f"{', '.join(time_to_target(t) for t in figures.get(f'{selection}_runs_s', []))} | "
             f"{figures.get(f'{selection}_versions')} | "
             f"{'n/a' if accuracy is None else f'{accuracy:.4f}'} |"
         )

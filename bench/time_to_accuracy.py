@@ -25,7 +25,7 @@ import numpy as np
 
 from agent.learning.assets import load_demo_model
 from agent.logs import configure_logging
-from bench.common import FLOWER, bench_broker, median, scaled, show, write_results
+from bench.common import FLOWER, bench_broker, median, scaled, show, time_to_target, write_results
 
 AGENTS = 8
 STRAGGLERS = 0.25
@@ -147,15 +147,15 @@ SYSTEMS = (
 )
 
 
-def _seconds(value: Any) -> str:
-    return "not reached" if value is None else f"{value:.1f}"
-
-
 def main() -> None:
     configure_logging("warning")
     figures = asyncio.run(run())
     rows = [
-        [label, _seconds(figures.get(f"{key}_s")), figures.get(f"{key}_final_accuracy", "n/a")]
+        [
+            label,
+            time_to_target(figures.get(f"{key}_s")),
+            figures.get(f"{key}_final_accuracy", "n/a"),
+        ]
         for key, label in SYSTEMS
         if f"{key}_s" in figures
     ]
@@ -184,7 +184,7 @@ def summary(figures: dict[str, Any]) -> list[str]:
             continue
         seconds = figures[f"{key}_s"]
         estimate = figures.get(f"{key}_estimated_s")
-        shown = _seconds(seconds)
+        shown = time_to_target(seconds)
         if seconds is None and estimate:
             shown = (
                 f"not reached in {figures['max_seconds']:g} "
