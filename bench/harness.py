@@ -9,10 +9,9 @@ job and cost nothing per update.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,10 +82,6 @@ class Host:
         transport.start()
         await transport.wait_connected(30)
         self.transports.append(transport)
-        loop = asyncio.get_running_loop()
-
-        async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
         async def report(event: Mapping[str, Any]) -> None:
             self.events.append({"agent": agent, **event})
@@ -104,7 +99,7 @@ class Host:
             topics=self.topics,
             state_dir=state,
             datasets=datasets or {},
-            run_cpu=run_cpu,
+            run_cpu=asyncio.to_thread,
             report=report,
         )
 

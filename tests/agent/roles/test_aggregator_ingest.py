@@ -4,8 +4,7 @@ default queue: FedBuff's flow control (one update in flight per trainer) is the 
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +39,6 @@ async def test_a_burst_from_every_trainer_is_kept(
         transports.append(transport)
         return transport
 
-    loop = asyncio.get_running_loop()
-
-    async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
-
     async def report(event: Mapping[str, Any]) -> None:
         reported.append(event)
 
@@ -63,7 +57,7 @@ async def test_a_burst_from_every_trainer_is_kept(
         topics=topics,
         state_dir=tmp_path,
         datasets={},
-        run_cpu=run_cpu,
+        run_cpu=asyncio.to_thread,
         report=report,
     )
     aggregator = Aggregator(ctx)

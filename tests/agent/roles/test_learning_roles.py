@@ -73,10 +73,6 @@ class Federation:
         transport.start()
         await transport.wait_connected(5)
         self.transports.append(transport)
-        loop = asyncio.get_running_loop()
-
-        async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            return await loop.run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
         async def report(event: Mapping[str, Any]) -> None:
             self.events.append({"agent": agent, **event})
@@ -95,7 +91,7 @@ class Federation:
             topics=self.topics,
             state_dir=state,
             datasets=datasets,
-            run_cpu=run_cpu,
+            run_cpu=asyncio.to_thread,
             report=report,
             extras=extras or {},
         )

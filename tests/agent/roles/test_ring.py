@@ -4,7 +4,6 @@ with the element-wise sum (hence the mean) numpy computes, for rings of 2 to 5 m
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,6 @@ async def members(
     rings: list[RingMember] = []
 
     async def make(count: int) -> list[RingMember]:
-        loop = asyncio.get_running_loop()
-
-        async def run_cpu(fn: Callable[..., Any], *args: Any) -> Any:
-            return await loop.run_in_executor(None, functools.partial(fn, *args))
 
         async def report(_event: Mapping[str, Any]) -> None:
             return None
@@ -50,7 +45,7 @@ async def members(
                 topics=topics,
                 state_dir=tmp_path / f"pi-{i}",
                 datasets={},
-                run_cpu=run_cpu,
+                run_cpu=asyncio.to_thread,
                 report=report,
             )
             ring = RingMember(ctx, "lab")
