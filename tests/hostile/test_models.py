@@ -105,7 +105,7 @@ async def test_hostile_model_messages_are_refused_with_their_reasons(trainer: Tr
     assert tally.sent >= EXAMPLES
     assert trainer.rejected == tally.sent
     for text in (
-        "model_version 0: tensor 'fc1.bias': dtype float64, the model has float32",
+        "tensor 'fc1.bias': dtype float64, the model has float32",
         "the model has (128,)",
         "is missing from the update",
         "is not in the model",
