@@ -30,7 +30,9 @@ from agent.protocol.msgpack_view import Buffer, materialize, pack, unpack
 from agent.protocol.topics import DEFAULT_PREFIX, check_segment
 
 BUNDLE_VERSION = 1
-ROLES = frozenset({"trainer", "aggregator", "middle_aggregator"})
+ROLES = frozenset(
+    {"trainer", "aggregator", "middle_aggregator", "aggregator_shard", "shard_assembler"}
+)
 BACKENDS = frozenset({"onnxruntime", "torch"})
 KEY_PREFIX = "ed25519:"
 

@@ -256,6 +256,34 @@ class ModelRequest(Message):
     have_version: Annotated[int, Range(min=-1)] = -1
 
 
+@dataclass(frozen=True, kw_only=True)
+class ShardHeld(Message):
+    """A sharded aggregator's shard tells the assembler which update parts it holds (each
+    checkpointed before it is named here), by update id: the trainer and base version t_i.
+    Sent whole each time (idempotent), after every new part, fold and reconnect (sharded FedBuff,
+    Nguyen et al. 2022: :mod:`agent.learning.shard_commit`)."""
+
+    TYPE: ClassVar[str] = "shard_held"
+    job: Name
+    shard: Count
+    version: Count
+    agents: dict[str, Name] = field(default_factory=dict)
+    bases: dict[str, Count] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardCommit(Message):
+    """The assembler's decision for a sharded FedBuff job: model ``version`` is the previous
+    version plus the updates ``ids``, folded in this order by every shard (Nguyen et al. 2022's
+    buffer of K, agreed across shards). ``final`` ends the job: the shards stop."""
+
+    TYPE: ClassVar[str] = "shard_commit"
+    job: Name
+    version: Count
+    ids: list[Annotated[str, Length(1, 256)]] = field(default_factory=list)
+    final: bool = False
+
+
 # -- request/response between the CLI and the coordinator ----------------------------------------
 
 

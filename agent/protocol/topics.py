@@ -119,6 +119,45 @@ class Topics:
     def group_ring_inbox(self, job: str, group: str, receiver: str) -> str:
         return self._group(job, group, "ring", "+", check_segment(receiver, "agent id"))
 
+    # shards (sharded aggregation) ------------------------------------------------------------
+    def _shard(self, job: str, shard: int, *rest: str) -> str:
+        if isinstance(shard, int) and shard < 0:
+            raise ValueError(f"shard: expected an integer ≥ 0, got {shard!r}")
+        return self.job(job, "shards", check_segment(str(shard), "shard"), *rest)
+
+    def shard_updates(self, job: str, shard: int, agent: str) -> str:
+        """A trainer's part of its updates for aggregator shard ``shard`` (the slice of its
+        delta that shard owns), msgpack, chunked; one topic per agent so ACLs can pin writers."""
+        return self._shard(job, shard, "updates", check_segment(agent, "agent id"))
+
+    def all_shard_updates(self, job: str, shard: int) -> str:
+        return self._shard(job, shard, "updates", "+")
+
+    def shard_held(self, job: str, shard: int) -> str:
+        """The update parts shard ``shard`` holds, for the assembler (small msgpack)."""
+        return self._shard(job, shard, "held")
+
+    def all_shard_held(self, job: str) -> str:
+        return self.job(job, "shards", "+", "held")
+
+    def shard_slice(self, job: str, shard: int) -> str:
+        """Shard ``shard``'s slice of each model version, for the assembler, msgpack, chunked."""
+        return self._shard(job, shard, "slice")
+
+    def all_shard_slices(self, job: str) -> str:
+        return self.job(job, "shards", "+", "slice")
+
+    def shard_commits(self, job: str) -> str:
+        """The assembler's commits (which updates make each version) to every shard."""
+        return self.job(job, "shards", "commit")
+
+    def shard_of(self, topic: str) -> int | None:
+        """The shard index in a ``jobs/<job>/shards/<shard>/...`` topic, or ``None``."""
+        levels = self._levels(topic)
+        if levels is None or len(levels) < 5 or levels[2] != "shards" or not levels[3].isdigit():
+            return None
+        return int(levels[3])
+
     def job_metrics(self, job: str, agent: str) -> str:
         """JSON metric events of the job's roles on one agent, QoS 0. One topic per agent, as
         for updates, so broker ACLs can pin its writer: the coordinator believes a job-ending

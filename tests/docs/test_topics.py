@@ -52,12 +52,17 @@ ENROLMENT = "enrolment needs a broker kit with logins (tests/coordinator/test_en
 GROUPS = (
     "the job is two-tier; hierarchical and hybrid jobs run in tests/agent/roles/test_hierarchy.py"
 )
+SHARDS = "the job has one aggregator; sharded jobs run in tests/agent/roles/test_sharded.py"
 NOT_EXERCISED = {
     "enrol/requests": ENROLMENT,
     "enrol/replies/<client>": ENROLMENT,
     "jobs/<job>/groups/<group>/updates/<agent>": GROUPS,
     "jobs/<job>/groups/<group>/model": GROUPS,
     "jobs/<job>/groups/<group>/ring/<agent>/<successor>": GROUPS,
+    "jobs/<job>/shards/<shard>/updates/<agent>": SHARDS,
+    "jobs/<job>/shards/<shard>/held": SHARDS,
+    "jobs/<job>/shards/<shard>/slice": SHARDS,
+    "jobs/<job>/shards/commit": SHARDS,
 }
 """Documented topics the job below does not produce, each with the reason."""
 
@@ -165,7 +170,7 @@ def test_every_json_example_in_the_reference_fits_its_schema() -> None:
 def test_every_topic_the_code_builds_is_in_the_reference() -> None:
     topics = Topics("p")
     rows = [r for r in topic_reference() if r.base == "ember"]
-    generic = {"agent", "job", "agent_of", "job_of", "metrics_sender"}  # parsers
+    generic = {"agent", "job", "agent_of", "job_of", "metrics_sender", "shard_of"}  # parsers
     built = 0
     for name, method in inspect.getmembers(topics, inspect.ismethod):
         if name.startswith(("_", "all_")) or name in generic:

@@ -24,6 +24,8 @@ from agent.protocol import (
     RingChunk,
     RpcRequest,
     RpcResponse,
+    ShardCommit,
+    ShardHeld,
     UpdateAck,
     decode_message,
 )
@@ -60,6 +62,8 @@ EXAMPLES: list[Message] = [
     ),
     ModelRequest(job="digits", agent="pi-1"),
     UpdateAck(job="digits", version=3, acks={"pi-1": "abc"}),
+    ShardHeld(job="digits", shard=1, version=4, agents={"abc": "pi-1"}, bases={"abc": 3}),
+    ShardCommit(job="digits", version=5, ids=["abc", "def"]),
     RingChunk(
         job="digits",
         ring="abc",

@@ -55,3 +55,19 @@ def test_unsafe_segments_are_refused(bad: str) -> None:
 def test_bad_prefixes_are_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="prefix"):
         Topics(prefix)
+
+
+def test_shard_topics_and_parsing() -> None:
+    t = Topics()
+    assert t.shard_updates("j", 1, "pi") == "ember/v1/jobs/j/shards/1/updates/pi"
+    assert t.all_shard_updates("j", 0) == "ember/v1/jobs/j/shards/0/updates/+"
+    assert t.shard_held("j", 0) == "ember/v1/jobs/j/shards/0/held"
+    assert t.all_shard_held("j") == "ember/v1/jobs/j/shards/+/held"
+    assert t.shard_slice("j", 2) == "ember/v1/jobs/j/shards/2/slice"
+    assert t.all_shard_slices("j") == "ember/v1/jobs/j/shards/+/slice"
+    assert t.shard_commits("j") == "ember/v1/jobs/j/shards/commit"
+    assert t.shard_of("ember/v1/jobs/j/shards/3/held") == 3
+    assert t.shard_of("ember/v1/jobs/j/shards/commit") is None
+    assert t.shard_of("ember/v1/jobs/j/updates/pi") is None
+    with pytest.raises(ValueError, match="shard"):
+        t.shard_held("j", -1)
