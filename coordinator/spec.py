@@ -177,6 +177,7 @@ class AlgorithmSpec:
     max_norm: float | None = None
     clip_norm: float | None = None
     partial_work: str = "keep"
+    shards: int = 1
     staleness: StalenessSpec = field(default_factory=StalenessSpec)
     server_optimizer: ServerOptimizerSpec = field(default_factory=ServerOptimizerSpec)
     client: ClientSpec = field(default_factory=ClientSpec)
@@ -275,6 +276,7 @@ class JobSpec:
                 "max_norm": algo.max_norm,
                 "clip_norm": algo.clip_norm,
                 "partial_work": algo.partial_work,
+                "shards": algo.shards,
                 "staleness": {"weight": algo.staleness.weight, "max": algo.staleness.max},
                 "server_optimizer": optimizer,
                 "client": dict(vars(algo.client)),
@@ -507,6 +509,8 @@ def parse_spec(raw: Any) -> JobSpec:
     topology = top.take("topology", _topology, TopologySpec())
     top.done()
     if topology.grouped:
+        if algorithm.shards > 1:
+            raise SpecError("algorithm.shards", f"{topology.kind} jobs run with one aggregator")
         if algorithm.server_optimizer.name == "feddyn":
             raise SpecError("topology.kind", f"{topology.kind} jobs do not support feddyn")
         if topology.kind == "hybrid" and algorithm.mode != "async":
@@ -633,6 +637,7 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         max_norm=f.take("max_norm", _float(0.0, exclusive_min=True), None),
         clip_norm=f.take("clip_norm", _float(0.0, exclusive_min=True), None),
         partial_work=f.take("partial_work", _choice(PARTIAL_WORK), "keep"),
+        shards=f.take("shards", _int(1), 1),
         staleness=f.take("staleness", _staleness, StalenessSpec()),
         server_optimizer=f.take("server_optimizer", _server_optimizer, ServerOptimizerSpec()),
         client=f.take("client", _client, ClientSpec()),
@@ -649,12 +654,28 @@ def _algorithm(value: Any, where: str) -> AlgorithmSpec:
         raise SpecError(
             f.where("client") + ".feddyn_alpha", "only used with server_optimizer: { name: feddyn }"
         )
+    if spec.shards > 1:
+        _check_sharded(spec, f)
     if spec.min_trainers > spec.concurrency and spec.mode == "async":
         raise SpecError(
             f.where("min_trainers"),
             f"must be ≤ algorithm.concurrency ({spec.concurrency}), got {spec.min_trainers}",
         )
     return spec
+
+
+def _check_sharded(spec: AlgorithmSpec, f: _Fields) -> None:
+    """Sharded aggregation is FedBuff's (Nguyen et al. 2022) over slices of the parameters: what
+    needs the whole delta in one place, or synchronous rounds, is refused by name."""
+    where = f.where("shards")
+    if spec.mode != "async":
+        raise SpecError(where, "sharded aggregation runs with mode: async")
+    if spec.max_norm is not None or spec.clip_norm is not None:
+        raise SpecError(where, "max_norm and clip_norm need the whole delta: not with shards > 1")
+    if spec.selection != "random":
+        raise SpecError(where, "oort selection is not available with shards > 1")
+    if spec.partial_work != "keep":
+        raise SpecError(where, "partial_work: drop is not available with shards > 1")
 
 
 def _staleness(value: Any, where: str) -> StalenessSpec:

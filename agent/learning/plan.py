@@ -83,6 +83,9 @@ class TrainingPlan:
     """An update from fewer local steps than planned: ``keep`` aggregates it (FedProx), ``drop``
     leaves it out (FedAvg as Li et al. 2020 run it: stragglers are dropped)."""
     eval_every: int = 1
+    shards: int = 1
+    """Aggregator shards (sharded FedBuff): each owns a slice of the parameters and trainers
+    send it only its slice of every delta (:mod:`agent.learning.shards`)."""
     stop: StopRules = field(default_factory=StopRules)
 
     @classmethod
@@ -132,6 +135,7 @@ class TrainingPlan:
             clip_norm=_opt_float(algorithm.get("clip_norm")),
             partial_work=str(algorithm.get("partial_work", "keep")),
             eval_every=_int(algorithm, "eval_every", 1, "algorithm."),
+            shards=_int(algorithm, "shards", 1, "algorithm."),
             stop=StopRules(
                 target_accuracy=_opt_float(stop.get("target_accuracy")),
                 max_updates=_opt_int(stop.get("max_updates")),
@@ -145,6 +149,8 @@ class TrainingPlan:
             raise PlanError(
                 f"algorithm.partial_work: must be keep or drop, got {plan.partial_work!r}"
             )
+        if plan.shards > 1 and plan.mode != "async":
+            raise PlanError("algorithm.shards: sharded aggregation runs with mode: async")
         if plan.round_timeout <= 0:
             raise PlanError(f"algorithm.round_timeout: must be > 0, got {plan.round_timeout}")
         return plan

@@ -19,6 +19,10 @@ trainer goes on while the broker is away, until the bounded spool is full.
 
 Every update's fate is appended to ``updates.jsonl`` in the role's state directory (spooled,
 acknowledged, discarded when the job ended): an audit trail for operators and fault tests.
+
+An update for a sharded aggregator is one message per shard (its slice of the delta on that
+shard's topic, every part with the update's id): the parts are spooled as entries
+``<update id>--<shard>``, sent together and acknowledged together by the update's one receipt.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +54,16 @@ aggregator shows it is alive (publishes a version; it does so after every reconn
 SPOOL_MAX_UPDATES = 32
 SPOOL_MAX_BYTES = 256 << 20
 """Default bounds of the update spool (``[spool]`` in the agent's config overrides them)."""
+PART_SEPARATOR = "--"
+"""Between an update's id and its part number in the spool entry of one part."""
 LEDGER = "updates.jsonl"
 LEDGER_MAX_BYTES = 4 << 20
 """The audit trail is rotated to ``updates.jsonl.1`` beyond this size."""
+
+
+def update_of(entry_id: str) -> str:
+    """The update a spool entry belongs to (the entry's own id unless it is one part)."""
+    return entry_id.split(PART_SEPARATOR, 1)[0]
 
 
 class UpdateLedger:
@@ -138,11 +149,12 @@ class Delivery:
     def _recover(self) -> tuple[int, int]:
         entries = self.spool.load()
         known = self.ledger.ids("spooled")
-        for entry in entries:
-            if entry.id not in known:  # spooled, then the process died before the ledger line
-                self.ledger.record("spooled", entry.id, recovered=True)
-                known.add(entry.id)
-        return len(entries), len(known)
+        updates = {update_of(entry.id) for entry in entries}
+        for update_id in sorted(updates - known):
+            # Spooled, then the process died before the ledger line.
+            self.ledger.record("spooled", update_id, recovered=True)
+            known.add(update_id)
+        return len(updates), len(known)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -152,7 +164,7 @@ class Delivery:
     # -- what the trainer tells us ---------------------------------------------------------------
     def acknowledged(self, update_id: str) -> None:
         """The aggregator's receipt named ``update_id``."""
-        if update_id in self.spool:
+        if self._spooled(update_id):
             self._acked.add(update_id)
         self.pulse()
 
@@ -167,7 +179,12 @@ class Delivery:
         self._pulse = asyncio.Event()
 
     def is_acked(self, update_id: str) -> bool:
-        return update_id in self._acked or update_id not in self.spool
+        return update_id in self._acked or not self._spooled(update_id)
+
+    def _spooled(self, update_id: str) -> bool:
+        return update_id in self.spool or any(
+            update_of(entry.id) == update_id for entry in self.spool.entries()
+        )
 
     async def wait(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
         """Until ``predicate()`` holds (``True``) or ``timeout`` seconds passed (``False``)."""
@@ -188,8 +205,15 @@ class Delivery:
 
     async def put(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
         """Spool one update durably (waiting while the spool is full) and have it sent."""
-        size = len(payload)
-        if not self.spool.has_room(size):
+        await self.put_parts(update_id, [(topic, payload)], base_version)
+
+    async def put_parts(
+        self, update_id: str, parts: Sequence[tuple[str, bytes]], base_version: int
+    ) -> None:
+        """Spool one update made of ``parts`` (topic, payload), one per aggregator shard, and
+        have them sent together; a single part is spooled as the update itself."""
+        size = sum(len(payload) for _, payload in parts)
+        if not self._has_room(size, len(parts)):
             if not self._full_logged:
                 log.warning(
                     "spool_full_training_paused",
@@ -198,31 +222,43 @@ class Delivery:
                     bytes=self.spool.size,
                 )
                 self._full_logged = True
-            await self.wait(lambda: self.spool.has_room(size), None)
+            await self.wait(lambda: self._has_room(size, len(parts)), None)
             self._full_logged = False
-        await self.ctx.run_cpu(self._put, update_id, topic, payload, base_version)
+        await self.ctx.run_cpu(self._put, update_id, parts, base_version)
         self.pulse()
 
-    def _put(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:
-        self.spool.put(update_id, topic, payload)
-        self.ledger.record("spooled", update_id, base=base_version, bytes=len(payload))
+    def _has_room(self, size: int, count: int) -> bool:
+        spool = self.spool
+        return len(spool) == 0 or (
+            len(spool) + count <= spool.max_entries and spool.size + size <= spool.max_bytes
+        )
+
+    def _put(self, update_id: str, parts: Sequence[tuple[str, bytes]], base_version: int) -> None:
+        for index, (topic, payload) in enumerate(parts):
+            entry_id = update_id if len(parts) == 1 else f"{update_id}{PART_SEPARATOR}{index}"
+            self.spool.put(entry_id, topic, payload)
+        size = sum(len(payload) for _, payload in parts)
+        self.ledger.record("spooled", update_id, base=base_version, bytes=size)
 
     async def discard_all(self, reason: str) -> int:
         """Drop every spooled update (the job ended: nobody will apply them); how many."""
         await self.close()
         entries = self.spool.entries()
 
+        updates = sorted({update_of(entry.id) for entry in entries})
+
         def drop() -> None:
+            for update_id in updates:
+                self.ledger.record("discarded", update_id, reason=reason)
             for entry in entries:
-                self.ledger.record("discarded", entry.id, reason=reason)
                 self.spool.remove(entry.id)
 
         if entries:
             await self.ctx.run_cpu(drop)
             log.info(
-                "spool_discarded", job=self.ctx.bundle.job, updates=len(entries), reason=reason
+                "spool_discarded", job=self.ctx.bundle.job, updates=len(updates), reason=reason
             )
-        return len(entries)
+        return len(updates)
 
     # -- the sender ------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -231,34 +267,38 @@ class Delivery:
             entries = self.spool.entries()
             if not entries:
                 continue
-            entry = entries[0]
+            update_id = update_of(entries[0].id)
+            parts = [entry for entry in entries if update_of(entry.id) == update_id]
             try:
-                await self._deliver(entry)
+                await self._deliver(update_id, parts)
                 outcome, reason = "acked", ""
             except (PayloadTooLarge, ValueError) as exc:
                 # It can never be sent (larger than the transport's limit): say so, go on.
-                log.error("update_undeliverable", update=entry.id, reason=str(exc))
+                log.error("update_undeliverable", update=update_id, reason=str(exc))
                 outcome, reason = "undeliverable", str(exc)
-            await self.ctx.run_cpu(self._done, entry, outcome, reason)
-            self._acked.discard(entry.id)
+            await self.ctx.run_cpu(self._done, update_id, parts, outcome, reason)
+            self._acked.discard(update_id)
             self.pulse()  # room in the spool
 
-    async def _deliver(self, entry: SpoolEntry) -> None:
-        """Send ``entry`` until its receipt arrives."""
+    async def _deliver(self, update_id: str, parts: Sequence[SpoolEntry]) -> None:
+        """Send an update's spooled parts until its receipt arrives."""
         loop = asyncio.get_running_loop()
         transport = self.ctx.transport
         attempt = 0
-        while entry.id not in self._acked:
+        while update_id not in self._acked:
             attempt += 1
             if attempt > 1:
                 self.resends += 1
-                log.info("update_resent", job=self.ctx.bundle.job, update=entry.id, attempt=attempt)
-            await self.ctx.publish(entry.topic, entry.payload)  # QoS 1: PUBACK of every chunk
+                log.info(
+                    "update_resent", job=self.ctx.bundle.job, update=update_id, attempt=attempt
+                )
+            for entry in parts:
+                await self.ctx.publish(entry.topic, entry.payload)  # QoS 1: PUBACK of every chunk
             self.sends += 1
             sent_at, session, models = loop.time(), transport.session, self._models
             interval = min(self.ack_timeout * 2 ** (attempt - 1), self.resend_max)
             resend_now = functools.partial(
-                self._resend_due, entry.id, sent_at, session, models, interval
+                self._resend_due, update_id, sent_at, session, models, interval
             )
             # The session counter moves without a pulse: look at least once a second.
             while not await self.wait(resend_now, 1.0):
@@ -276,8 +316,9 @@ class Delivery:
             or waited >= interval
         )
 
-    def _done(self, entry: SpoolEntry, outcome: str, reason: str) -> None:
+    def _done(self, update_id: str, parts: Sequence[SpoolEntry], outcome: str, reason: str) -> None:
         # The audit line first: a process that dies between the two keeps the entry spooled
         # (sent again, refused as a duplicate) instead of an entry gone without a trace.
-        self.ledger.record(outcome, entry.id, **({"reason": reason} if reason else {}))
-        self.spool.remove(entry.id)
+        self.ledger.record(outcome, update_id, **({"reason": reason} if reason else {}))
+        for entry in parts:
+            self.spool.remove(entry.id)

@@ -36,6 +36,7 @@ from agent.learning.hierarchy import Topology, TopologyError
 from agent.learning.loader import exported_model, make_backend
 from agent.learning.plan import TrainingPlan
 from agent.learning.ring import weighted_mean, weighted_vector
+from agent.learning.shards import SlicePlan
 from agent.protocol import (
     ModelRequest,
     ModelUpdate,
@@ -82,6 +83,8 @@ class Trainer(Role):
         self.rejected = 0
         """Messages on the model topic refused (malformed, another job's, wrong shapes)."""
         self.spec: ModelSpec | None = None
+        self.slices: SlicePlan | None = None
+        """A sharded aggregator's slices: each update goes out as one part per shard."""
         """The job's model: a version whose tensors do not match it is refused."""
         self._arrivals = 0
         self._latest_arrival = 0
@@ -98,6 +101,8 @@ class Trainer(Role):
             raise RoleError(f"dataset {name!r} is not on this agent (has {sorted(ctx.datasets)})")
         model = exported_model(bundle)
         self.spec = ModelSpec.of(model.initial_params)
+        if self.plan.shards > 1:
+            self.slices = SlicePlan(self.spec, self.plan.shards)
         backend: TrainingBackend = await ctx.run_cpu(make_backend, bundle, model)
         x, y = dataset.x, dataset.y
         topic, model_topic = self._channels()
@@ -174,9 +179,9 @@ class Trainer(Role):
                     tensors=delta,
                     metrics=metrics,
                 )
-                payload = await ctx.run_cpu(update.to_msgpack)
+                parts = await ctx.run_cpu(self._parts, update, topic)
                 ctx.progress({"state": "sending"})
-                await self.delivery.put(update.id, topic, payload, version.version)
+                await self.delivery.put_parts(update.id, parts, version.version)
                 self._sent_arrival = self._arrivals
                 self.updates_sent += 1
                 ctx.progress(
@@ -225,6 +230,21 @@ class Trainer(Role):
             return None
         mean, weight = await self.ctx.run_cpu(weighted_mean, total, delta)
         return mean, round(weight)
+
+    def _parts(self, update: ModelUpdate, topic: str) -> list[tuple[str, bytes]]:
+        """The messages ``update`` travels as: itself on ``topic``, or for a sharded aggregator
+        one per shard on that shard's topic, each with the slice of the delta the shard owns
+        (:class:`~agent.learning.shards.SlicePlan`) and the update's id, base and metrics."""
+        if self.slices is None:
+            return [(topic, update.to_msgpack())]
+        ctx = self.ctx
+        return [
+            (
+                ctx.topics.shard_updates(update.job, shard, ctx.agent_id),
+                dataclasses.replace(update, tensors=part).to_msgpack(),
+            )
+            for shard, part in enumerate(self.slices.split(update.tensors))
+        ]
 
     def _cut_short(self, hyper: HyperParams, samples: int) -> HyperParams:
         """``[simulation] partial_work``: stop after a seeded, uniformly random number of steps

@@ -293,6 +293,28 @@ def test_topologies_parse_and_round_trip() -> None:
         parse_spec(hybrid)
 
 
+def test_shards_reach_the_roles_plan_and_refuse_what_needs_the_whole_delta() -> None:
+    plan = TrainingPlan.from_config(parse_spec(with_change("algorithm.shards", 2)).to_dict())
+    assert plan.shards == 2
+    assert parse_spec(example()).to_dict()["algorithm"]["shards"] == 1
+    refused = {
+        "algorithm.mode": ("sync", r"algorithm\.shards: sharded aggregation runs with mode: async"),
+        "algorithm.max_norm": (5.0, r"algorithm\.shards: max_norm and clip_norm need the whole"),
+        "algorithm.selection": ("oort", r"algorithm\.shards: oort selection"),
+        "topology": (
+            {"kind": "hierarchical", "group_by": "site"},
+            r"algorithm\.shards: hierarchical jobs run with one aggregator",
+        ),
+    }
+    for path, (value, message) in refused.items():
+        raw = with_change(path, value)
+        raw["algorithm"]["shards"] = 2
+        with pytest.raises(SpecError, match=message):
+            parse_spec(raw)
+    with pytest.raises(SpecError, match=r"algorithm\.shards: must be ≥ 1"):
+        parse_spec(with_change("algorithm.shards", 0))
+
+
 def test_feddyn_needs_sync_rounds_and_its_alpha() -> None:
     raw = with_change("algorithm.mode", "sync")
     raw["algorithm"]["server_optimizer"] = {"name": "feddyn"}

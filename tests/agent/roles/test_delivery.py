@@ -164,3 +164,28 @@ async def test_an_update_the_transport_cannot_carry_is_recorded_and_skipped(
     ]
     [undeliverable] = [r for r in rows if r["event"] == "undeliverable"]
     assert "above the limit of 4096" in undeliverable["reason"]
+
+
+async def test_an_update_in_parts_goes_out_whole_and_is_acknowledged_once(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    # A sharded aggregator's trainer: one part per shard, each on its shard's topic.
+    async with Transport(BrokerConfig(urls=(mosquitto.url,), **FAST)) as transport:
+        await transport.wait_connected(5)
+        shards = [await transport.subscribe(topics.all_shard_updates("j", s)) for s in (0, 1)]
+        delivery = Delivery(
+            context(transport, topics, tmp_path), Spool(tmp_path / "spool"), ack_timeout=0.3
+        )
+        await delivery.start()
+        parts = [(topics.shard_updates("j", s, "pi"), f"part-{s}".encode()) for s in (0, 1)]
+        await delivery.put_parts("u1", parts, base_version=2)
+        assert [await next_payload(sub) for sub in shards] == [b"part-0", b"part-1"]
+        assert not delivery.is_acked("u1")
+        # Unacknowledged, both parts are sent again.
+        assert [await next_payload(sub) for sub in shards] == [b"part-0", b"part-1"]
+        delivery.acknowledged("u1")
+        assert await delivery.wait(lambda: len(delivery.spool) == 0, 5)
+        assert delivery.is_acked("u1")
+        await delivery.close()
+    events = [(row["event"], row["id"]) for row in read_ledger(tmp_path / "updates.jsonl")]
+    assert events == [("spooled", "u1"), ("acked", "u1")]
