@@ -292,8 +292,9 @@ class Delivery:
                 log.info(
                     "update_resent", job=self.ctx.bundle.job, update=update_id, attempt=attempt
                 )
-            for entry in parts:
-                await self.ctx.publish(entry.topic, entry.payload)  # QoS 1: PUBACK of every chunk
+            # QoS 1: PUBACK of every chunk. The parts of a sharded update go out side by side,
+            # each to its shard over its own topic.
+            await asyncio.gather(*(self.ctx.publish(e.topic, e.payload) for e in parts))
             self.sends += 1
             sent_at, session, models = loop.time(), transport.session, self._models
             interval = min(self.ack_timeout * 2 ** (attempt - 1), self.resend_max)

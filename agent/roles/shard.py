@@ -46,6 +46,7 @@ from agent.protocol import (
 )
 from agent.protocol.codec import TensorMap
 from agent.protocol.errors import PayloadTooLarge
+from agent.protocol.msgpack_view import Buffer
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext, register_role
 from agent.roles.trainer import RoleError
@@ -56,6 +57,8 @@ log = structlog.get_logger("ember.shard")
 
 REPORT_INTERVAL = 1.0
 """Seconds between two held reports when nothing changed (the assembler's heartbeat)."""
+PART_WORKERS = 4
+"""Parts checked and written at once."""
 PENDING_PER_TRAINER = 4
 """Parts held per trainer of the job's concurrency, at most: beyond, new parts wait (refused,
 not acknowledged, so their trainers send them again)."""
@@ -79,13 +82,13 @@ class PartStore:
         self.directory = directory
         self.parts: dict[str, PendingPart] = {}
 
-    def put(self, update: ModelUpdate, payload: bytes) -> PendingPart:
+    def write(self, update: ModelUpdate, payload: Buffer) -> PendingPart:
+        """Write one part durably (a worker thread may; the caller then adds it to
+        :attr:`parts` on its own thread)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{update.id}.msgpack"
-        write_durably(path, payload)
-        part = PendingPart(update.id, update.agent, update.base_version, path)
-        self.parts[update.id] = part
-        return part
+        write_durably(path, bytes(payload))
+        return PendingPart(update.id, update.agent, update.base_version, path)
 
     def read(self, update_id: str) -> ModelUpdate:
         part = self.parts[update_id]
@@ -136,8 +139,14 @@ class AggregatorShard(Aggregator):
         self.folded = 0
         """Updates this shard has folded into versions."""
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
-        self._held_changed = False
+        self._held_changed = asyncio.Event()
+        """Set when the held parts or the version changed: the reporter sends a report."""
         self._final = False
+        self._workers = asyncio.Semaphore(PART_WORKERS)
+        self._receiving: set[str] = set()
+        """Ids of the parts being checked and written now."""
+        self._holding: set[asyncio.Task[None]] = set()
+        self._max_pending = PENDING_PER_TRAINER * self.plan.concurrency
 
     def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
         self.slices = SlicePlan(ModelSpec.of(initial), self.plan.shards)
@@ -173,19 +182,20 @@ class AggregatorShard(Aggregator):
         pumps = [
             asyncio.create_task(self._pump(updates), name=f"{job}-shard-updates"),
             asyncio.create_task(self._pump(commits), name=f"{job}-shard-commits"),
+            asyncio.create_task(self._reporter(), name=f"{job}-shard-reports"),
         ]
 
         async def announce(_session: int) -> None:
-            self._held_changed = True  # the assembler hears from us again after a reconnect
+            self._held_changed.set()  # the assembler hears from us again after a reconnect
 
         ctx.transport.on_connect(announce)
         try:
             self._progress()
             await self._publish_slice({})
-            await self._report()
+            self._held_changed.set()
             await self._loop()
         finally:
-            await cancel_and_wait(pumps)
+            await cancel_and_wait([*pumps, *self._holding])
             await updates.close()
             await commits.close()
 
@@ -196,17 +206,11 @@ class AggregatorShard(Aggregator):
     async def _loop(self) -> None:
         commits_topic = self.ctx.topics.shard_commits(self.ctx.bundle.job)
         while not self._final:
-            try:
-                message = await asyncio.wait_for(self._inbox.get(), REPORT_INTERVAL)
-            except asyncio.TimeoutError:
-                await self._report()
-                continue
+            message = await self._inbox.get()
             if message.topic == commits_topic:
                 await self._on_commit(message)
             else:
                 await self._on_part(message)
-            if self._held_changed and self._inbox.empty():
-                await self._report()
         log.info(
             "shard_stopped", job=self.ctx.bundle.job, shard=self.shard, version=self.algo.version
         )
@@ -234,21 +238,52 @@ class AggregatorShard(Aggregator):
             return
         self.trainers.add(update.agent)
         if update.id in self.store.parts or update.id in self.fedbuff.applied_ids:
-            self._held_changed = True  # a resend: the assembler may have missed our report
+            self._held_changed.set()  # a resend: the assembler may have missed our report
             return
         if update.base_version > self.algo.version:
             reason = f"base version {update.base_version} is ahead of {self.algo.version}"
             await self._refuse(message.topic, reason, "version")
             return
-        verdict = await self.ctx.run_cpu(self.algo.spec.examine, update.tensors)
-        if isinstance(verdict, Rejection):
-            await self._refuse(message.topic, f"{update.id}: {verdict.reason}", verdict.code)
-            return
-        if len(self.store.parts) >= PENDING_PER_TRAINER * self.plan.concurrency:
+        if update.id in self._receiving:
+            return  # a resend of a part being checked and written now
+        if len(self.store.parts) + len(self._receiving) >= self._max_pending:
             log.warning("shard_part_deferred", job=job, shard=self.shard, update=update.id)
             return  # not held, so not acknowledged: its trainer sends it again
-        await self.ctx.run_cpu(self.store.put, update, bytes(message.payload))
-        self._held_changed = True
+        # Checking and writing a part take a few tens of milliseconds in worker threads: parts
+        # that arrive together (the broker interleaves their chunks) are taken side by side.
+        await self._workers.acquire()
+        self._receiving.add(update.id)
+        task = asyncio.create_task(self._hold(message.topic, update, message.payload))
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
+
+    async def _hold(self, topic: str, update: ModelUpdate, payload: Buffer) -> None:
+        try:
+            verdict = await self.ctx.run_cpu(self.algo.spec.examine, update.tensors)
+            if isinstance(verdict, Rejection):
+                await self._refuse(topic, f"{update.id}: {verdict.reason}", verdict.code)
+                return
+            part = await self.ctx.run_cpu(self.store.write, update, payload)
+            self.store.parts[update.id] = part
+            self._held_changed.set()
+        finally:
+            self._receiving.discard(update.id)
+            self._workers.release()
+
+    async def _reporter(self) -> None:
+        """Held reports, apart from the loop: a report's PUBACK waits behind the parts the
+        broker is sending this shard on the same connection, and the parts must not wait for
+        it. Changes during a send make one more report; without any, one a second."""
+        while True:
+            # asyncio.wait, not wait_for: Python 3.10/3.11's wait_for can swallow a cancellation
+            # that arrives as the event is set (agent.roles.delivery).
+            waiter = asyncio.ensure_future(self._held_changed.wait())
+            try:
+                await asyncio.wait({waiter}, timeout=REPORT_INTERVAL)
+            finally:
+                waiter.cancel()
+            self._held_changed.clear()
+            await self._report()
 
     async def _report(self) -> None:
         parts = list(self.store.parts.values())
@@ -259,7 +294,6 @@ class AggregatorShard(Aggregator):
             agents={p.update_id: p.agent for p in parts},
             bases={p.update_id: p.base_version for p in parts},
         )
-        self._held_changed = False
         await self.ctx.publish(
             self.ctx.topics.shard_held(self.ctx.bundle.job, self.shard), held.to_msgpack()
         )
@@ -282,14 +316,14 @@ class AggregatorShard(Aggregator):
         if commit.version != version + 1:
             # Already folded (a resend), or one was missed: the report says where we are and
             # the assembler sends the next commit again.
-            self._held_changed = True
+            self._held_changed.set()
             return
         missing = [i for i in commit.ids if i not in self.store.parts]
         if missing:
             log.error(
                 "shard_commit_unfoldable", shard=self.shard, version=commit.version, missing=missing
             )
-            self._held_changed = True
+            self._held_changed.set()
             return
         metrics = await self.ctx.run_cpu(self._fold, commit)
         if metrics is None:
@@ -298,7 +332,7 @@ class AggregatorShard(Aggregator):
         await self._checkpoint()
         await self.ctx.run_cpu(self.store.drop, list(commit.ids) + self._too_stale())
         await self._publish_slice(metrics)
-        self._held_changed = True
+        self._held_changed.set()
         log.info("shard_version", job=commit.job, shard=self.shard, version=self.algo.version)
 
     def _fold(self, commit: ShardCommit) -> dict[str, float] | None:
