@@ -144,8 +144,11 @@ class Flood:
     """``bench.flood`` in a child process: start it, wait until every publisher is connected,
     let them all go at once, collect what they sent."""
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], module: str = "bench.flood") -> None:
         self.config = dict(config)
+        self.module = module
+        """The child's module: ``bench.flood``, or another that speaks the same ready/go/result
+        lines (``bench.shard_host``)."""
         self.process: Any = None
 
     async def __aenter__(self) -> Flood:
@@ -155,7 +158,7 @@ class Flood:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bench.flood",
+            self.module,
             json.dumps(self.config),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -166,13 +169,19 @@ class Flood:
         line = await asyncio.wait_for(self.process.stdout.readline(), 300)
         if line.strip() != b"ready":
             await self.process.wait()
-            raise RuntimeError(f"bench.flood did not start: {line!r}")
+            raise RuntimeError(f"{self.module} did not start: {line!r}")
         return self
 
     def go(self) -> None:
         assert self.process is not None
         assert self.process.stdin is not None
         self.process.stdin.write(b"go\n")
+
+    def stop(self) -> None:
+        """The second line: a child that runs until told (``bench.shard_host``) ends."""
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"stop\n")
 
     async def result(self) -> dict[str, Any]:
         import asyncio
@@ -182,7 +191,7 @@ class Flood:
         line = await asyncio.wait_for(self.process.stdout.readline(), 600)
         await self.process.wait()
         if not line.strip():
-            raise RuntimeError(f"bench.flood exited with {self.process.returncode}")
+            raise RuntimeError(f"{self.module} exited with {self.process.returncode}")
         loaded: dict[str, Any] = json.loads(line)
         return loaded
 

@@ -9,12 +9,15 @@ apart from the receiver keeps the publishers' CPU out of the process being measu
 * ``trainers``: simulated Ember trainers, one Ember transport each, sending real
   :class:`~agent.protocol.ModelUpdate` messages (chunked like a trainer's) and, as a trainer
   does, the next one once the aggregator's receipt for the previous one has arrived (FedBuff's
-  flow control). No training: the delta is random and made once.
+  flow control). No training: the delta is random and made once. With ``shards`` set, each
+  update goes as one part per aggregator shard on the shards' topics, as a trainer of a
+  sharded job sends it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import sys
@@ -23,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.learning.aggregation import ModelSpec
+from agent.learning.shards import SlicePlan
 from agent.logs import configure_logging
 from agent.protocol import ModelUpdate, Topics, UpdateAck, decode_message
 from agent.protocol.errors import ProtocolError
@@ -74,14 +79,27 @@ class SimulatedTrainer:
             BrokerConfig(urls=(str(config["url"]),), backoff_initial=0.05), name=agent
         )
         self.template_id = secrets.token_hex(16)
-        self.template = ModelUpdate(
+        update = ModelUpdate(
             id=self.template_id,
             job=self.job,
             agent=agent,
             base_version=0,
             num_samples=100,
             tensors=delta,
-        ).to_msgpack()
+        )
+        shards = int(config.get("shards", 0))
+        self.templates = (
+            [(self.topics.job_updates(self.job, agent), update.to_msgpack())]
+            if not shards
+            else [
+                # A sharded aggregator's trainer: one part per shard, as agent.roles.trainer.
+                (
+                    self.topics.shard_updates(self.job, shard, agent),
+                    dataclasses.replace(update, tensors=part).to_msgpack(),
+                )
+                for shard, part in enumerate(SlicePlan(ModelSpec.of(delta), shards).split(delta))
+            ]
+        )
         self.acked: str | None = None
         self.ack = asyncio.Event()
         self.version = 0
@@ -108,14 +126,19 @@ class SimulatedTrainer:
 
     async def run(self, go: asyncio.Event, stop: asyncio.Event, ack_timeout: float) -> None:
         await go.wait()
-        topic = self.topics.job_updates(self.job, self.agent)
         while not stop.is_set():
             update_id = secrets.token_hex(16)
-            payload = self.template.replace(self.template_id.encode(), update_id.encode(), 1)
             self.ack.clear()
-            await self.transport.publish(topic, payload, timeout=600)
+            parts = [
+                (topic, template.replace(self.template_id.encode(), update_id.encode(), 1))
+                for topic, template in self.templates
+            ]
+            # Side by side, as agent.roles.delivery sends a sharded update's parts.
+            await asyncio.gather(
+                *(self.transport.publish(topic, part, timeout=600) for topic, part in parts)
+            )
+            self.bytes += sum(len(part) for _, part in parts)
             self.sent += 1
-            self.bytes += len(payload)
             deadline = time.monotonic() + ack_timeout
             while self.acked != update_id and time.monotonic() < deadline:
                 self.ack.clear()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PARTS = {
     "ceiling": "bench.ceiling",
     "aggregate": "bench.aggregate",
+    "sharded": "bench.sharded",
     "latency": "bench.latency",
     "footprint": "bench.footprint",
     "time_to_accuracy": "bench.time_to_accuracy",
