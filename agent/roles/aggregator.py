@@ -53,6 +53,7 @@ from agent.protocol.errors import PayloadTooLarge
 from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.trainer import RoleError
+from agent.tasks import cancel_and_wait
 from agent.transport import Inbound
 
 log = structlog.get_logger("ember.aggregator")
@@ -98,6 +99,8 @@ class Aggregator(Role):
         """FedBuff with Oort: the trainers started and not yet reported, with when (monotonic)."""
         self._last_publish = 0.0
         self._republish: asyncio.Task[None] | None = None
+        self._finished = False
+        """The final version is out: nothing may be published as a version after it."""
         self._round_opened = 0.0
         self._eval_result: EvalResult | None = None
         self._acks: dict[str, str] = {}
@@ -580,6 +583,10 @@ class Aggregator(Role):
         )
 
     async def _finish(self, reason: str) -> None:
+        self._finished = True
+        if self._republish is not None:
+            # A republish due after the final version would announce the job as still running.
+            await cancel_and_wait([self._republish])
         await self._publish(final=True)  # first: the coordinator may cancel this role any moment
         if self._acks_pending:  # saves what the last receipts name, for the record
             await self._send_acks()
@@ -621,7 +628,7 @@ class Aggregator(Role):
         self._last_publish = time.monotonic()
 
     def _schedule_republish(self) -> None:
-        if self._republish is not None and not self._republish.done():
+        if self._finished or (self._republish is not None and not self._republish.done()):
             return
         delay = max(0.0, self._last_publish + REPUBLISH_INTERVAL - time.monotonic())
 

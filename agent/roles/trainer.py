@@ -312,6 +312,8 @@ class Trainer(Role):
             return
         self.delivery.model_arrived()
         latest = self._latest
+        if latest is not None and latest.final:
+            return  # the job is over: a late republish of the same version must not undo that
         # The same version comes again when a synchronous round opens on it (now naming
         # its trainers) or when the aggregator answers a request: take it too.
         if latest is None or decoded.version >= latest.version or decoded.final:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from agent.learning.aggregation import ModelSpec
 from agent.learning.assets import load_demo_model
 from agent.learning.fedavg import SyncFedAvg
 from agent.learning.fedbuff import FedBuffAggregator
@@ -34,7 +35,7 @@ from agent.protocol.bundle import RoleBundle
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext
 from agent.roles.trainer import RoleError, Trainer
-from agent.transport import BrokerConfig, Transport
+from agent.transport import BrokerConfig, Inbound, Transport
 from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
 from coordinator.mosquitto import MosquittoProcess
 
@@ -531,3 +532,24 @@ async def test_oort_chooses_which_idle_trainers_fedbuff_starts(federation: Feder
     assert all(1 <= len(p) <= 2 for p in named)
     assert {a for p in named for a in p} == {f"pi-{i}" for i in range(5)}
     assert all(t.updates_sent > 0 for t in federation.trainers)
+
+
+async def test_a_trainer_keeps_the_final_version_over_a_late_republish(
+    federation: Federation,
+) -> None:
+    # The aggregator may answer a model request with the same version just after the final
+    # one went out: the trainer must still end, not train on for an aggregator that is gone.
+    shards, _ = digits(2)
+    ctx = await federation.context(
+        "pi-0", bundle("trainer", config(), "digits"), {"digits": shards[0]}
+    )
+    trainer = Trainer(ctx)
+    trainer.spec = ModelSpec.of(load_demo_model().initial_params)
+    topic = federation.topics.job_model("digits")
+    weights = dict(load_demo_model().initial_params)
+    for final in (True, False):
+        version = ModelVersion(job="digits", version=7, tensors=weights, final=final)
+        trainer.handle(Inbound(topic, version.to_msgpack(), False, 1))
+    assert trainer._latest is not None
+    assert trainer._latest.final
+    assert (await trainer._next_version(6, topic)).final
