@@ -314,6 +314,13 @@ def plan(
                 f"{group_by}, found {len(middles)}"
             )
     selected.extend(trainers)
+    if spec.algorithm.shards > 1:
+        # The roles exist (agent.roles.shard, agent.roles.assembler) and are tested; placing S
+        # shards and the assembler, and following them, is not in the dispatcher yet.
+        problems.append(
+            f"algorithm.shards {spec.algorithm.shards}: this coordinator does not place "
+            "sharded aggregators yet (run jobs with algorithm.shards: 1)"
+        )
     if len(eligible) < spec.algorithm.min_trainers:
         problems.append(
             f"needs at least {spec.algorithm.min_trainers} trainer(s), found {len(eligible)} "

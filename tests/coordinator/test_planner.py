@@ -143,6 +143,15 @@ def test_without_an_aggregator_host_the_plan_says_so() -> None:
     assert [s.agent for s in result.trainers] == ["a"]
 
 
+def test_a_sharded_job_is_not_placed_yet_and_the_plan_says_why() -> None:
+    result = plan([aggregator(), agent("a")], spec(algorithm__shards=2))
+    assert not result.feasible
+    assert result.problems == (
+        "algorithm.shards 2: this coordinator does not place sharded aggregators yet "
+        "(run jobs with algorithm.shards: 1)",
+    )
+
+
 def test_min_trainers() -> None:
     result = plan([aggregator(), agent("a")], spec(algorithm__min_trainers=2))
     assert result.problems == (
