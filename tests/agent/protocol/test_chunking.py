@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import zlib
 
 import pytest
 from hypothesis import assume, given
@@ -14,6 +15,7 @@ from agent.protocol.chunking import (
     Reassembler,
     build_frame,
     chunk_count,
+    crc_digest,
     is_chunk,
     parse_frame,
     split,
@@ -156,7 +158,9 @@ def test_a_wrong_digest_fails_the_whole_message() -> None:
         for i in range(3)
     ]
     r = Reassembler()
-    with pytest.raises(ChunkError, match="SHA-256 of the reassembled 2560 bytes does not match"):
+    with pytest.raises(
+        ChunkError, match="digest of the reassembled 2560 bytes' chunk CRCs does not match"
+    ):
         feed(r, frames)
     assert r.pending_bytes == 0
 
@@ -170,9 +174,9 @@ def test_a_wrong_digest_fails_the_whole_message() -> None:
 def test_one_substituted_chunk_in_any_order_fails_the_digest(
     payload: bytes, chunk_size: int, which: int, rnd: object
 ) -> None:
-    """The digest is computed as chunks arrive (in order from their frames, out of order from
-    the buffer): a chunk whose data was swapped for other bytes (its CRC redone, as an attacker
-    would) is caught whatever the arrival order."""
+    """The digest is fed as chunks arrive (in order, early ones when their turn comes): a chunk
+    whose data was swapped for other bytes, its frame CRC redone to match, is caught whatever
+    the arrival order."""
     frames = split(payload, chunk_size)
     header, data = parse_frame(frames[which % len(frames)])
     forged = bytes(b ^ 0xFF for b in data)
@@ -187,7 +191,7 @@ def test_one_substituted_chunk_in_any_order_fails_the_digest(
     )
     rnd.shuffle(frames)  # type: ignore[attr-defined]
     r = Reassembler()
-    with pytest.raises(ChunkError, match="SHA-256 of the reassembled"):
+    with pytest.raises(ChunkError, match="chunk CRCs does not match"):
         feed(r, frames)
     assert r.pending_bytes == 0
 
@@ -449,11 +453,26 @@ def test_a_noisy_source_evicts_its_own_incomplete_messages_first() -> None:
     assert feed(r, honest[1:], source="honest") == [bytearray(1500)]
 
 
-def test_large_messages_reassemble_from_a_memory_map() -> None:
-    payload = bytes(range(256)) * 8192  # 2 MiB: above MAP_ABOVE
-    [whole] = feed(Reassembler(), split(payload, 300_000))
-    assert isinstance(whole, memoryview)
-    assert whole == payload
+def test_messages_past_the_eager_budget_reassemble_from_a_memory_map() -> None:
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    [eager] = feed(Reassembler(), split(payload, 300_000))
+    assert isinstance(eager, bytearray)
+    assert eager == payload
+    [mapped] = feed(Reassembler(eager_bytes=1024 * 1024), split(payload, 300_000))
+    assert isinstance(mapped, memoryview)
+    assert mapped == payload
+
+
+def test_the_eager_budget_counts_incomplete_messages_only() -> None:
+    r = Reassembler(eager_bytes=5000)
+    first, second = split(bytes(3000), 1000), split(bytes(3000), 1000)
+    r.add("a", first[0])
+    assert r._eager_pending == 3000
+    feed(r, second[:1], source="b")  # does not fit beside the first: mapped
+    assert r._eager_pending == 3000
+    assert isinstance(feed(r, first[1:], source="a")[0], bytearray)
+    assert r._eager_pending == 0
+    assert isinstance(feed(r, second[1:], source="b")[0], memoryview)
 
 
 def test_a_forged_chunk_count_is_bounded() -> None:
@@ -463,3 +482,24 @@ def test_a_forged_chunk_count_is_bounded() -> None:
     forged = build_frame(b"\x09" * 16, 0, total, total, 1, b"\0" * 32, b"x")
     with pytest.raises(ChunkError, match="claims 268435456 chunks, more than 65536"):
         Reassembler().add("t", forged)
+
+
+def test_a_frame_of_another_format_is_refused_by_name() -> None:
+    """A sender on an older release (format 1: its CRC covered the header first) is told
+    apart from garbage, not taken for a whole message."""
+    frame = bytearray(split(b"x" * 100, 40)[0])
+    frame[3] = ord("1")
+    assert is_chunk(bytes(frame))
+    with pytest.raises(
+        ChunkError, match=r"chunk frame of format '1' \(this receiver reads format '2'\)"
+    ):
+        Reassembler().add("t", bytes(frame))
+
+
+def test_each_frame_carries_its_datas_crc_and_the_digest_of_all() -> None:
+    payload = bytes(range(256)) * 3
+    frames = split(payload, 100)
+    headers = [parse_frame(f)[0] for f in frames]
+    crcs = [zlib.crc32(payload[i * 100 : (i + 1) * 100]) for i in range(len(frames))]
+    assert [h.data_crc for h in headers] == crcs
+    assert {h.digest for h in headers} == {crc_digest(crcs)}
