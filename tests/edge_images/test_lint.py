@@ -99,6 +99,47 @@ def test_docker_buildx_bake_print() -> None:
         assert (REPO / target["context"] / target["dockerfile"]).is_file()
 
 
+def _unquote(value: object) -> object:
+    """python-hcl2 keeps string literals' quotes: drop them, in nested values too."""
+    if isinstance(value, str):
+        return value[1:-1] if len(value) >= 2 and value[0] == value[-1] == '"' else value
+    if isinstance(value, list):
+        return [_unquote(v) for v in value]
+    if isinstance(value, dict):
+        return {str(_unquote(k)): _unquote(v) for k, v in value.items() if k != "__is_block__"}
+    return value
+
+
+def test_the_bake_file_names_what_buildx_would_build() -> None:
+    """What ``docker buildx bake --print`` checks, read with an HCL parser: runs where the
+    buildx plugin cannot be installed (Debian 12 does not package it)."""
+    import hcl2
+
+    with BAKE.open() as handle:
+        bake = hcl2.load(handle)
+    variables = {name for block in bake["variable"] for name in _unquote(block)}  # type: ignore[union-attr]
+    targets: dict[str, dict] = {}  # type: ignore[type-arg]
+    for block in bake["target"]:
+        targets.update(_unquote(block))  # type: ignore[arg-type]
+    assert sorted(targets) == ["agent", "agent-jetson"]
+    assert sorted(targets["agent"]["platforms"]) == ["linux/amd64", "linux/arm64"]
+    assert targets["agent-jetson"]["platforms"] == ["linux/arm64"]
+    [group] = [_unquote(block)["default"] for block in bake["group"]]  # type: ignore[index]
+    assert set(group["targets"]) <= set(targets)
+    for name, target in targets.items():
+        dockerfile = REPO / target["context"] / target["dockerfile"]
+        assert dockerfile.is_file(), name
+        declared = {
+            line.split()[1].split("=")[0]
+            for line in dockerfile.read_text().splitlines()
+            if line.startswith("ARG ")
+        }
+        assert set(target.get("args", {})) <= declared, (name, declared)
+        for tag in target["tags"]:
+            used = {part.split("}")[0] for part in tag.split("${")[1:]}
+            assert used <= variables, (name, tag)
+
+
 def test_jetson_compose_uses_the_gpu_runtime_and_host_networking() -> None:
     compose = yaml.safe_load((EDGE / "jetson" / "compose.yaml").read_text())
     service = compose["services"]["ember-agent"]
