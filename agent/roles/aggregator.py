@@ -16,6 +16,7 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import json
@@ -104,9 +105,23 @@ class Aggregator(Role):
         self._round_opened = 0.0
         self._eval_result: EvalResult | None = None
         self._acks: dict[str, str] = {}
+        """Agent → its update processed since the last receipts (each receipt names only
+        those: with every trainer's last id ever, a receipt grew with the fleet and went to
+        all of it)."""
         self._acks_pending = False
         self._unsaved = False
         """Updates went into the buffer since the last checkpoint."""
+        self._state_lock = asyncio.Lock()
+        """Held by the serve loop while a message or a timer changes the state, and by a
+        checkpoint while it takes its snapshot: no snapshot sees half an update."""
+        self._save_lock = asyncio.Lock()
+        """One checkpoint write at a time, newest last."""
+        self._snapshots = 0
+        self._written = 0
+        """Sequence numbers of the newest snapshot taken and of the newest on disk."""
+        self._saver: asyncio.Task[None] | None = None
+        self._model_on_disk = -1
+        """The version whose model part the checkpoint directory holds."""
         self._report_budget = TokenBucket(
             REJECTION_REPORTS_PER_SECOND, 2 * REJECTION_REPORTS_PER_SECOND
         )
@@ -145,6 +160,8 @@ class Aggregator(Role):
             serving = False
             if self._republish is not None:
                 self._republish.cancel()
+            if self._saver is not None:
+                await cancel_and_wait([self._saver])
             await updates.close()
 
     def _updates_queue_bytes(self) -> int:
@@ -220,14 +237,17 @@ class Aggregator(Role):
             if stop is not None:
                 await self._finish(stop)
                 return
+            self._raise_saver_error()
             try:
                 message = await updates.get(timeout=self._wait_budget())
             except asyncio.TimeoutError:
-                await self._on_timer()
+                async with self._state_lock:
+                    await self._on_timer()
                 continue
-            await self.handle(message)
-            if self._acks_pending and not len(updates):
-                await self._send_acks()
+            async with self._state_lock:
+                await self.handle(message)
+            if self._acks_pending:
+                self._acknowledge_soon()
 
     async def handle(self, message: Inbound) -> None:
         """One message from the updates topics: validated, then applied or refused with its
@@ -280,13 +300,49 @@ class Aggregator(Role):
         self.rejections[code] = self.rejections.get(code, 0) + 1
 
     async def _send_acks(self) -> None:
-        """Receipts for every update processed since the last ones, in one small message."""
+        """Receipts for every update processed since the last ones, in one small message, once
+        they are on disk (an acknowledged update must survive a crash: its sender will not send
+        it again). Waits for receipts already on their way."""
+        if self._saver is not None:
+            await asyncio.wait({self._saver})
+            self._raise_saver_error()
         if self._unsaved:
-            # An acknowledged update must survive a crash: its sender will not send it again.
             await self._checkpoint()
-        ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=dict(self._acks))
-        self._acks_pending = False
+        ack = UpdateAck(job=self.ctx.bundle.job, version=self.algo.version, acks=self._acks)
+        self._acks, self._acks_pending = {}, False
         await self.ctx.publish(self._model_topic(), ack.to_msgpack())
+
+    def _acknowledge_soon(self) -> None:
+        """Start :meth:`_save_and_acknowledge` unless it is running (it takes what it finds)."""
+        if self._saver is None or self._saver.done():
+            self._raise_saver_error()
+            self._saver = asyncio.create_task(
+                self._save_and_acknowledge(), name=f"{self.ctx.bundle.job}-receipts"
+            )
+
+    async def _save_and_acknowledge(self) -> None:
+        """Group commit: snapshot what has been processed, write it while the serve loop goes
+        on taking updates, then acknowledge exactly what the snapshot holds; again while more
+        came meanwhile. Receipts used to wait until the updates queue ran empty and the loop
+        stood still during every write: the trainers (one update in flight each) then sent in
+        convoys and the aggregator idled between them (bench/aggregate)."""
+        while self._acks_pending:
+            async with self._state_lock:
+                acks, version = self._acks, self.algo.version
+                self._acks, self._acks_pending = {}, False
+                snapshot = await self._snapshot() if self._unsaved else None
+            if snapshot is not None:
+                await self._write(*snapshot)
+            ack = UpdateAck(job=self.ctx.bundle.job, version=version, acks=acks)
+            await self.ctx.publish(self._model_topic(), ack.to_msgpack())
+
+    def _raise_saver_error(self) -> None:
+        """A checkpoint that failed (a full disk) ends the role, as an inline one would."""
+        saver = self._saver
+        if saver is not None and saver.done() and not saver.cancelled():
+            error = saver.exception()
+            if error is not None:
+                raise error
 
     def _wait_budget(self) -> float:
         if isinstance(self.algo, SyncFedAvg) and self.algo.current_round is not None:
@@ -528,16 +584,50 @@ class Aggregator(Role):
         )
 
     async def _checkpoint(self) -> None:
-        state = await self.ctx.run_cpu(lambda: encode_tensors(self.algo.state_dict()))
-        meta = {
-            "history": self.history,
-            "started_at": self.started_at,
-            "trainers": sorted(self.trainers),
-            "rejections": self.rejections,
-            **self._extra_meta(),
-        }
-        await self.ctx.run_cpu(self.checkpoints.save, self.algo.version, state, meta)
+        """Save the whole state now; the caller keeps it still (the serve loop's state lock,
+        or no other task changing it)."""
+        await self._write(*await self._snapshot())
+
+    async def _snapshot(self) -> tuple[int, int, bytes, dict[str, Any], bytes | None]:
+        """The state as it is now, encoded, with a copy of its metadata and a sequence number;
+        the model part is encoded only while this version's is not on disk yet (between
+        versions only the buffer, counters and applied ids change: half of the bytes or less)."""
+        version = self.algo.version
+        with_model = self._model_on_disk != version
+
+        def encode() -> tuple[bytes, bytes | None]:
+            model, rest = split_model_state(self.algo.state_dict())
+            return encode_tensors(rest), encode_tensors(model) if with_model else None
+
+        state, model = await self.ctx.run_cpu(encode)
+        meta = copy.deepcopy(
+            {
+                "history": self.history,
+                "started_at": self.started_at,
+                "trainers": sorted(self.trainers),
+                "rejections": self.rejections,
+                **self._extra_meta(),
+            }
+        )
         self._unsaved = False
+        self._snapshots += 1
+        return self._snapshots, version, state, meta, model
+
+    async def _write(
+        self, seq: int, version: int, state: bytes, meta: dict[str, Any], model: bytes | None
+    ) -> None:
+        """Put snapshot ``seq`` on disk unless a newer one already is (it holds all of this
+        one: the state only grows between versions, and a version's checkpoint holds its
+        buffer): a checkpoint never goes back in time."""
+        async with self._save_lock:
+            if seq < self._written:
+                return
+            await self.ctx.run_cpu(
+                functools.partial(self.checkpoints.save, version, state, meta, model, split=True)
+            )
+            self._written = seq
+            if model is not None:
+                self._model_on_disk = version
 
     def _extra_meta(self) -> dict[str, Any]:
         """More to keep in each checkpoint's JSON (read back by :meth:`_resume_meta`)."""
@@ -639,23 +729,61 @@ class Aggregator(Role):
         self._republish = asyncio.create_task(later())
 
 
+MODEL_STATE = ("weights/", "optimizer/")
+"""State keys that change only when a version is made: the model and the server optimizer's
+state. A checkpoint writes them once per version, the rest (buffer, counters, applied ids) on
+every save."""
+
+
+def split_model_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``state`` as (the part that changes only between versions, the rest)."""
+    model = {k: v for k, v in state.items() if k.startswith(MODEL_STATE)}
+    return model, {k: v for k, v in state.items() if k not in model}
+
+
 class Checkpoints:
     """Model versions on disk: the aggregator's full state (tensor codec, never pickle) and a
-    small JSON with history, written atomically; the newest few are kept."""
+    small JSON with history, written atomically; the newest few are kept.
+
+    A version's model part (:data:`MODEL_STATE`) may be written once, in its own file, and the
+    rest as often as receipts need it: ``latest.json`` names both, and a model file is on disk
+    before any pointer names it."""
 
     def __init__(self, directory: Path, keep: int = KEEP_CHECKPOINTS) -> None:
         self.directory = directory
         self.keep = keep
 
-    def save(self, version: int, state: bytes, meta: Mapping[str, Any]) -> Path:
+    @staticmethod
+    def model_name(version: int) -> str:
+        return f"v{version:08d}.model.tensors"
+
+    def save(
+        self,
+        version: int,
+        state: bytes,
+        meta: Mapping[str, Any],
+        model: bytes | None = None,
+        *,
+        split: bool = False,
+    ) -> Path:
+        """Write ``state`` for ``version``; with ``split`` its model part is in this version's
+        model file, written now from ``model`` or by an earlier save of the same version."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"v{version:08d}.tensors"
+        pointer = {**meta, "version": version, "file": path.name}
+        if split:
+            model_path = self.directory / self.model_name(version)
+            if model is not None:
+                write_durably(model_path, model)
+            elif not model_path.exists():
+                raise FileNotFoundError(f"{model_path}: a version's model part must be saved first")
+            pointer["model_file"] = model_path.name
         write_durably(path, state)
-        write_durably(
-            self.directory / "latest.json",
-            json.dumps({**meta, "version": version, "file": path.name}).encode(),
-        )
-        for old in sorted(self.directory.glob("v*.tensors"))[: -self.keep]:
+        write_durably(self.directory / "latest.json", json.dumps(pointer).encode())
+        files = sorted(self.directory.glob("v*.tensors"))
+        models = [f for f in files if f.name.endswith(".model.tensors")]
+        states = [f for f in files if not f.name.endswith(".model.tensors")]
+        for old in states[: -self.keep] + models[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 
@@ -664,5 +792,10 @@ class Checkpoints:
         if not pointer.exists():
             return None
         meta = json.loads(pointer.read_text())
-        state = decode_tensors((self.directory / meta["file"]).read_bytes(), require_finite=False)
-        return dict(state), meta
+        state = dict(
+            decode_tensors((self.directory / meta["file"]).read_bytes(), require_finite=False)
+        )
+        if "model_file" in meta:
+            model = (self.directory / meta["model_file"]).read_bytes()
+            state.update(decode_tensors(model, require_finite=False))
+        return state, meta
