@@ -16,6 +16,7 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -60,6 +61,8 @@ from agent.transport import Inbound
 log = structlog.get_logger("ember.aggregator")
 
 REPUBLISH_INTERVAL = 0.5
+GROUP_COMMIT_WAIT = 0.05
+"""Seconds a commit waits at most for the updates already queued to be handled."""
 """Model requests within this many seconds of a publish are answered by that publish."""
 KEEP_CHECKPOINTS = 3
 UPDATE_OVERHEAD = 64 * 1024
@@ -122,6 +125,8 @@ class Aggregator(Role):
         self._saver: asyncio.Task[None] | None = None
         self._model_on_disk = -1
         """The version whose model part the checkpoint directory holds."""
+        self._caught_up = asyncio.Event()
+        """Set while the serve loop has handled every update the transport queued."""
         self._report_budget = TokenBucket(
             REJECTION_REPORTS_PER_SECOND, 2 * REJECTION_REPORTS_PER_SECOND
         )
@@ -246,6 +251,10 @@ class Aggregator(Role):
                 continue
             async with self._state_lock:
                 await self.handle(message)
+            if len(updates):
+                self._caught_up.clear()
+            else:
+                self._caught_up.set()
             if self._acks_pending:
                 self._acknowledge_soon()
 
@@ -327,6 +336,11 @@ class Aggregator(Role):
         stood still during every write: the trainers (one update in flight each) then sent in
         convoys and the aggregator idled between them (bench/aggregate)."""
         while self._acks_pending:
+            if not self._caught_up.is_set():
+                # Updates already queued join this commit (small updates arrive faster than
+                # commits: one each would spend the time on fsync), but none waits for long.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._caught_up.wait(), GROUP_COMMIT_WAIT)
             async with self._state_lock:
                 acks, version = self._acks, self.algo.version
                 self._acks, self._acks_pending = {}, False
