@@ -22,7 +22,8 @@ acknowledged, discarded when the job ended): an audit trail for operators and fa
 
 An update for a sharded aggregator is one message per shard (its slice of the delta on that
 shard's topic, every part with the update's id): the parts are spooled as entries
-``<update id>--<shard>``, sent together and acknowledged together by the update's one receipt.
+``<update id>--<shard>-<shards>``, sent together once all are spooled, and acknowledged together
+by the update's one receipt.
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ LEDGER_MAX_BYTES = 4 << 20
 def update_of(entry_id: str) -> str:
     """The update a spool entry belongs to (the entry's own id unless it is one part)."""
     return entry_id.split(PART_SEPARATOR, 1)[0]
+
+
+def part_count(entry_id: str) -> int:
+    """How many parts the update of a spool entry has (``<id>--<index>-<count>``; 1 for a whole
+    update)."""
+    _, sep, part = entry_id.partition(PART_SEPARATOR)
+    return int(part.rsplit("-", 1)[1]) if sep else 1
+
+
+def whole_updates(entries: Sequence[SpoolEntry]) -> dict[str, list[SpoolEntry]]:
+    """Spooled updates with every part there, oldest first (a sharded update's parts are
+    spooled one by one: the sender must not start on one while its last parts are written)."""
+    updates: dict[str, list[SpoolEntry]] = {}
+    for entry in entries:
+        updates.setdefault(update_of(entry.id), []).append(entry)
+    return {u: parts for u, parts in updates.items() if len(parts) == part_count(parts[0].id)}
 
 
 class UpdateLedger:
@@ -149,7 +166,14 @@ class Delivery:
     def _recover(self) -> tuple[int, int]:
         entries = self.spool.load()
         known = self.ledger.ids("spooled")
-        updates = {update_of(entry.id) for entry in entries}
+        whole = whole_updates(entries)
+        for update_id in sorted({update_of(entry.id) for entry in entries} - set(whole)):
+            # Some parts only: the process died while spooling it, so it was never sent.
+            self.ledger.record("discarded", update_id, reason="parts missing after a restart")
+        for entry in entries:
+            if update_of(entry.id) not in whole:
+                self.spool.remove(entry.id)
+        updates = set(whole)
         for update_id in sorted(updates - known):
             # Spooled, then the process died before the ledger line.
             self.ledger.record("spooled", update_id, recovered=True)
@@ -235,7 +259,9 @@ class Delivery:
 
     def _put(self, update_id: str, parts: Sequence[tuple[str, bytes]], base_version: int) -> None:
         for index, (topic, payload) in enumerate(parts):
-            entry_id = update_id if len(parts) == 1 else f"{update_id}{PART_SEPARATOR}{index}"
+            entry_id = (
+                update_id if len(parts) == 1 else f"{update_id}{PART_SEPARATOR}{index}-{len(parts)}"
+            )
             self.spool.put(entry_id, topic, payload)
         size = sum(len(payload) for _, payload in parts)
         self.ledger.record("spooled", update_id, base=base_version, bytes=size)
@@ -264,11 +290,11 @@ class Delivery:
     async def _run(self) -> None:
         while True:
             await self.wait(lambda: len(self.spool) > 0, None)
-            entries = self.spool.entries()
-            if not entries:
+            whole = whole_updates(self.spool.entries())
+            if not whole:
+                await self.wait(lambda: False, 0.05)  # the last parts are being written
                 continue
-            update_id = update_of(entries[0].id)
-            parts = [entry for entry in entries if update_of(entry.id) == update_id]
+            update_id, parts = next(iter(whole.items()))
             try:
                 await self._deliver(update_id, parts)
                 outcome, reason = "acked", ""

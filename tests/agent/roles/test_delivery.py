@@ -189,3 +189,27 @@ async def test_an_update_in_parts_goes_out_whole_and_is_acknowledged_once(
         await delivery.close()
     events = [(row["event"], row["id"]) for row in read_ledger(tmp_path / "updates.jsonl")]
     assert events == [("spooled", "u1"), ("acked", "u1")]
+
+
+async def test_a_restart_drops_an_update_whose_parts_were_not_all_spooled(
+    mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    for s in (0, 1):
+        spool.put(f"whole--{s}-2", topics.shard_updates("j", s, "pi"), f"whole-{s}".encode())
+    spool.put("torn--0-2", topics.shard_updates("j", 0, "pi"), b"torn-0")  # then the crash
+    async with Transport(BrokerConfig(urls=(mosquitto.url,), **FAST)) as transport:
+        await transport.wait_connected(5)
+        shards = [await transport.subscribe(topics.all_shard_updates("j", s)) for s in (0, 1)]
+        delivery = Delivery(context(transport, topics, tmp_path), Spool(tmp_path / "spool"))
+        assert await delivery.start() == (1, 1)
+        assert [await next_payload(sub) for sub in shards] == [b"whole-0", b"whole-1"]
+        delivery.acknowledged("whole")
+        assert await delivery.wait(lambda: len(delivery.spool) == 0, 5)
+        await delivery.close()
+    rows = read_ledger(tmp_path / "updates.jsonl")
+    assert [(r["event"], r["id"]) for r in rows] == [
+        ("discarded", "torn"),
+        ("spooled", "whole"),
+        ("acked", "whole"),
+    ]
