@@ -275,13 +275,15 @@ class ShardHeld(Message):
 class ShardCommit(Message):
     """The assembler's decision for a sharded FedBuff job: model ``version`` is the previous
     version plus the updates ``ids``, folded in this order by every shard (Nguyen et al. 2022's
-    buffer of K, agreed across shards). ``final`` ends the job: the shards stop."""
+    buffer of K, agreed across shards). ``final`` ends the job: the shards stop. ``slices``: a
+    shard already at ``version`` publishes its slice again (the assembler restarted)."""
 
     TYPE: ClassVar[str] = "shard_commit"
     job: Name
     version: Count
     ids: list[Annotated[str, Length(1, 256)]] = field(default_factory=list)
     final: bool = False
+    slices: bool = False
 
 
 # -- request/response between the CLI and the coordinator ----------------------------------------

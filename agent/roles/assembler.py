@@ -22,12 +22,13 @@ It receives no update data: S small reports per held part and S slices per versi
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
+from agent.durable import write_durably
 from agent.learning.aggregation import ModelSpec
 from agent.learning.assembly import AssembledFedBuff
 from agent.learning.fedavg import SyncFedAvg
@@ -76,7 +77,9 @@ class ShardAssembler(Aggregator):
         )
         self._slices: dict[int, dict[int, ModelVersion]] = {}
         """Slices of versions not assembled yet: version → shard → slice."""
-        self._resumed_commits: dict[int, list[str]] = {}
+        self.commit_log = ctx.state_dir / "commits.json"
+        """The recent commits, written before each is sent (a restart must not commit a
+        version number twice)."""
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         self._resent: dict[int, tuple[int, float]] = {}
         """Per shard: the commit last sent again and when (monotonic)."""
@@ -90,16 +93,22 @@ class ShardAssembler(Aggregator):
         assert isinstance(self.algo, AssembledFedBuff)
         return self.algo
 
-    def _extra_meta(self) -> dict[str, Any]:
-        return {"commits": {str(k): v for k, v in self.ledger.recent_commits().items()}}
-
-    def _resume_meta(self, meta: Mapping[str, Any]) -> None:
-        self._resumed_commits = {int(k): list(v) for k, v in meta.get("commits", {}).items()}
-
     async def prepare(self) -> bool:
+        """The aggregator's resume, and the commits sent before a restart: shards may have
+        folded versions this assembler had not assembled yet."""
         resumed = await super().prepare()
-        self.ledger.resume(self.algo.version, self._resumed_commits)
+        commits = await self.ctx.run_cpu(self._load_commits)
+        self.ledger.resume(max([self.algo.version, *commits]), commits)
         return resumed
+
+    def _load_commits(self) -> dict[int, list[str]]:
+        if not self.commit_log.exists():
+            return {}
+        return {int(k): list(v) for k, v in json.loads(self.commit_log.read_text()).items()}
+
+    def _save_commits(self) -> None:
+        commits = {str(k): v for k, v in self.ledger.recent_commits().items()}
+        write_durably(self.commit_log, json.dumps(commits).encode())
 
     # -- the loop (Aggregator.run subscribes the trainers' requests and calls this) ------------
     async def _serve(self, updates: Any) -> None:
@@ -116,6 +125,13 @@ class ShardAssembler(Aggregator):
             for i, sub in enumerate((updates, held, slices))
         ]
         try:
+            last = self.ledger.recent_commits().get(self.ledger.version)
+            if last is not None:
+                # After a restart: a shard that missed the last commit folds it, and every shard
+                # at it publishes its slice again, so this assembler can catch up.
+                await self._send_commit(
+                    ShardCommit(job=job, version=self.ledger.version, ids=last, slices=True)
+                )
             await self._loop()
         finally:
             await cancel_and_wait(pumps)
@@ -145,7 +161,11 @@ class ShardAssembler(Aggregator):
                 await self._on_held(shard, message)
             elif message.topic == topics.shard_slice(job, shard):
                 await self._on_slice(shard, message)
-            if self._acks_pending and self._inbox.empty():
+            if self._acks_pending:
+                # At once, not when the inbox is empty as an unsharded aggregator batches them
+                # (it saves its buffer before receipts; the assembler has nothing to save): with
+                # shards reporting all the time the inbox may never be empty, and trainers
+                # waiting for receipts send their parts again, which makes more reports.
                 await self._send_acks()
 
     async def _on_update(self, update: ModelUpdate) -> None:
@@ -186,6 +206,7 @@ class ShardAssembler(Aggregator):
                 await self._send_commit(self._commit_message(commit))
         while (new := self.ledger.next_commit()) is not None:
             log.info("shard_commit", job=self.ctx.bundle.job, version=new.version)
+            await self.ctx.run_cpu(self._save_commits)
             await self._send_commit(self._commit_message(new))
 
     def _commit_message(self, commit: Commit) -> ShardCommit:

@@ -147,6 +147,8 @@ class AggregatorShard(Aggregator):
         """Ids of the parts being checked and written now."""
         self._holding: set[asyncio.Task[None]] = set()
         self._max_pending = PENDING_PER_TRAINER * self.plan.concurrency
+        self._last_metrics: dict[str, float] = {}
+        """The train metrics the current version's slice went out with."""
 
     def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
         self.slices = SlicePlan(ModelSpec.of(initial), self.plan.shards)
@@ -266,6 +268,8 @@ class AggregatorShard(Aggregator):
             part = await self.ctx.run_cpu(self.store.write, update, payload)
             self.store.parts[update.id] = part
             self._held_changed.set()
+        except Exception:  # not held, so not acknowledged: its trainer sends it again
+            log.exception("shard_part_failed", job=update.job, shard=self.shard, update=update.id)
         finally:
             self._receiving.discard(update.id)
             self._workers.release()
@@ -313,6 +317,9 @@ class AggregatorShard(Aggregator):
             self._final = True
             return
         version = self.algo.version
+        if commit.version == version and commit.slices:
+            await self._publish_slice(self._last_metrics)
+            return
         if commit.version != version + 1:
             # Already folded (a resend), or one was missed: the report says where we are and
             # the assembler sends the next commit again.
@@ -369,6 +376,7 @@ class AggregatorShard(Aggregator):
         ]
 
     async def _publish_slice(self, metrics: Mapping[str, float]) -> None:
+        self._last_metrics = dict(metrics)
         message = ModelVersion(
             job=self.ctx.bundle.job,
             version=self.algo.version,

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from agent.learning.assets import load_demo_model
 from agent.protocol.bundle import RoleBundle
 from agent.roles.assembler import ShardAssembler
@@ -28,6 +30,16 @@ def role_bundle(role: str, cfg: dict[str, Any], dataset: str = "") -> RoleBundle
         dataset={"name": dataset} if dataset else {},
         artifacts=load_demo_model().to_artifacts(),
     )
+
+
+def assert_same_ids(assembled: list[str], applied: list[list[str]]) -> None:
+    """No update applied twice, and every shard applied the same ones in the same order: the
+    assembled model's, then (a shard the final commit found ahead) a few more."""
+    for ids in applied:
+        assert len(ids) == len(set(ids))
+        assert ids[: len(assembled)] == assembled
+    shortest = min(applied, key=len)
+    assert all(ids[: len(shortest)] == shortest for ids in applied)
 
 
 async def start_sharded(
@@ -71,10 +83,43 @@ async def test_sharded_fedbuff_reaches_target_accuracy(federation: Federation) -
     assert versions[-1]["accuracy"] >= 0.9 > versions[0]["accuracy"]
     # FedBuff: K = 3 updates per version, each applied once, the same ones on every shard.
     assert versions[-1]["updates_applied"] == 3 * versions[-1]["version"]
-    applied = [shard.fedbuff.applied_ids.export() for shard in shards]
-    assert all(len(ids) == len(set(ids)) for ids in applied)
-    assert applied[0] == applied[1]
     assembled = assembler.algo.applied_ids.export()
-    assert assembled == applied[0][: len(assembled)]
+    assert_same_ids(assembled, [shard.fedbuff.applied_ids.export() for shard in shards])
     assert all(shard.algo.version >= assembler.algo.version for shard in shards)
     assert sum(t.updates_sent for t in federation.trainers) >= len(assembled)
+
+
+async def restart(
+    fed: Federation, role: AggregatorShard | ShardAssembler
+) -> AggregatorShard | ShardAssembler:
+    """The same role on the same agent and state directory, as after a crash of its process."""
+    ctx = role.ctx
+    again = await fed.context(ctx.agent_id, ctx.bundle, dict(ctx.datasets))
+    return type(role)(again)
+
+
+@pytest.mark.parametrize("who", ["shard", "assembler"])
+async def test_a_restarted_shard_or_assembler_loses_and_repeats_nothing(
+    federation: Federation, who: str
+) -> None:
+    cfg = config(shards=SHARDS, stop={"max_versions": 12})
+    assembler, shards, tasks = await start_sharded(federation, cfg, clients=4)
+    await asyncio.wait_for(federation.wait_for(lambda e: e.get("version", 0) >= 3), 60)
+    index = SHARDS if who == "shard" else 0  # tasks: the assembler, the shards, the trainers
+    victim: AggregatorShard | ShardAssembler = shards[-1] if who == "shard" else assembler
+    tasks[index].cancel()
+    await asyncio.gather(tasks[index], return_exceptions=True)
+    await asyncio.sleep(0.5)  # trainers go on sending; no version can be made meanwhile
+    revived = await restart(federation, victim)
+    if isinstance(revived, ShardAssembler):
+        assembler = revived
+    else:
+        shards[-1] = revived
+    tasks[index] = asyncio.create_task(revived.run())
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    completed = [e for e in federation.events if e["event"] == "completed"]
+    assert len(completed) == 1
+    assert completed[0]["version"] >= 12
+    assembled = assembler.algo.applied_ids.export()
+    assert_same_ids(assembled, [shard.fedbuff.applied_ids.export() for shard in shards])
+    assert len(assembled) == 3 * assembler.algo.version
