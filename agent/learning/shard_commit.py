@@ -26,7 +26,8 @@ KEEP_COMMITS = 64
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """One update part a shard holds: the update's id, its trainer and base version t_i."""
+    """One update part a shard holds: the update's id, its trainer and base version t_i
+    (FedBuff's staleness τ = t − t_i, Nguyen et al. 2022)."""
 
     update_id: str
     agent: str
@@ -35,7 +36,8 @@ class Held:
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Version ``version`` is the previous version plus the K updates ``ids``, in this order."""
+    """Version ``version`` is the previous version plus the K updates ``ids``, in this order
+    (one FedBuff server step over a buffer of K, Nguyen et al. 2022)."""
 
     version: int
     ids: tuple[str, ...]

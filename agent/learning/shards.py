@@ -27,7 +27,8 @@ from agent.learning.arrays import Array
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Elements ``start:stop`` of one tensor, flattened in C order."""
+    """Elements ``start:stop`` of one tensor, flattened in C order: one shard's share of it
+    (a parameter-server key range, Li et al., OSDI 2014)."""
 
     tensor: str
     start: int
@@ -46,7 +47,9 @@ class Piece:
 
 
 class SlicePlan:
-    """S contiguous, byte-balanced slices of a model's flattened parameters (model order).
+    """S contiguous, byte-balanced slices of a model's flattened parameters (model order): the
+    parameter-server partitioning of Li et al. (OSDI 2014) for FedBuff's server (Nguyen et al.
+    2022).
 
     Slice ``s`` covers bytes ``[round(s·B/S), round((s+1)·B/S))`` of the B parameter bytes, each
     cut moved to the nearest element boundary. Every element belongs to exactly one slice and

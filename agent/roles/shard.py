@@ -66,7 +66,8 @@ not acknowledged, so their trainers send them again)."""
 
 @dataclass(frozen=True, slots=True)
 class PendingPart:
-    """A held part: its update's id, trainer and base version, on disk at ``path``."""
+    """A held part of a sharded FedBuff update (Nguyen et al. 2022): its update's id, trainer
+    and base version, on disk at ``path``."""
 
     update_id: str
     agent: str
@@ -75,8 +76,9 @@ class PendingPart:
 
 
 class PartStore:
-    """Held parts, one durable file each (the received message as it came: tensor codec,
-    never pickle), until a commit folds them or they are dropped."""
+    """Held parts of sharded FedBuff updates (Nguyen et al. 2022), one durable file each (the
+    received message as it came: tensor codec, never pickle; written as
+    :mod:`agent.durable` writes checkpoints), until a commit folds them or they are dropped."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
