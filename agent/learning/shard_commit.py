@@ -41,6 +41,8 @@ class Commit:
 
     version: int
     ids: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+    """Updates a shard refused its part of, since the last commit: the others drop theirs."""
 
 
 class CommitLedger:
@@ -77,15 +79,32 @@ class CommitLedger:
         self._acked = AppliedIds(remember_ids)
         self._committed = AppliedIds(remember_ids)
         self._commits: dict[int, Commit] = {}
+        self._dropped: dict[str, str] = {}
+        """Updates refused by a shard since the last commit: id → trainer."""
         self.complete = 0
         """Updates every shard has held (each counted once): the sharded ingest."""
         self.heard: set[int] = set()
         """The shards that have reported at least once."""
 
-    def report(self, shard: int, version: int, held: Iterable[Held]) -> None:
-        """Shard ``shard`` is at ``version`` and holds the parts ``held`` (all it holds)."""
+    def report(
+        self,
+        shard: int,
+        version: int,
+        held: Iterable[Held],
+        refused: Mapping[str, str] | None = None,
+    ) -> None:
+        """Shard ``shard`` is at ``version`` and holds the parts ``held`` (all it holds); it
+        refused its part of the updates ``refused`` (id → trainer): those are acknowledged
+        (their trainers go on, as an unsharded aggregator's refusals do) and never committed."""
         if not 0 <= shard < self.shards:
             raise ValueError(f"shard {shard} is not one of {self.shards}")
+        for update_id, agent in (refused or {}).items():
+            if update_id not in self._committed:
+                self._committed.add(update_id)
+                self._order.pop(update_id, None)
+                self._dropped[update_id] = agent
+                for other in self._held:
+                    other.pop(update_id, None)
         self.heard.add(shard)
         self._versions[shard] = max(self._versions[shard], version)
         self._held[shard] = {h.update_id: h for h in held if h.update_id not in self._committed}
@@ -109,10 +128,11 @@ class CommitLedger:
     def take_acks(self) -> dict[str, str]:
         """Trainer → update id for every update all shards hold, not acknowledged before."""
         acks = {}
-        for update_id, part in self._order.items():
+        waiting = [(i, p.agent) for i, p in self._order.items()] + list(self._dropped.items())
+        for update_id, agent in waiting:
             if update_id not in self._acked:
                 self._acked.add(update_id)
-                acks[part.agent] = update_id
+                acks[agent] = update_id
         return acks
 
     @property
@@ -135,7 +155,8 @@ class CommitLedger:
             for held in self._held:
                 held.pop(update_id, None)
         self.version += 1
-        commit = Commit(self.version, ids)
+        commit = Commit(self.version, ids, tuple(self._dropped))
+        self._dropped.clear()
         self._commits[commit.version] = commit
         self._commits.pop(commit.version - KEEP_COMMITS, None)
         return commit

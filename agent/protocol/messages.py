@@ -261,7 +261,9 @@ class ShardHeld(Message):
     """A sharded aggregator's shard tells the assembler which update parts it holds (each
     checkpointed before it is named here), by update id: the trainer and base version t_i.
     Sent whole each time (idempotent), after every new part, fold and reconnect (sharded FedBuff,
-    Nguyen et al. 2022: :mod:`agent.learning.shard_commit`)."""
+    Nguyen et al. 2022: :mod:`agent.learning.shard_commit`). ``refused``: the updates whose part
+    this shard refused (wrong shape, dtype, non-finite values, ...), by id, with their trainer:
+    they can never be whole, so the assembler acknowledges them and no shard keeps them."""
 
     TYPE: ClassVar[str] = "shard_held"
     job: Name
@@ -269,6 +271,7 @@ class ShardHeld(Message):
     version: Count
     agents: dict[str, Name] = field(default_factory=dict)
     bases: dict[str, Count] = field(default_factory=dict)
+    refused: dict[str, Name] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,7 +279,8 @@ class ShardCommit(Message):
     """The assembler's decision for a sharded FedBuff job: model ``version`` is the previous
     version plus the updates ``ids``, folded in this order by every shard (Nguyen et al. 2022's
     buffer of K, agreed across shards). ``final`` ends the job: the shards stop. ``slices``: a
-    shard already at ``version`` publishes its slice again (the assembler restarted)."""
+    shard already at ``version`` publishes its slice again (the assembler restarted).
+    ``dropped``: updates a shard refused its part of; every shard drops its part of them."""
 
     TYPE: ClassVar[str] = "shard_commit"
     job: Name
@@ -284,6 +288,7 @@ class ShardCommit(Message):
     ids: list[Annotated[str, Length(1, 256)]] = field(default_factory=list)
     final: bool = False
     slices: bool = False
+    dropped: list[Annotated[str, Length(1, 256)]] = field(default_factory=list)
 
 
 # -- request/response between the CLI and the coordinator ----------------------------------------

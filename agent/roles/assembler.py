@@ -191,6 +191,7 @@ class ShardAssembler(Aggregator):
             shard,
             report.version,
             (Held(i, report.agents[i], report.bases[i]) for i in report.agents),
+            report.refused,
         )
         acks = self.ledger.take_acks()
         if acks:
@@ -210,7 +211,12 @@ class ShardAssembler(Aggregator):
             await self._send_commit(self._commit_message(new))
 
     def _commit_message(self, commit: Commit) -> ShardCommit:
-        return ShardCommit(job=self.ctx.bundle.job, version=commit.version, ids=list(commit.ids))
+        return ShardCommit(
+            job=self.ctx.bundle.job,
+            version=commit.version,
+            ids=list(commit.ids),
+            dropped=list(commit.dropped),
+        )
 
     async def _send_commit(self, commit: ShardCommit) -> None:
         await self.ctx.publish(

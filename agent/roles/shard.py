@@ -57,6 +57,7 @@ log = structlog.get_logger("ember.shard")
 
 REPORT_INTERVAL = 1.0
 """Seconds between two held reports when nothing changed (the assembler's heartbeat)."""
+REFUSALS_KEPT = 1024
 PART_WORKERS = 4
 """Parts checked and written at once."""
 PENDING_PER_TRAINER = 4
@@ -150,6 +151,10 @@ class AggregatorShard(Aggregator):
         self._holding: set[asyncio.Task[None]] = set()
         self._max_pending = PENDING_PER_TRAINER * self.plan.concurrency
         self._last_metrics: dict[str, float] = {}
+        self.refused: dict[str, str] = {}
+        """Updates whose part this shard refused (the newest :data:`REFUSALS_KEPT`), id →
+        trainer: named in every report, so the assembler acknowledges them and the other shards
+        drop their parts."""
         """The train metrics the current version's slice went out with."""
 
     def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
@@ -241,12 +246,13 @@ class AggregatorShard(Aggregator):
             await self._refuse(message.topic, reason, "job")
             return
         self.trainers.add(update.agent)
-        if update.id in self.store.parts or update.id in self.fedbuff.applied_ids:
+        known = update.id in self.store.parts or update.id in self.refused
+        if known or update.id in self.fedbuff.applied_ids:
             self._held_changed.set()  # a resend: the assembler may have missed our report
             return
         if update.base_version > self.algo.version:
             reason = f"base version {update.base_version} is ahead of {self.algo.version}"
-            await self._refuse(message.topic, reason, "version")
+            await self._refuse_part(message.topic, update, reason, "version")
             return
         if update.id in self._receiving:
             return  # a resend of a part being checked and written now
@@ -265,7 +271,7 @@ class AggregatorShard(Aggregator):
         try:
             verdict = await self.ctx.run_cpu(self.algo.spec.examine, update.tensors)
             if isinstance(verdict, Rejection):
-                await self._refuse(topic, f"{update.id}: {verdict.reason}", verdict.code)
+                await self._refuse_part(topic, update, verdict.reason, verdict.code)
                 return
             part = await self.ctx.run_cpu(self.store.write, update, payload)
             self.store.parts[update.id] = part
@@ -275,6 +281,15 @@ class AggregatorShard(Aggregator):
         finally:
             self._receiving.discard(update.id)
             self._workers.release()
+
+    async def _refuse_part(self, topic: str, update: ModelUpdate, reason: str, code: str) -> None:
+        """A well-formed message whose part cannot be aggregated: refused, and named in the
+        reports so the update is acknowledged (its trainer goes on) and dropped everywhere."""
+        await self._refuse(topic, f"{update.id}: {reason}", code)
+        self.refused[update.id] = update.agent
+        for old in list(self.refused)[:-REFUSALS_KEPT]:
+            del self.refused[old]
+        self._held_changed.set()
 
     async def _reporter(self) -> None:
         """Held reports, apart from the loop: a report's PUBACK waits behind the parts the
@@ -299,6 +314,7 @@ class AggregatorShard(Aggregator):
             version=self.algo.version,
             agents={p.update_id: p.agent for p in parts},
             bases={p.update_id: p.base_version for p in parts},
+            refused=dict(self.refused),
         )
         await self.ctx.publish(
             self.ctx.topics.shard_held(self.ctx.bundle.job, self.shard), held.to_msgpack()
@@ -339,7 +355,8 @@ class AggregatorShard(Aggregator):
             return
         self._progress()
         await self._checkpoint()
-        await self.ctx.run_cpu(self.store.drop, list(commit.ids) + self._too_stale())
+        gone = list(commit.ids) + list(commit.dropped) + self._too_stale()
+        await self.ctx.run_cpu(self.store.drop, gone)
         await self._publish_slice(metrics)
         self._held_changed.set()
         log.info("shard_version", job=commit.job, shard=self.shard, version=self.algo.version)

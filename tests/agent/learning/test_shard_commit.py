@@ -98,3 +98,16 @@ def test_resume_remembers_commits() -> None:
     assert commit is not None
     assert (commit.version, commit.ids) == (4, ("y",))
     assert ledger.recent_commits() == {3: ["x"], 4: ["y"]}
+
+
+def test_an_update_a_shard_refused_is_acknowledged_never_committed_and_dropped() -> None:
+    ledger = CommitLedger(2, 1)
+    ledger.report(0, 0, held("bad", "good"))
+    ledger.report(1, 0, held("good"), refused={"bad": "pi-bad"})
+    assert ledger.take_acks() == {"pi-good": "good", "pi-bad": "bad"}
+    commit = ledger.next_commit()
+    assert commit is not None
+    assert (commit.ids, commit.dropped) == (("good",), ("bad",))
+    ledger.report(0, 1, held("bad"))  # shard 0 had not dropped it yet
+    assert ledger.next_commit() is None
+    assert ledger.take_acks() == {}

@@ -7,11 +7,16 @@ Each role has its own MQTT connection and state directory, as on separate agents
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
+import numpy as np
 import pytest
 
+from agent.learning.aggregation import ModelSpec
 from agent.learning.assets import load_demo_model
+from agent.learning.shards import SlicePlan
+from agent.protocol import ModelUpdate, ModelVersion, UpdateAck, decode_message
 from agent.protocol.bundle import RoleBundle
 from agent.roles.assembler import ShardAssembler
 from agent.roles.shard import AggregatorShard
@@ -123,3 +128,37 @@ async def test_a_restarted_shard_or_assembler_loses_and_repeats_nothing(
     assembled = assembler.algo.applied_ids.export()
     assert_same_ids(assembled, [shard.fedbuff.applied_ids.export() for shard in shards])
     assert len(assembled) == 3 * assembler.algo.version
+
+
+async def test_a_part_one_shard_refuses_is_acknowledged_and_dropped_everywhere(
+    federation: Federation,
+) -> None:
+    cfg = config(shards=SHARDS, stop={"max_versions": 8})
+    assembler, shards, tasks = await start_sharded(federation, cfg, clients=2)
+    ctx = await federation.context("mallory", role_bundle("trainer", cfg, "digits"), {})
+    receipts = await ctx.transport.subscribe(ctx.topics.job_model("digits"))
+    initial = load_demo_model().initial_params
+    parts = SlicePlan(ModelSpec.of(initial), SHARDS).split(
+        {name: np.zeros_like(value) for name, value in initial.items()}
+    )
+    name = next(iter(parts[1]))
+    parts[1][name] = parts[1][name][:-1]  # one element short: the wrong shape for shard 1
+    update = ModelUpdate(job="digits", agent="mallory", base_version=0, num_samples=10, tensors={})
+    for shard, part in enumerate(parts):
+        payload = dataclasses.replace(update, tensors=part).to_msgpack()
+        await ctx.transport.publish(ctx.topics.shard_updates("digits", shard, "mallory"), payload)
+    while True:  # the assembler's receipt names it: mallory may go on
+        message = await asyncio.wait_for(receipts.get(), 30)
+        ack = decode_message(message.payload, expect=(UpdateAck, ModelVersion))
+        if isinstance(ack, UpdateAck) and ack.acks.get("mallory") == update.id:
+            break
+    await asyncio.wait_for(asyncio.gather(*tasks), 120)
+    assert shards[1].rejections.get("shape") == 1
+    assert not shards[0].rejections  # it held its part, until the commit that dropped it
+    for shard in shards:
+        assert update.id not in shard.fedbuff.applied_ids
+        assert update.id not in shard.store.parts  # dropped with a commit after the refusal
+    assert_same_ids(
+        assembler.algo.applied_ids.export(),
+        [shard.fedbuff.applied_ids.export() for shard in shards],
+    )
