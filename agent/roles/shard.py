@@ -151,11 +151,11 @@ class AggregatorShard(Aggregator):
         self._holding: set[asyncio.Task[None]] = set()
         self._max_pending = PENDING_PER_TRAINER * self.plan.concurrency
         self._last_metrics: dict[str, float] = {}
+        """The train metrics the current version's slice went out with."""
         self.refused: dict[str, str] = {}
         """Updates whose part this shard refused (the newest :data:`REFUSALS_KEPT`), id →
         trainer: named in every report, so the assembler acknowledges them and the other shards
         drop their parts."""
-        """The train metrics the current version's slice went out with."""
 
     def _make_algorithm(self, initial: TensorMap) -> FedBuffAggregator | SyncFedAvg:
         self.slices = SlicePlan(ModelSpec.of(initial), self.plan.shards)
