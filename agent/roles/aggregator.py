@@ -43,6 +43,7 @@ from agent.learning.selection import OortSelector, RandomSelector, loss_sq_mean
 from agent.learning.staleness import make_staleness
 from agent.learning.stragglers import StragglerTracker
 from agent.protocol import (
+    Message,
     ModelRequest,
     ModelUpdate,
     ModelVersion,
@@ -261,32 +262,43 @@ class Aggregator(Role):
     async def handle(self, message: Inbound) -> None:
         """One message from the updates topics: validated, then applied or refused with its
         reason (logged, reported and counted by reason in :attr:`rejections`)."""
-        job = self.ctx.bundle.job
-        try:
-            decoded = decode_message(message.payload, expect=(ModelUpdate, ModelRequest))
-        except PayloadTooLarge as exc:
-            await self._refuse(message.topic, str(exc), "too_large")
-            return
-        except ProtocolError as exc:
-            await self._refuse(message.topic, str(exc), "malformed")
+        decoded = await self._admit(message, (ModelUpdate, ModelRequest))
+        if decoded is None:
             return
         assert isinstance(decoded, ModelUpdate | ModelRequest)
-        if message.topic != self._updates_topic(decoded.agent):
-            # Broker ACLs pin who may write each agent's updates topic; the agent named
-            # inside the payload is only believed on that agent's own topic.
-            reason = f"{decoded.TYPE} from {decoded.agent!r} arrived on {message.topic}"
-            await self._refuse(message.topic, reason, "sender")
-            return
-        if decoded.job != job:
-            reason = f"{decoded.TYPE} for job {decoded.job!r} arrived on job {job!r}'s topic"
-            await self._refuse(message.topic, reason, "job")
-            return
         if isinstance(decoded, ModelRequest):
             await self._on_request(decoded)
             return
         await self._on_update(decoded)
         self._acks[decoded.agent] = decoded.id
         self._acks_pending = True
+
+    async def _admit(
+        self, message: Inbound, expect: type[Message] | tuple[type[Message], ...]
+    ) -> Message | None:
+        """``message`` decoded as one of ``expect``, from the agent whose topic it came on, for
+        this job; else ``None`` after refusing it with its reason."""
+        job = self.ctx.bundle.job
+        try:
+            decoded = decode_message(message.payload, expect=expect)
+        except PayloadTooLarge as exc:
+            await self._refuse(message.topic, str(exc), "too_large")
+            return None
+        except ProtocolError as exc:
+            await self._refuse(message.topic, str(exc), "malformed")
+            return None
+        agent, for_job = getattr(decoded, "agent", None), getattr(decoded, "job", None)
+        if not isinstance(agent, str) or message.topic != self._updates_topic(agent):
+            # Broker ACLs pin who may write each agent's updates topic; the agent named
+            # inside the payload is only believed on that agent's own topic.
+            reason = f"{decoded.TYPE} from {agent!r} arrived on {message.topic}"
+            await self._refuse(message.topic, reason, "sender")
+            return None
+        if for_job != job:
+            reason = f"{decoded.TYPE} for job {for_job!r} arrived on job {job!r}'s topic"
+            await self._refuse(message.topic, reason, "job")
+            return None
+        return decoded
 
     def _updates_topic(self, agent: str) -> str:
         """The topic ``agent``'s updates and requests must arrive on (ACLs pin its writer)."""

@@ -45,7 +45,6 @@ from agent.protocol import (
     decode_message,
 )
 from agent.protocol.codec import TensorMap
-from agent.protocol.errors import PayloadTooLarge
 from agent.protocol.msgpack_view import Buffer
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext, register_role
@@ -227,24 +226,10 @@ class AggregatorShard(Aggregator):
     # -- parts ---------------------------------------------------------------------------------
     async def _on_part(self, message: Inbound) -> None:
         """One trainer's part: checked against this shard's slice, then held durably."""
-        job = self.ctx.bundle.job
-        try:
-            update = decode_message(message.payload, expect=ModelUpdate)
-        except PayloadTooLarge as exc:
-            await self._refuse(message.topic, str(exc), "too_large")
-            return
-        except ProtocolError as exc:
-            await self._refuse(message.topic, str(exc), "malformed")
+        update = await self._admit(message, ModelUpdate)
+        if update is None:
             return
         assert isinstance(update, ModelUpdate)
-        if message.topic != self._updates_topic(update.agent):
-            reason = f"model_update from {update.agent!r} arrived on {message.topic}"
-            await self._refuse(message.topic, reason, "sender")
-            return
-        if update.job != job:
-            reason = f"model_update for job {update.job!r} arrived on job {job!r}'s topic"
-            await self._refuse(message.topic, reason, "job")
-            return
         self.trainers.add(update.agent)
         known = update.id in self.store.parts or update.id in self.refused
         if known or update.id in self.fedbuff.applied_ids:
@@ -257,7 +242,7 @@ class AggregatorShard(Aggregator):
         if update.id in self._receiving:
             return  # a resend of a part being checked and written now
         if len(self.store.parts) + len(self._receiving) >= self._max_pending:
-            log.warning("shard_part_deferred", job=job, shard=self.shard, update=update.id)
+            log.warning("shard_part_deferred", job=update.job, shard=self.shard, update=update.id)
             return  # not held, so not acknowledged: its trainer sends it again
         # Checking and writing a part take a few tens of milliseconds in worker threads: parts
         # that arrive together (the broker interleaves their chunks) are taken side by side.
