@@ -750,7 +750,11 @@ class Aggregator(Role):
 
         async def later() -> None:
             await asyncio.sleep(delay)
-            await self._publish()
+            # Not in the middle of a message's handling: between a sync round's close and the
+            # next one's opening, a republish would name no trainers and could reach them
+            # after the version that opens the round.
+            async with self._state_lock:
+                await self._publish()
 
         self._republish = asyncio.create_task(later())
 
