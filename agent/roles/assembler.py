@@ -46,10 +46,10 @@ from agent.protocol import (
 )
 from agent.protocol.codec import TensorMap
 from agent.roles.aggregator import Aggregator
-from agent.roles.base import RoleContext, register_role
+from agent.roles.base import RoleContext, pump, register_role
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait
-from agent.transport import Inbound, Subscription
+from agent.transport import Inbound
 
 log = structlog.get_logger("ember.assembler")
 
@@ -121,7 +121,7 @@ class ShardAssembler(Aggregator):
             max_bytes=max(ctx.transport.config.queue_bytes, 4 * model_bytes),
         )
         pumps = [
-            asyncio.create_task(self._pump(sub), name=f"{job}-assembler-{i}")
+            asyncio.create_task(pump(sub, self._inbox.put_nowait), name=f"{job}-assembler-{i}")
             for i, sub in enumerate((updates, held, slices))
         ]
         try:
@@ -137,10 +137,6 @@ class ShardAssembler(Aggregator):
             await cancel_and_wait(pumps)
             await held.close()
             await slices.close()
-
-    async def _pump(self, sub: Subscription) -> None:
-        async for message in sub:
-            self._inbox.put_nowait(message)
 
     async def _loop(self) -> None:
         topics, job = self.ctx.topics, self.ctx.bundle.job

@@ -22,7 +22,7 @@ import structlog
 
 from agent.protocol.bundle import RoleBundle
 from agent.protocol.topics import Topics
-from agent.transport import NotConnectedError, Transport
+from agent.transport import Inbound, NotConnectedError, Subscription, Transport
 
 T = TypeVar("T")
 log = structlog.get_logger("ember.roles")
@@ -106,3 +106,10 @@ def register_role(cls: R) -> R:
         raise TypeError(f"role {cls.kind!r} is registered twice")
     ROLE_TYPES[cls.kind] = cls
     return cls
+
+
+async def pump(subscription: Subscription, put: Callable[[Inbound], object]) -> None:
+    """Hand every message of ``subscription`` to ``put`` (a role's inbox), so that one loop
+    serves several subscriptions in arrival order."""
+    async for message in subscription:
+        put(message)

@@ -47,7 +47,7 @@ from agent.protocol import (
 )
 from agent.protocol.codec import TensorMap
 from agent.roles.aggregator import Aggregator
-from agent.roles.base import RoleContext, register_role
+from agent.roles.base import RoleContext, pump, register_role
 from agent.roles.delivery import Delivery
 from agent.roles.trainer import MODEL_REQUEST_INTERVAL, RoleError
 from agent.tasks import cancel_and_wait
@@ -142,7 +142,7 @@ class MiddleAggregator(Aggregator):
         )
         models = await ctx.transport.subscribe(ctx.topics.job_model(job), max_messages=64)
         pumps = [
-            asyncio.create_task(self._pump_updates(updates), name=f"{job}-group-updates"),
+            asyncio.create_task(pump(updates, self._inbox.put_nowait), name=f"{job}-group-updates"),
             asyncio.create_task(self._pump_models(models), name=f"{job}-global-models"),
         ]
         try:
@@ -159,10 +159,6 @@ class MiddleAggregator(Aggregator):
             await cancel_and_wait(pumps)
             await updates.close()
             await models.close()
-
-    async def _pump_updates(self, sub: Subscription) -> None:
-        async for message in sub:
-            self._inbox.put_nowait(message)
 
     async def _pump_models(self, sub: Subscription) -> None:
         """Global versions into the loop; upstream receipts straight to the delivery, so they

@@ -47,10 +47,10 @@ from agent.protocol import (
 from agent.protocol.codec import TensorMap
 from agent.protocol.msgpack_view import Buffer
 from agent.roles.aggregator import Aggregator
-from agent.roles.base import RoleContext, register_role
+from agent.roles.base import RoleContext, pump, register_role
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait
-from agent.transport import Inbound, Subscription
+from agent.transport import Inbound
 
 log = structlog.get_logger("ember.shard")
 
@@ -188,8 +188,8 @@ class AggregatorShard(Aggregator):
         )
         commits = await ctx.transport.subscribe(ctx.topics.shard_commits(job), max_messages=1024)
         pumps = [
-            asyncio.create_task(self._pump(updates), name=f"{job}-shard-updates"),
-            asyncio.create_task(self._pump(commits), name=f"{job}-shard-commits"),
+            asyncio.create_task(pump(updates, self._inbox.put_nowait), name=f"{job}-shard-updates"),
+            asyncio.create_task(pump(commits, self._inbox.put_nowait), name=f"{job}-shard-commits"),
             asyncio.create_task(self._reporter(), name=f"{job}-shard-reports"),
         ]
 
@@ -206,10 +206,6 @@ class AggregatorShard(Aggregator):
             await cancel_and_wait([*pumps, *self._holding])
             await updates.close()
             await commits.close()
-
-    async def _pump(self, sub: Subscription) -> None:
-        async for message in sub:
-            self._inbox.put_nowait(message)
 
     async def _loop(self) -> None:
         commits_topic = self.ctx.topics.shard_commits(self.ctx.bundle.job)
