@@ -46,9 +46,11 @@ ROLE_ARTIFACTS: dict[str, tuple[str, ...]] = {
     "trainer": (TRAIN_STEP, EVAL, INITIAL),
     "aggregator": (TRAIN_STEP, EVAL, INFERENCE, INITIAL),
     "middle_aggregator": (TRAIN_STEP, EVAL, INITIAL),
+    "shard_assembler": (TRAIN_STEP, EVAL, INFERENCE, INITIAL),
+    "aggregator_shard": (TRAIN_STEP, EVAL, INITIAL),
 }
-"""Which artifacts each role receives: trainers and middle aggregators (which read the
-model's spec from the train-step graph) need no inference graph."""
+"""Which artifacts each role receives: trainers, middle aggregators and aggregator shards (which
+read the model's spec from the train-step graph) need no inference graph."""
 CODE_ROLES = frozenset({"trainer"})
 """Roles that run the model's Python source on a torch backend. Aggregators only evaluate, with
 the ONNX eval graph, so their bundles stay code-free and run on agents that refuse code."""
@@ -283,10 +285,12 @@ def build_bundle(
     prefix: str = DEFAULT_PREFIX,
     created: float,
     backend: str | None = None,
+    shard: int | None = None,
 ) -> RoleBundle:
     """One role's bundle. Deterministic: the same inputs give the same content and digest.
     ``backend`` is the one this role's agent trains with (the spec's unless ``auto``
-    chose one for it); an ``auto`` bundle without a choice trains with onnxruntime."""
+    chose one for it); an ``auto`` bundle without a choice trains with onnxruntime.
+    ``shard``: an aggregator shard's slice of the parameters, in its config."""
     wanted = ROLE_ARTIFACTS.get(role, tuple(artifacts))
     backend = backend or str(spec.get("backend", "onnxruntime"))
     if backend == "auto":
@@ -296,7 +300,7 @@ def build_bundle(
         role=role,
         backend=backend,
         prefix=prefix,
-        config=dict(spec),
+        config=dict(spec) if shard is None else {**spec, "shard": shard},
         dataset={"name": dataset} if dataset else {},
         artifacts={name: artifacts[name] for name in wanted if name in artifacts},
         code=dict(code or {}) if backend == "torch" and role in CODE_ROLES else {},

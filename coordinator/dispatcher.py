@@ -124,8 +124,11 @@ class _Job:
     record: JobRecord
     spec: JobSpec
     assignments: dict[tuple[str, str], AssignmentRecord] = field(default_factory=dict)
-    bundles: dict[tuple[str, str | None, str], tuple[str, bytes]] = field(default_factory=dict)
-    """(role, dataset, backend) → (content digest, signed bundle bytes), built once per job run."""
+    bundles: dict[tuple[str, str | None, str, int | None], tuple[str, bytes]] = field(
+        default_factory=dict
+    )
+    """(role, dataset, backend, shard) → (content digest, signed bundle bytes), built once per
+    job run."""
     backends: dict[str, str] = field(default_factory=dict)
     """Bundle digest → the backend it trains with."""
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -313,6 +316,7 @@ class Dispatcher:
                 "reason": a.reason,
                 "dataset": a.dataset,
                 "samples": a.samples,
+                **({} if a.shard is None else {"shard": a.shard}),
             }
         participants = {
             a.agent
@@ -347,6 +351,7 @@ class Dispatcher:
                 {
                     "agent": a.agent,
                     "role": a.role,
+                    "shard": a.shard,
                     "state": a.state,
                     "reason": a.reason,
                     "dataset": a.dataset,
@@ -463,14 +468,21 @@ class Dispatcher:
             await self.store.save(assignments=changed, events=events)
             self._announce(job)
         await self._send_all(commands)
-        # The aggregator decides the job's fate.
+        # The aggregator decides the job's fate; a sharded job also fails with any of its shards
+        # (a shard's slice of the model lives only in its checkpoints).
         agg = self._aggregator(job)
         if agg is not None and agg.state in ("finished", "failed", "refused", "cancelled"):
             if agg.state == "finished":
                 await self._finish(job, "completed", "the aggregator finished")
             else:
-                where = f"aggregator on {agg.agent} {agg.state}"
+                where = f"{_role_name(agg)} on {agg.agent} {agg.state}"
                 await self._finish(job, "failed", f"{where}: {agg.reason}" if agg.reason else where)
+            return
+        lost = [a for a in self._shards(job) if a.state in ("failed", "refused", "cancelled")]
+        if lost:
+            where = f"{_role_name(lost[0])} on {lost[0].agent} {lost[0].state}"
+            reason = f"{where}: {lost[0].reason}" if lost[0].reason else where
+            await self._finish(job, "failed", reason)
             return
         await self._fill_trainers(job)
         await self._fill_middles(job)
@@ -618,7 +630,7 @@ class Dispatcher:
         agent = self.registry.get(a.agent)
         if a.role == "trainer" and agent is not None and agent.info is not None:
             backend = planner.trainer_backend(agent.info, backend)
-        key = (a.role, a.dataset, backend)
+        key = (a.role, a.dataset, backend, a.shard)
         cached = job.bundles.get(key)
         if cached is None:
             artifacts: dict[str, bytes] = {}
@@ -639,6 +651,7 @@ class Dispatcher:
                 prefix=self.topics.prefix,
                 created=job.record.submitted_at,
                 backend=backend,
+                shard=a.shard,
             )
             signed = sign(bundle, self.key)
             cached = (signed.digest, signed.to_bytes())
@@ -651,9 +664,20 @@ class Dispatcher:
         return data
 
     def _aggregator(self, job: _Job) -> AssignmentRecord | None:
-        found = [a for a in job.assignments.values() if a.role == "aggregator"]
+        """The job's lead: its aggregator, or a sharded job's assembler."""
+        found = [a for a in job.assignments.values() if a.role in planner.LEAD_ROLES]
         live = [a for a in found if a.state in ACTIVE]
         return (live or found)[-1] if found else None
+
+    def _shards(self, job: _Job) -> list[AssignmentRecord]:
+        """A sharded job's aggregator shards, by shard index."""
+        found = [a for a in job.assignments.values() if a.role == planner.SHARD_ROLE]
+        return sorted(found, key=lambda a: (a.shard or 0, a.agent))
+
+    def _aggregation(self, job: _Job) -> list[AssignmentRecord]:
+        """The roles the job's aggregation needs: its lead and, sharded, every shard."""
+        lead = self._aggregator(job)
+        return ([lead] if lead is not None else []) + self._shards(job)
 
     # placement ---------------------------------------------------------------------------------
     def _excluded(self, job: _Job) -> set[str]:
@@ -693,6 +717,7 @@ class Dispatcher:
                 samples=chosen.samples,
                 created_at=now,
                 updated_at=now,
+                shard=chosen.shard,
             )
             if not chosen.standby:
                 self._mark_dispatched(a, now)
@@ -712,6 +737,7 @@ class Dispatcher:
             "job_placed",
             job=record.id,
             aggregator=result.aggregator.agent if result.aggregator else None,
+            shards=[s.agent for s in result.shards],
             trainers=[s.agent for s in result.trainers if not s.standby],
             standby=[s.agent for s in result.trainers if s.standby],
         )
@@ -858,9 +884,10 @@ class Dispatcher:
         running = [a for a in trainers if a.state == "running"]
         agg = self._aggregator(job)
         if record.phase == "dispatching":
+            aggregation = self._aggregation(job)
             if (
                 agg is not None
-                and agg.state == "running"
+                and all(a.state == "running" for a in aggregation)
                 and (len(running) >= job.spec.algorithm.min_trainers)
             ):
                 record.phase, record.reason = "running", ""
@@ -883,9 +910,10 @@ class Dispatcher:
                 return
         if record.phase == "running":
             notes = []
-            agent = self.registry.get(agg.agent) if agg is not None else None
-            if agg is not None and (agent is None or not agent.online):
-                notes.append(f"aggregator {agg.agent} offline")
+            for a in self._aggregation(job):
+                agent = self.registry.get(a.agent)
+                if agent is None or not agent.online:
+                    notes.append(f"{_role_name(a)} {a.agent} offline")
             if not any(a.state in ACTIVE for a in trainers):
                 notes.append("no trainer at work: waiting for an eligible agent")
             note = "; ".join(notes)
@@ -993,7 +1021,8 @@ class Dispatcher:
                 log.debug("metrics_event_ignored", topic=message.topic, reason="the job ended")
                 return
             aggregator = self._aggregator(job)
-            if aggregator is None or aggregator.agent != agent:
+            shards = {a.agent for a in self._shards(job)} if kind in REFUSALS else set()
+            if aggregator is None or (aggregator.agent != agent and agent not in shards):
                 holder = aggregator.agent if aggregator is not None else "nobody"
                 self._refuse_metrics(
                     message.topic,
@@ -1231,3 +1260,9 @@ def progress(spec: JobSpec, record: JobRecord, now: float) -> float:
         # only rule there is.
         parts.append(accuracy / stop.target_accuracy)
     return round(min(1.0, max(parts)), 4)
+
+
+def _role_name(a: AssignmentRecord) -> str:
+    """How a job's reason names an assignment's role: ``aggregator``, ``aggregator shard 1``."""
+    name = a.role.replace("_", " ")
+    return name if a.shard is None else f"{name} {a.shard}"

@@ -6,6 +6,11 @@ from where it runs: the job names the data and compute it needs, the planner fin
 * One **aggregator**, on an online agent carrying the spec's aggregator labels (by default
   ``role=aggregator``: the coordinator's embedded agent or a gateway), the preferred agent first,
   then the least busy one.
+* A **sharded** job (``algorithm.shards`` S > 1: FedBuff with the server split as a parameter
+  server is) has a **shard assembler** where the aggregator would be, and S **aggregator
+  shards**, one per agent carrying the aggregator labels (each shard is a process of its own:
+  two on one agent would share its one event loop), the least busy first, the assembler's host
+  last (:func:`place_shards`).
 * In a **hierarchical** or **hybrid** job (``topology.group_by``), one **middle aggregator**
   per group of trainers (agents sharing the label's value), on an agent of that group: a gateway
   carrying the aggregator labels first, else (hybrid) the group's leading trainer, else the
@@ -43,6 +48,11 @@ TOO_FEW_SAMPLES = "too_few_samples"
 EXCLUDED = "excluded"
 NO_GROUP = "no_group"
 
+LEAD_ROLES = ("aggregator", "shard_assembler")
+"""The role that decides a job's fate (its final version ends the job): the aggregator, or a
+sharded job's assembler."""
+SHARD_ROLE = "aggregator_shard"
+
 
 @dataclass(frozen=True)
 class Selected:
@@ -58,12 +68,15 @@ class Selected:
     """What a trainer trains with (:func:`trainer_backend`); ``None`` for other roles."""
     group: str | None = None
     """Hierarchical and hybrid jobs: the group (value of the ``group_by`` label)."""
+    shard: int | None = None
+    """Sharded jobs' aggregator shards: which slice of the parameters this one owns."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "agent": self.agent,
             "role": self.role,
             "group": self.group,
+            "shard": self.shard,
             "dataset": self.dataset,
             "samples": self.samples,
             "standby": self.standby,
@@ -98,7 +111,12 @@ class Plan:
 
     @property
     def aggregator(self) -> Selected | None:
-        return next((s for s in self.selected if s.role == "aggregator"), None)
+        """The job's lead: its aggregator, or a sharded job's assembler."""
+        return next((s for s in self.selected if s.role in LEAD_ROLES), None)
+
+    @property
+    def shards(self) -> list[Selected]:
+        return [s for s in self.selected if s.role == SHARD_ROLE]
 
     @property
     def trainers(self) -> list[Selected]:
@@ -243,47 +261,54 @@ def plan(
     rejected: list[Rejected] = []
     problems: list[str] = []
 
-    # The aggregator.
+    # The aggregator (a sharded job's assembler).
+    sharded = spec.algorithm.shards > 1
     agg_id = aggregator
+    wanted = spec.aggregator.labels
     if agg_id is None:
-        wanted = spec.aggregator.labels
         holdout = spec.data.eval_dataset
         hosts = [
-            a
-            for a in fleet
-            if a.online
-            and a.info is not None
-            and all(a.info.labels.get(k) == v for k, v in wanted.items())
-            and (holdout is None or any(d.name == holdout for d in a.info.datasets))
+            a for a in _aggregator_hosts(fleet, wanted) if holdout is None or _holds(a, holdout)
         ]
         if hosts:
             hosts.sort(key=lambda a: (a.id != prefer_aggregator, len(a.running_roles()), a.id))
             agg_id = hosts[0].id
         else:
-            labels = ", ".join(f"{k}={v}" for k, v in wanted.items())
             problems.append(
-                f"no online agent can host the aggregator (needs labels {labels}"
+                f"no online agent can host the aggregator (needs labels {_text(wanted)}"
                 + (f" and dataset {holdout}" if holdout else "")
                 + "; 'ember serve' starts one unless --no-embedded-agent)"
             )
     if agg_id is not None:
-        selected.append(Selected(agent=agg_id, role="aggregator", dataset=spec.data.eval_dataset))
+        lead = LEAD_ROLES[1] if sharded else LEAD_ROLES[0]
+        selected.append(Selected(agent=agg_id, role=lead, dataset=spec.data.eval_dataset))
+        if sharded:
+            shards = place_shards(fleet, spec, agg_id)
+            selected.extend(shards)
+            if len(shards) < spec.algorithm.shards:
+                problems.append(
+                    f"algorithm.shards {spec.algorithm.shards}: needs {spec.algorithm.shards} "
+                    f"online agents that can host an aggregator shard (labels {_text(wanted)}; one "
+                    f"shard per agent process), found {len(shards)} ('ember serve "
+                    f"--aggregator-shards {spec.algorithm.shards}' starts that many here)"
+                )
 
-    # The trainers.
+    # The trainers (the aggregation roles' hosts are not listed as rejected trainers).
+    hosting = {s.agent for s in selected}
     eligible: list[tuple[AgentView, DatasetInfo]] = []
     for agent in fleet:
         if not agent.online:
-            if agent.id != agg_id:
+            if agent.id not in hosting:
                 rejected.append(Rejected(agent.id, OFFLINE, offline_reason(agent)))
             continue
         if agent.id in exclude:
-            if agent.id != agg_id:
+            if agent.id not in hosting:
                 rejected.append(Rejected(agent.id, EXCLUDED, "refused or failed this job before"))
             continue
         check = trainer_eligibility(agent, spec)
         if check.ok and check.dataset is not None:
             eligible.append((agent, check.dataset))
-        elif agent.id != agg_id:
+        elif agent.id not in hosting:
             code = check.problems[0][0]
             rejected.append(Rejected(agent.id, code, "; ".join(t for _, t in check.problems)))
     eligible.sort(key=lambda pair: (-(pair[1].samples or 0), pair[0].id))
@@ -314,19 +339,60 @@ def plan(
                 f"{group_by}, found {len(middles)}"
             )
     selected.extend(trainers)
-    if spec.algorithm.shards > 1:
-        # The roles exist (agent.roles.shard, agent.roles.assembler) and are tested; placing S
-        # shards and the assembler, and following them, is not in the dispatcher yet.
-        problems.append(
-            f"algorithm.shards {spec.algorithm.shards}: this coordinator does not place "
-            "sharded aggregators yet (run jobs with algorithm.shards: 1)"
-        )
     if len(eligible) < spec.algorithm.min_trainers:
         problems.append(
             f"needs at least {spec.algorithm.min_trainers} trainer(s), found {len(eligible)} "
             f"(agents with {spec.data.describe()} and ≥ {spec.data.min_samples} samples)"
         )
     return Plan(selected=tuple(selected), rejected=tuple(rejected), problems=tuple(problems))
+
+
+def _aggregator_hosts(fleet: Iterable[AgentView], wanted: Mapping[str, str]) -> list[AgentView]:
+    """Online agents carrying the aggregator labels."""
+    return [
+        a
+        for a in fleet
+        if a.online
+        and a.info is not None
+        and all(a.info.labels.get(k) == v for k, v in wanted.items())
+    ]
+
+
+def _text(labels: Mapping[str, str]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in labels.items())
+
+
+def _holds(agent: AgentView, dataset: str) -> bool:
+    return agent.info is not None and any(d.name == dataset for d in agent.info.datasets)
+
+
+def place_shards(
+    fleet: Iterable[AgentView],
+    spec: JobSpec,
+    assembler: str,
+    keep: Mapping[int, str] | None = None,
+    exclude: Collection[str] = (),
+) -> list[Selected]:
+    """The aggregator shards of a sharded FedBuff job (Nguyen et al. 2022, the server split
+    as a parameter server is, Li et al. 2014): shard s on its own agent carrying the aggregator
+    labels. ``keep`` (shard → agent) leaves shards where they run; the others go to the least
+    busy hosts, the assembler's own last (it also evaluates and assembles every version), never
+    to an agent in ``exclude``. Fewer than ``algorithm.shards`` when hosts are missing."""
+    kept = dict(keep or {})
+    taken = set(kept.values())
+    hosts = [
+        a
+        for a in _aggregator_hosts(fleet, spec.aggregator.labels)
+        if a.id not in taken and a.id not in exclude
+    ]
+    hosts.sort(key=lambda a: (a.id == assembler, len(a.running_roles()), a.id))
+    free = iter(hosts)
+    chosen: list[Selected] = []
+    for shard in range(spec.algorithm.shards):
+        host = kept.get(shard) or next((a.id for a in free), None)
+        if host is not None:
+            chosen.append(Selected(agent=host, role=SHARD_ROLE, shard=shard))
+    return chosen
 
 
 def place_middle_aggregators(

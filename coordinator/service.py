@@ -75,6 +75,11 @@ class ServiceConfig:
     """The embedded agent's id; ``coordinator-<hostname>`` by default."""
     agent_datasets: tuple[tuple[str, Path], ...] = ()
     """Datasets for the embedded agent (name, absolute path): a held-out set to evaluate on."""
+    aggregator_shards: int = 1
+    """Embedded agents to start, each its own process carrying the aggregator label: a job with
+    ``algorithm.shards`` S places one aggregator shard per agent, so S of them let it run on
+    this machine alone. The first is the usual embedded agent; the others are
+    ``<agent id>-<n>``, with no datasets."""
     weights_interval: float = DEFAULT_INTERVAL
     """Write a running job's newest model weights at most this often (final ones at once)."""
     final_grace: float = DEFAULT_FINAL_GRACE
@@ -278,6 +283,8 @@ class Coordinator:
         self.enrolment: Enrolment | None = None
         self.lan: LanBrowser | None = None
         self.agent: EmbeddedAgent | None = None
+        self.shard_hosts: list[EmbeddedAgent] = []
+        """The embedded agents beyond the first (``aggregator_shards``)."""
         self.homeassistant: JobAnnouncer | None = None
         self.agent_id = config.agent_id or embedded_agent_id()
         self._lock = StateDirLock(self.state_dir)
@@ -383,22 +390,33 @@ class Coordinator:
         )
 
     async def _start_embedded_agent(self) -> None:
-        path = self.state_dir / EMBEDDED_CONFIG
+        self.agent = await self._embedded_agent(0)
+        self.shard_hosts = [
+            await self._embedded_agent(n) for n in range(1, self.config.aggregator_shards)
+        ]
+
+    async def _embedded_agent(self, n: int) -> EmbeddedAgent:
+        """Write embedded agent ``n``'s configuration and start it (0: the usual one, with the
+        datasets; others host aggregator shards)."""
+        suffix = "" if n == 0 else f"-{n}"
+        agent_id = self.agent_id + suffix
+        state_dir = self.state_dir / f"embedded-agent{suffix}"
+        path = self.state_dir / EMBEDDED_CONFIG.replace(".toml", f"{suffix}.toml")
         text = embedded_agent_toml(
-            agent_id=self.agent_id,
-            state_dir=self.state_dir / "embedded-agent",
+            agent_id=agent_id,
+            state_dir=state_dir,
             prefix=self.config.prefix,
             # Every URL: on a clustered broker the aggregator fails over with the coordinator.
             broker_url=self.config.broker.urls,
             public_key=self.public_key,
-            datasets=self.config.agent_datasets,
+            datasets=self.config.agent_datasets if n == 0 else (),
             protocol=self.config.broker.protocol,
             broker=self.config.broker,
             homeassistant=self.config.homeassistant_prefix if self.config.homeassistant else None,
         )
 
         def write() -> None:
-            (self.state_dir / "embedded-agent").mkdir(exist_ok=True)
+            state_dir.mkdir(exist_ok=True)
             tmp = path.with_suffix(".tmp")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -406,10 +424,10 @@ class Coordinator:
             os.replace(tmp, path)
 
         await asyncio.to_thread(write)
-        self.agent = EmbeddedAgent(
-            config_path=path, log_path=self.state_dir / EMBEDDED_LOG, agent_id=self.agent_id
-        )
-        self.agent.start()
+        log_path = self.state_dir / EMBEDDED_LOG.replace(".log", f"{suffix}.log")
+        agent = EmbeddedAgent(config_path=path, log_path=log_path, agent_id=agent_id)
+        agent.start()
+        return agent
 
     async def stop(self) -> None:
         """Stop everything that was started, in reverse order."""
@@ -425,8 +443,9 @@ class Coordinator:
             await self.keeper.stop()
         if self.homeassistant is not None:
             await self.homeassistant.stop()
-        if self.agent is not None:
-            await self.agent.stop()
+        for embedded in [*self.shard_hosts, *([self.agent] if self.agent else [])]:
+            await embedded.stop()
+        self.shard_hosts = []
         if self.lan is not None:
             await self.lan.stop()
         if self.registry is not None:
@@ -480,6 +499,7 @@ class Coordinator:
             "jobs": len(self._d.jobs),
             "public_key": self.public_key,
             "embedded_agent": self.agent_id if self.agent else None,
+            "shard_hosts": [a.agent_id for a in self.shard_hosts],
         }
 
     async def _agents_ls(self, params: Mapping[str, Any], request: RpcRequest) -> Any:

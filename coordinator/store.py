@@ -35,7 +35,7 @@ log = structlog.get_logger("ember.store")
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: jobs, assignments, events, model versions, applied updates.
@@ -116,6 +116,10 @@ MIGRATIONS: tuple[str, ...] = (
         used_at     REAL,
         used_by     TEXT
     );
+    """,
+    # 4: sharded jobs: which slice of the parameters an aggregator shard owns.
+    """
+    ALTER TABLE assignments ADD COLUMN shard INTEGER;
     """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -200,6 +204,8 @@ class AssignmentRecord:
     dispatched_at: float | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    shard: int | None = None
+    """An aggregator shard's slice of the parameters (sharded jobs); ``None`` for other roles."""
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -225,16 +231,17 @@ _UPSERT_JOB = (
 )
 _SELECT_ASSIGNMENTS = (
     "SELECT job, agent, role, state, reason, dataset, samples, bundle, message_id, attempts, "
-    "dispatched_at, created_at, updated_at FROM assignments"
+    "dispatched_at, created_at, updated_at, shard FROM assignments"
 )
 _UPSERT_ASSIGNMENT = (
     "INSERT INTO assignments (job, agent, role, state, reason, dataset, samples, "
-    "bundle, message_id, attempts, dispatched_at, created_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job, agent, role) DO UPDATE SET "
+    "bundle, message_id, attempts, dispatched_at, created_at, updated_at, shard) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (job, agent, role) DO UPDATE SET "
     "state = excluded.state, reason = excluded.reason, dataset = excluded.dataset, "
     "samples = excluded.samples, bundle = excluded.bundle, message_id = excluded.message_id, "
     "attempts = excluded.attempts, dispatched_at = excluded.dispatched_at, "
-    "created_at = excluded.created_at, updated_at = excluded.updated_at"
+    "created_at = excluded.created_at, updated_at = excluded.updated_at, shard = excluded.shard"
 )
 
 
@@ -295,6 +302,7 @@ def _assignment_row(a: AssignmentRecord) -> tuple[Any, ...]:
         a.dispatched_at,
         a.created_at,
         a.updated_at,
+        a.shard,
     )
 
 

@@ -9,7 +9,8 @@ MQTT client id (``%c``). Grants, by kind of account:
   ``jobs/+/agents/<id>/progress``; read only its own inbox and the jobs' model topics (versions
   and update receipts). In hierarchical and hybrid jobs also its own
   ``jobs/+/groups/+/updates/<id>``, the groups' relayed ``model`` topics, and its own side of
-  a hybrid group's ring (writes ``ring/<id>/+``, reads ``ring/+/<id>``).
+  a hybrid group's ring (writes ``ring/<id>/+``, reads ``ring/+/<id>``). In sharded jobs its
+  own ``jobs/+/shards/+/updates/<id>`` (each shard's slice of its updates).
 * **aggregator agent** (an agent account with the aggregator grant): also write the jobs'
   model topics, read every trainer's updates and write its own ``jobs/+/metrics/<id>`` (model
   versions, completion: events the coordinator acts on, so a trainer may not send them; the
@@ -19,6 +20,8 @@ MQTT client id (``%c``). Grants, by kind of account:
   others. The grant also covers a group's middle aggregator (hierarchical and hybrid jobs):
   relaying versions on ``jobs/+/groups/+/model`` and reading the group members' updates;
   its own update upstream goes on its own ``jobs/+/updates/<id>`` like a trainer's.
+  It also covers a sharded job's shards and assembler: ``jobs/+/shards/#`` (parts, held
+  reports, slices and commits).
 * **coordinator**: read and write everything under the prefix and the Home Assistant discovery
   prefix (it also runs the embedded agent that hosts the top aggregator, under the same
   credential, on the same host).
@@ -94,6 +97,8 @@ class Account:
             ("read", f"{p}/jobs/+/groups/+/model"),
             ("write", f"{p}/jobs/+/groups/+/ring/{me}/+"),
             ("read", f"{p}/jobs/+/groups/+/ring/+/{me}"),
+            # Sharded jobs: its slice of each update to each aggregator shard.
+            ("write", f"{p}/jobs/+/shards/+/updates/{me}"),
             ("write", f"{discovery}/+/{node_id('agent', me)}/+/config"),
             ("read", f"{discovery}/{STATUS_LEAF}"),
         ]
@@ -104,6 +109,9 @@ class Account:
                 ("read", f"{p}/jobs/+/groups/+/updates/+"),
                 ("read", f"{p}/jobs/+/updates/+"),
                 ("write", f"{p}/jobs/+/metrics/{me}"),
+                # Sharded jobs: shards read their parts and the commits and write their held
+                # reports and slices; the assembler reads those and writes the commits.
+                ("readwrite", f"{p}/jobs/+/shards/#"),
             ]
         else:
             rules.append(("read", f"{p}/jobs/+/model/#"))

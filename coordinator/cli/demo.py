@@ -95,6 +95,13 @@ from coordinator.demo.run import Demo, DemoError, DemoOptions, DemoSummary, Prog
     type=click.IntRange(1, 64),
     help="With --topology hierarchical or hybrid: how many sites the agents are spread over.",
 )
+@click.option(
+    "--shards",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="With --algorithm fedbuff: split the aggregator into this many shards, one process each.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the data split.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
 def demo(
@@ -110,6 +117,7 @@ def demo(
     slowdown: float,
     topology: str,
     sites: int,
+    shards: int,
     as_json: bool,
 ) -> None:
     """Train a model on scikit-learn's digits across local agents, end to end.
@@ -121,6 +129,8 @@ def demo(
     problem = demo_available()
     if problem:
         fail(problem)
+    if shards > 1 and (algorithm != "fedbuff" or topology != "two_tier"):
+        fail("--shards: sharded aggregation runs with --algorithm fedbuff and --topology two_tier")
     if backend in ("torch", "auto"):
         import importlib.util
 
@@ -139,6 +149,7 @@ def demo(
         slowdown=slowdown,
         topology=topology,  # type: ignore[arg-type]
         sites=sites,
+        shards=shards,
     )
     logging.getLogger().setLevel(logging.ERROR)
     console = Console(stderr=as_json)
@@ -172,7 +183,7 @@ def _status(progress: Progress, options: DemoOptions) -> Table:
     )
     table.add_row(
         f"[bold]{progress.phase}[/bold]",
-        f"agents online {progress.agents_online}/{options.agents + 1}",
+        f"agents online {progress.agents_online}/{options.agents + options.shards}",
         f"model version {progress.version}",
         f"updates {progress.updates}",
         f"accuracy {accuracy} [green]{'█' * filled}[/green]"

@@ -45,6 +45,15 @@ from coordinator.cli.keys import state_dir_option
     "(repeatable).",
 )
 @click.option(
+    "--aggregator-shards",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="S",
+    help="Embedded agents to start, each its own process: a job with algorithm.shards S "
+    "runs its S aggregator shards on them (one per process, so S cores).",
+)
+@click.option(
     "--weights-interval",
     type=click.FloatRange(min=0),
     default=30.0,
@@ -93,6 +102,7 @@ def serve(
     zeroconf_interfaces: tuple[str, ...],
     agent_id: str | None,
     agent_datasets: tuple[str, ...],
+    aggregator_shards: int,
     weights_interval: float,
     homeassistant: bool,
     homeassistant_prefix: str,
@@ -137,6 +147,7 @@ def serve(
         zeroconf_interfaces=zeroconf_interfaces,
         agent_id=agent_id,
         agent_datasets=tuple(datasets),
+        aggregator_shards=aggregator_shards,
         weights_interval=weights_interval,
         homeassistant=homeassistant,
         homeassistant_prefix=homeassistant_prefix,

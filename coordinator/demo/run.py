@@ -101,6 +101,9 @@ class DemoOptions:
     agents_per_process: int = 1
     """Agents each ``ember-agent run`` process hosts (``--also``): a large simulated fleet
     starts faster on a small machine. Each keeps its own identity, connection and state."""
+    shards: int = 1
+    """FedBuff with the aggregator split into this many shards (``algorithm.shards``), each in
+    an embedded agent of its own (``ember serve --aggregator-shards``)."""
 
     @property
     def slow_agents(self) -> int:
@@ -215,6 +218,7 @@ def job_spec(options: DemoOptions) -> dict[str, Any]:
             "concurrency": options.agents,
             "min_trainers": options.agents if sync else 1,
             "selection": options.selection,
+            **({"shards": options.shards} if options.shards > 1 else {}),
             **(
                 {"clients_per_round": options.clients_per_round}
                 if options.clients_per_round
@@ -383,12 +387,13 @@ class Demo:
                         zeroconf=False,
                         agent_id="demo-aggregator",
                         agent_datasets=((federation.holdout_name, federation.holdout),),
+                        aggregator_shards=opts.shards,
                     )
                 )
                 await coordinator.start()
                 self._update(phase="starting agents")
                 await self._start_agents(root, config, coordinator.public_key, federation.agents)
-                await self._wait_for_agents(coordinator, len(federation.agents) + 1)
+                await self._wait_for_agents(coordinator, len(federation.agents) + opts.shards)
                 return await self._run_job(coordinator, federation, began)
             finally:
                 await self._stop_agents()

@@ -125,6 +125,10 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.group_updates("j1", "lab", "bob"),
             t.group_model("j1", "lab"),  # a middle aggregator's: aggregators only
             t.group_ring("j1", "lab", "bob", "alice"),
+            t.shard_updates("j1", 0, "bob"),
+            t.shard_held("j1", 0),  # a shard's and the assembler's: aggregators only
+            t.shard_slice("j1", 0),
+            t.shard_commits("j1"),
         ]
         for topic in forged:
             await alice.publish(topic, b"forged by alice")
@@ -136,6 +140,7 @@ async def test_an_agent_writes_only_its_own_topics(secured: SecuredBroker) -> No
             t.job_updates("j1", "alice"),
             t.group_updates("j1", "lab", "alice"),
             t.group_ring("j1", "lab", "alice", "bob"),
+            t.shard_updates("j1", 1, "alice"),
             t.job_progress("j1", "alice"),
         ]
         for topic in own:
@@ -160,6 +165,7 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         alice_sees = await alice.subscribe(f"{t.prefix}/#")
         gw_sees = await gw.subscribe(t.all_job_updates("j1"))
         gw_group = await gw.subscribe(t.all_group_updates("j1", "lab"))
+        gw_shard = await gw.subscribe(t.all_shard_updates("j1", 1))
         await coordinator.publish(t.agent_inbox("bob"), b"for bob only")
         await coordinator.publish(t.job_updates("j1", "bob"), b"bob's update")
         await coordinator.publish(t.job_state("j1"), b"state")
@@ -168,6 +174,7 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         await coordinator.publish(t.group_model("j1", "lab"), b"relayed version")
         await coordinator.publish(t.group_ring("j1", "lab", "bob", "carol"), b"for carol")
         await coordinator.publish(t.group_ring("j1", "lab", "bob", "alice"), b"for alice")
+        await coordinator.publish(t.shard_updates("j1", 1, "bob"), b"bob's part for shard 1")
         await coordinator.publish(t.agent_inbox("alice"), b"for alice")
         assert await received_until(alice_sees, t.agent_inbox("alice")) == [
             t.job_model("j1"),
@@ -179,6 +186,18 @@ async def test_an_agent_reads_only_its_inbox_and_the_model_topics(
         # as a top or a middle aggregator.
         assert (await gw_sees.get(timeout=10)).topic == t.job_updates("j1", "bob")
         assert (await gw_group.get(timeout=10)).topic == t.group_updates("j1", "lab", "bob")
+        assert (await gw_shard.get(timeout=10)).topic == t.shard_updates("j1", 1, "bob")
+        # ... and, as a shard or an assembler, the held reports, slices and commits.
+        shard_traffic = await coordinator.subscribe(f"{t.prefix}/jobs/j1/shards/#")
+        commits = await gw.subscribe(t.shard_commits("j1"))
+        for topic in (t.shard_held("j1", 1), t.shard_slice("j1", 1), t.shard_commits("j1")):
+            await gw.publish(topic, b"gw's")
+        assert await received_until(shard_traffic, t.shard_commits("j1")) == [
+            t.shard_held("j1", 1),
+            t.shard_slice("j1", 1),
+            t.shard_commits("j1"),
+        ]
+        assert (await commits.get(timeout=10)).payload == b"gw's"
         models = await coordinator.subscribe(t.job_model("j1"))
         await alice.publish(t.job_model("j1"), b"alice is no aggregator")
         await gw.publish(t.job_model("j1"), b"gw's version")

@@ -470,6 +470,7 @@ async def test_the_embedded_agent_hosts_the_aggregator(
                 "feature_shape": None,
                 "backend": None,
                 "group": None,
+                "shard": None,
             }
             toml = (tmp_path / "state" / "embedded-agent.toml").read_text()
             assert 'coordinator_keys = ["ed25519:' in toml
@@ -485,10 +486,12 @@ async def test_the_embedded_agent_hosts_the_aggregator(
             await process.wait()
 
 
-def digits_job(tmp_path: Path, name: str, concurrency: int = 1) -> Path:
+def digits_job(
+    tmp_path: Path, name: str, concurrency: int = 1, *, shards: int = 1, versions: int = 3
+) -> Path:
     """scikit-learn's digits as ``train.npz`` and held-out ``test.npz`` in ``tmp_path``, and a
-    three-version job on the demo's ONNX model evaluating on ``digits-test``; its path. Skips
-    the test when the demo assets are not in this checkout."""
+    ``versions``-version job on the demo's ONNX model evaluating on ``digits-test``; its path.
+    Skips the test when the demo assets are not in this checkout."""
     if not (DIGITS_ASSETS / "train_step.onnx").exists():
         pytest.skip("the digits demo assets are not in this checkout")
     from sklearn.datasets import load_digits
@@ -508,8 +511,9 @@ def digits_job(tmp_path: Path, name: str, concurrency: int = 1) -> Path:
             algorithm:
               buffer_size: 2
               concurrency: {concurrency}
+              shards: {shards}
               client: {{ local_steps: 10, batch_size: 32, lr: 0.1 }}
-            stop: {{ max_versions: 3, max_minutes: 2 }}
+            stop: {{ max_versions: {versions}, max_minutes: 2 }}
             """
         )
     )
@@ -544,9 +548,11 @@ async def real_fleet(
     trainer: str = "pi-trainer",
     aggregator: str | None = None,
     trainer_config: str = "",
+    serve_options: tuple[str, ...] = (),
 ) -> AsyncIterator[RealFleet]:
     """A :class:`RealFleet` in ``tmp_path`` (after :func:`digits_job` wrote the data), stopped
-    on the way out; ``trainer_config`` adds TOML tables to the trainer's configuration."""
+    on the way out; ``trainer_config`` adds TOML tables to the trainer's configuration,
+    ``serve_options`` options to ``ember serve``."""
     env = environment(mosquitto, topics)
     keys = await ember("keys", "init", "--state-dir", str(tmp_path / "coord"), env=env)
     trainer_toml = tmp_path / "trainer.toml"
@@ -589,6 +595,7 @@ async def real_fleet(
                 f"digits-test={tmp_path / 'test.npz'}",
                 "--settle",
                 "0.3",
+                *serve_options,
             )
         )
         children.append(

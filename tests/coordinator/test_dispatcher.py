@@ -495,3 +495,57 @@ async def test_a_group_whose_middle_aggregator_goes_offline_gets_another(
     await eventually(lambda: middle.state == "running")
     assert job.assignments[("hq-a", "middle_aggregator")].state == "replaced"
     assert job.assignments[("lab-gw", "middle_aggregator")].state == "running"
+
+
+async def test_a_sharded_job_runs_once_every_shard_runs_and_fails_with_any_of_them(
+    core: Core, agents_transport: Transport, topics: Topics
+) -> None:
+    agents = await fleet(agents_transport, topics, {"a": 300})
+    info = agent_info("gw2", labels={"role": "aggregator"})
+    agents["gw2"] = await FakeAgent("gw2", agents_transport, topics, info).start()
+    job = await core.dispatcher.submit(job_spec(shards=2), artifacts())
+    job_id = job.record.id
+    await eventually(lambda: job.record.phase == "dispatching", what="dispatching")
+    assembler = await agents["gw"].assignment(core.key)
+    assert assembler[1].role == "shard_assembler"
+    _, shard0 = await agents["gw2"].assignment(core.key)
+    assert (shard0.role, shard0.config["shard"]) == ("aggregator_shard", 0)
+    assert "inference.onnx" not in shard0.artifacts
+    await agents["gw"].set_role(job_id, "shard_assembler", "running", bundle=assembler[1].digest)
+    await agents["a"].accept(core.key)
+    # Not running while shard 1 (the assembler's host, last) has not started.
+    _, shard1 = await agents["gw"].assignment(core.key)
+    assert shard1.config["shard"] == 1
+    assert shard1.digest != shard0.digest
+    await agents["gw2"].set_role(job_id, "aggregator_shard", "running", bundle=shard0.digest)
+    await eventually(
+        lambda: (
+            job.assignments[("gw2", "aggregator_shard")].state == "running"
+            and job.assignments[("a", "trainer")].state == "running"
+        ),
+        what="shard 0 and the trainer running",
+    )
+    await core.dispatcher.reconcile()
+    assert job.record.phase == "dispatching"
+    state = core.dispatcher.state_document(job)
+    assert state["agents"]["gw2"]["aggregator_shard"]["shard"] == 0
+    await agents["gw"].set_role(job_id, "aggregator_shard", "running", bundle=shard1.digest)
+    await eventually(lambda: job.record.phase == "running", what="running")
+
+    # A shard's refusal of an update's part counts as the job's; a model version from a
+    # shard's host does not (only the assembler's).
+    refusal = {"event": "update_rejected", "topic": "t/x/pi", "reason": "NaN", "code": "nan"}
+    await agents_transport.publish(topics.job_metrics(job_id, "gw2"), json.dumps(refusal))
+    await eventually(lambda: job.refused.get("rejected") == 1, what="the shard's refusal")
+    version = {"event": "model_version", "version": 3, "updates_applied": 6, "accuracy": 0.5}
+    await agents_transport.publish(topics.job_metrics(job_id, "gw2"), json.dumps(version))
+    await eventually(lambda: core.dispatcher.metrics_refused == 1, what="refused version")
+    assert job.record.model_version == 0
+
+    # The shard's slice of the model lives only in its checkpoints: the job fails with it.
+    await agents["gw2"].set_role(
+        job_id, "aggregator_shard", "failed", bundle=shard0.digest, reason="disk full"
+    )
+    await eventually(lambda: job.record.phase == "failed", what="failed")
+    assert job.record.reason == "aggregator shard 0 on gw2 failed: disk full"
+    assert (await agents["a"].cancellation()).reason.startswith("job failed")

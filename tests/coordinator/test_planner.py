@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.planner import plan, trainer_backend
+from coordinator.planner import place_shards, plan, trainer_backend
 from coordinator.registry import AgentView, parse_info, parse_roles
 from coordinator.spec import JobSpec, parse_spec
 
@@ -143,13 +143,55 @@ def test_without_an_aggregator_host_the_plan_says_so() -> None:
     assert [s.agent for s in result.trainers] == ["a"]
 
 
-def test_a_sharded_job_is_not_placed_yet_and_the_plan_says_why() -> None:
+def test_a_sharded_job_gets_an_assembler_and_one_shard_per_aggregator_host() -> None:
+    fleet = [
+        aggregator("coordinator-host"),
+        agent(
+            "gateway-b",
+            labels={"role": "aggregator"},
+            datasets=[],
+            roles={
+                "roles": {"j/aggregator": {"job": "j", "role": "aggregator", "state": "running"}}
+            },
+        ),
+        aggregator("gateway-a"),
+        agent("a"),
+        agent("gone", online=False, labels={"role": "aggregator"}),
+    ]
+    result = plan(fleet, spec(algorithm__shards=3), prefer_aggregator="coordinator-host")
+    assert result.feasible, result.problems
+    assert result.aggregator is not None
+    assert (result.aggregator.agent, result.aggregator.role) == (
+        "coordinator-host",
+        "shard_assembler",
+    )
+    # Least busy first, the assembler's host last; one shard per agent.
+    assert [(s.shard, s.agent) for s in result.shards] == [
+        (0, "gateway-a"),
+        (1, "gateway-b"),
+        (2, "coordinator-host"),
+    ]
+    assert [s.agent for s in result.trainers] == ["a"]
+    # The shards' hosts hold no digits, and are not listed as rejected trainers for it.
+    assert set(reasons(result)) == {"gone"}
+    assert result.to_dict()["selected"][1]["shard"] == 0
+
+
+def test_a_sharded_job_waits_for_enough_shard_hosts_and_the_plan_says_why() -> None:
     result = plan([aggregator(), agent("a")], spec(algorithm__shards=2))
     assert not result.feasible
+    assert [(s.shard, s.agent) for s in result.shards] == [(0, "coordinator-host")]
     assert result.problems == (
-        "algorithm.shards 2: this coordinator does not place sharded aggregators yet "
-        "(run jobs with algorithm.shards: 1)",
+        "algorithm.shards 2: needs 2 online agents that can host an aggregator shard "
+        "(labels role=aggregator; one shard per agent process), found 1 "
+        "('ember serve --aggregator-shards 2' starts that many here)",
     )
+
+
+def test_place_shards_keeps_running_shards_where_they_are() -> None:
+    fleet = [aggregator("x"), aggregator("y"), aggregator("z")]
+    chosen = place_shards(fleet, spec(algorithm__shards=2), "x", keep={1: "x"}, exclude={"y"})
+    assert [(s.shard, s.agent) for s in chosen] == [(0, "z"), (1, "x")]
 
 
 def test_min_trainers() -> None:
