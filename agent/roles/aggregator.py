@@ -63,7 +63,7 @@ log = structlog.get_logger("ember.aggregator")
 
 REPUBLISH_INTERVAL = 0.5
 GROUP_COMMIT_WAIT = 0.05
-"""Seconds a commit waits at most for the updates already queued to be handled."""
+"""Seconds a commit waits at most for the updates queued when it began to be handled."""
 """Model requests within this many seconds of a publish are answered by that publish."""
 KEEP_CHECKPOINTS = 3
 UPDATE_OVERHEAD = 64 * 1024
@@ -126,8 +126,12 @@ class Aggregator(Role):
         self._saver: asyncio.Task[None] | None = None
         self._model_on_disk = -1
         """The version whose model part the checkpoint directory holds."""
-        self._caught_up = asyncio.Event()
-        """Set while the serve loop has handled every update the transport queued."""
+        self._handled = 0
+        """Messages the serve loop has handled."""
+        self._progressed = asyncio.Event()
+        """Set each time the serve loop has handled a message."""
+        self._queued: Callable[[], int] = lambda: 0
+        """How many messages wait in the updates queue (set by the serve loop)."""
         self._report_budget = TokenBucket(
             REJECTION_REPORTS_PER_SECOND, 2 * REJECTION_REPORTS_PER_SECOND
         )
@@ -238,6 +242,7 @@ class Aggregator(Role):
 
     # -- the loop ------------------------------------------------------------------------------
     async def _serve(self, updates: Any) -> None:
+        self._queued = updates.__len__
         while True:
             stop = self._stop_reason()
             if stop is not None:
@@ -252,10 +257,8 @@ class Aggregator(Role):
                 continue
             async with self._state_lock:
                 await self.handle(message)
-            if len(updates):
-                self._caught_up.clear()
-            else:
-                self._caught_up.set()
+            self._handled += 1
+            self._progressed.set()
             if self._acks_pending:
                 self._acknowledge_soon()
 
@@ -347,12 +350,18 @@ class Aggregator(Role):
         came meanwhile. Receipts used to wait until the updates queue ran empty and the loop
         stood still during every write: the trainers (one update in flight each) then sent in
         convoys and the aggregator idled between them (bench/aggregate)."""
+        loop = asyncio.get_running_loop()
         while self._acks_pending:
-            if not self._caught_up.is_set():
-                # Updates already queued join this commit (small updates arrive faster than
-                # commits: one each would spend the time on fsync), but none waits for long.
+            # The updates already queued join this commit (small updates arrive faster than
+            # commits: one each would spend the time on fsync); later ones wait for the next,
+            # and none waits for long. Waiting until the queue ran empty instead held every
+            # receipt for the whole wait while large updates kept arriving.
+            target = self._handled + self._queued()
+            deadline = loop.time() + GROUP_COMMIT_WAIT
+            while self._handled < target and (left := deadline - loop.time()) > 0:
+                self._progressed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._caught_up.wait(), GROUP_COMMIT_WAIT)
+                    await asyncio.wait_for(self._progressed.wait(), left)
             async with self._state_lock:
                 acks, version = self._acks, self.algo.version
                 self._acks, self._acks_pending = {}, False
