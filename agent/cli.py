@@ -94,7 +94,10 @@ def run(config_path: str, also_paths: tuple[str, ...]) -> None:
     """Run the agent daemon (under systemd: Type=notify, with a watchdog)."""
     from agent.daemon import AgentDaemon, dataset_cache
     from agent.datasets import DatasetError, summarize_all
+    from agent.memory import tune_allocator
     from agent.notify import Notifier
+
+    tune_allocator()  # before any model-sized buffer: they come from the heap, not fresh maps
 
     daemons = []
     for i, path in enumerate((config_path, *also_paths)):

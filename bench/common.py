@@ -124,7 +124,17 @@ def bench_broker(workdir: Path, *, connections: int = 0) -> MosquittoProcess:
             "set_tcp_nodelay true",
         ]
     )
-    broker = MosquittoProcess(workdir, extra_config=extra)
+    # The allocator thresholds Ember's processes set for themselves (agent.memory), for the
+    # broker that both the ceiling and every Ember figure go through: without them it page-
+    # faults on every chunk it stores (mosquitto allocates each message's payload afresh).
+    from agent.memory import MMAP_THRESHOLD, trim_threshold
+
+    memory = psutil.virtual_memory().total
+    malloc = {
+        "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+        "MALLOC_TRIM_THRESHOLD_": str(trim_threshold(memory)),
+    }
+    broker = MosquittoProcess(workdir, extra_config=extra, environment=malloc)
     return broker.start()
 
 

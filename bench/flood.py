@@ -29,6 +29,7 @@ import numpy as np
 from agent.learning.aggregation import ModelSpec
 from agent.learning.shards import SlicePlan
 from agent.logs import configure_logging
+from agent.memory import tune_allocator
 from agent.protocol import ModelUpdate, Topics, UpdateAck, decode_message
 from agent.protocol.errors import ProtocolError
 from agent.transport import BrokerConfig, Transport
@@ -206,6 +207,7 @@ async def main_async(config: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     configure_logging("warning")
+    tune_allocator()  # as ember-agent run does: trainers (and the ceiling's clients) alike
     config = json.loads(sys.argv[1])
     result = asyncio.run(main_async(config))
     print(json.dumps(result), flush=True)

@@ -56,7 +56,10 @@ def main() -> None:
     if results is not None:
         os.environ["EMBER_BENCH_RESULTS"] = str(results)
     names = list(PARTS) if "all" in args.parts else [p for p in args.parts if p != "summary"]
+    from agent.memory import tune_allocator
     from bench import summary
+
+    tune_allocator()  # as ember-agent run does (this process hosts aggregators and receivers)
 
     failed = []
     for name in names:

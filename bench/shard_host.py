@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.logs import configure_logging
+from agent.memory import tune_allocator
 from agent.protocol import Topics
 from agent.roles.shard import AggregatorShard
 from bench.harness import Host, bundle
@@ -46,6 +47,7 @@ async def main_async(config: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     configure_logging("warning")
+    tune_allocator()  # as ember-agent run does
     result = asyncio.run(main_async(json.loads(sys.argv[1])))
     print(json.dumps(result), flush=True)
 

@@ -54,6 +54,8 @@ class MosquittoProcess:
     """Run this existing configuration (a broker kit's) instead of writing one; set ``port``
     to its listener's port so :meth:`start` knows when the broker is up."""
     executable: str = field(default_factory=find_mosquitto)
+    environment: dict[str, str] = field(default_factory=dict)
+    """Variables added to mosquitto's environment (e.g. glibc's ``MALLOC_*`` tunables)."""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -104,6 +106,7 @@ class MosquittoProcess:
         config = self.config_file or self.write_config()
         self._process = subprocess.Popen(
             [self.executable, "-c", str(config)],
+            env={**os.environ, **self.environment} if self.environment else None,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
