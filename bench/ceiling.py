@@ -5,9 +5,13 @@ payloads sent whole) flood one topic tree; one aiomqtt subscriber in this proces
 with Ember's PUBLISH decoder (no payload copies) and allocator settings, as Ember's own
 processes run, so the ceiling is the best this client library does here.
 Throughput is what the subscriber receives per second in the window after a warm-up: a broker
-can accept faster than anyone can read, so only delivered bytes count. Payloads: 1 KB, 1 MB,
-44 MB (an 11 M-parameter float32 update) and the other update sizes :mod:`bench.aggregate`
-sends, so every ingest figure has the ceiling of its own payload size.
+can accept faster than anyone can read, so only delivered bytes count. Each payload is measured
+in :data:`TRIALS` runs and the ceiling is the best: with 4 MB payloads and more the same run
+lands either near the best or at a third of it (the publishers, acknowledged by the broker
+on receipt, get ahead of the subscriber; mosquitto's queue for it grows and mosquitto then
+spends a whole core on it), so one run says little and the best is what the broker can do.
+Payloads: 1 KB, 1 MB, 44 MB (an 11 M-parameter float32 update) and the other update sizes
+:mod:`bench.aggregate` sends, so every ingest figure has the ceiling of its own payload size.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from bench.common import Flood, bench_broker, scaled, show, write_results
 MB = 1e6
 PAYLOADS = {"1kb": 1_000, "1mb": 1_000_000, "44mb": 44_000_000}
 PUBLISHERS = 8
+TRIALS = 3
 
 
 def model_payloads() -> dict[str, int]:
@@ -98,14 +103,21 @@ async def run() -> dict[str, Any]:
     install_publish_decoder()
     seconds = scaled(8.0, 0.5)
     payloads = scaled({**PAYLOADS, **model_payloads()}, {"1kb": 1_000, "40kb": 40_000})
-    figures: dict[str, Any] = {"publishers": PUBLISHERS, "seconds": seconds}
-    with tempfile.TemporaryDirectory(prefix="ember-ceiling-") as tmp:
-        broker = bench_broker(Path(tmp))
-        try:
-            for label, size in payloads.items():
-                figures.update(await measure(broker.host, broker.port, label, size, seconds))
-        finally:
-            broker.stop()
+    trials = scaled(TRIALS, 1)
+    figures: dict[str, Any] = {"publishers": PUBLISHERS, "seconds": seconds, "trials": trials}
+    for label, size in payloads.items():
+        runs = []
+        for _ in range(trials):
+            # A broker of its own for each run: nothing queued from the last one.
+            with tempfile.TemporaryDirectory(prefix="ember-ceiling-") as tmp:
+                broker = bench_broker(Path(tmp))
+                try:
+                    runs.append(await measure(broker.host, broker.port, label, size, seconds))
+                finally:
+                    broker.stop()
+        best = max(runs, key=lambda run: run[f"{label}_mb_s"])
+        figures.update(best)
+        figures[f"{label}_runs_mb_s"] = [round(run[f"{label}_mb_s"], 1) for run in runs]
     figures["labels"] = list(payloads)
     return figures
 
@@ -141,16 +153,23 @@ def main() -> None:
 
 def summary(figures: dict[str, Any]) -> list[str]:
     lines = [
-        f"mosquitto on loopback, aiomqtt (Ember's client library), {figures['publishers']} "
-        "publishers at QoS 1 → one subscriber; delivered messages per second after a warm-up.",
+        f"mosquitto on loopback, aiomqtt (Ember's client library, with Ember's PUBLISH decoder "
+        f"and allocator settings), {figures['publishers']} publishers at QoS 1 → one "
+        "subscriber; delivered messages per second after a warm-up; the best of "
+        f"{figures.get('trials', 1)} runs, each on a broker of its own (4 MB payloads and more "
+        "land either near the best or far below it: mosquitto's queue for the subscriber grows "
+        "and takes a core).",
         "",
-        "| payload | bytes | msgs/s | MB/s |",
-        "|---|---:|---:|---:|",
+        "| payload | bytes | msgs/s | MB/s | runs (MB/s) |",
+        "|---|---:|---:|---:|---|",
     ]
     for label in figures["labels"]:
+        runs = figures.get(f"{label}_runs_mb_s", [])
         lines.append(
             f"| {label} | {figures[f'{label}_payload_bytes']:,} | "
-            f"{figures[f'{label}_msgs_s']:,.1f} | {figures[f'{label}_mb_s']:,.1f} |"
+            f"{figures[f'{label}_msgs_s']:,.1f} | {figures[f'{label}_mb_s']:,.1f} | "
+            + ", ".join(f"{r:,.0f}" for r in runs)
+            + " |"
         )
     return lines
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PARTS = ("aggregate", "latency", "fleet")
+PARTS = ("ceiling", "aggregate", "latency", "fleet")
 
 
 def test_parts_run_and_the_summary_is_generated(tmp_path: Path) -> None:
