@@ -745,6 +745,20 @@ class Transport:
             best[sub.topic_filter] = max(best.get(sub.topic_filter, 0), sub.qos)
         return list(best.items())
 
+    def make_room(self, nbytes: int) -> int:
+        """Let incomplete chunked messages hold at least ``nbytes`` together (at most half of
+        this machine's memory); the bound in force is returned. A role that expects many large
+        messages at once asks for room for them: an aggregator, one update from every trainer
+        at work. With less, the messages past the bound are refused chunk by chunk while the
+        broker still delivers every chunk of them (bench/aggregate: 32 trainers of an
+        11M-parameter model, 1.4 GB in flight against 1 GiB)."""
+        import psutil
+
+        limit = psutil.virtual_memory().total // 2
+        reassembler = self._reassembler
+        reassembler.max_pending_bytes = max(reassembler.max_pending_bytes, min(nbytes, limit))
+        return reassembler.max_pending_bytes
+
     async def subscribe(
         self,
         topic_filter: str,

@@ -16,11 +16,14 @@ with :mod:`bench.ceiling`'s delivered MB/s for the payload size closest to the u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from agent.logs import configure_logging
 from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
@@ -30,9 +33,40 @@ from bench.models import mlp, parameter_count, tensor_layout
 
 MB = 1e6
 MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
-TRAINERS = {"10k": (8, 64), "1m": (8, 64), "11m": (8, 32)}
-"""Simulated trainers per model. 32 trainers of the 11 M model already have 1.4 GB in flight,
-more than the transport's reassembly bound (1 GiB); 64 would need about 6 GB in the sender."""
+TRAINERS = {"10k": (8, 64), "1m": (8, 64), "11m": (8, 16)}
+"""Simulated trainers per model. 16 trainers of the 11 M model have 700 MB in flight; 32 had
+1.4 GB, more than the bench broker's queue for one client (1 GiB, as a deployment would bound
+it), so mosquitto dropped the chunks past it and the simulated trainers, which do not resend,
+stalled (a real trainer's spool sends again; upload credits from the aggregator would keep
+what is in flight within what the broker and the aggregator hold)."""
+
+
+class ProcessCpu:
+    """Cores used since creation by this process (the aggregator), the broker and the
+    simulated trainers' process (its children, told apart by their command lines)."""
+
+    def __init__(self) -> None:
+        me = psutil.Process()
+        self.processes = {"aggregator": me}
+        for child in me.children():
+            with contextlib.suppress(psutil.Error):
+                kind = "broker" if "mosquitto" in " ".join(child.cmdline()) else "trainers"
+                self.processes[kind] = child
+        self.started = time.perf_counter()
+        self.cpu = {kind: self._cpu(p) for kind, p in self.processes.items()}
+
+    @staticmethod
+    def _cpu(process: psutil.Process) -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+
+    def cores(self) -> dict[str, float]:
+        elapsed = time.perf_counter() - self.started
+        used = {}
+        for kind, process in self.processes.items():
+            with contextlib.suppress(psutil.Error):
+                used[kind] = round((self._cpu(process) - self.cpu[kind]) / elapsed, 2)
+        return used
 
 
 async def measure(
@@ -60,10 +94,12 @@ async def measure(
             await asyncio.sleep(warmup)
             first = aggregator.algo.counters.received
             started = time.perf_counter()
+            cpu = ProcessCpu()
             async with Profile(window) as profile:
                 await asyncio.sleep(window)
                 received = aggregator.algo.counters.received - first
                 elapsed = time.perf_counter() - started
+            cores = cpu.cores()
             sent = await load.result()
         counters = aggregator.algo.counters.as_dict()
     finally:
@@ -72,6 +108,7 @@ async def measure(
     key = f"{label}_{trainers}"
     return {
         f"{key}_updates_s": received / elapsed,
+        f"{key}_cores": cores,
         f"{key}_mb_s": received * update_bytes / elapsed / MB,
         f"{key}_update_bytes": round(update_bytes),
         f"{key}_unacknowledged": sent["unacknowledged"],
@@ -157,8 +194,8 @@ def summary(figures: dict[str, Any]) -> list[str]:
         "1M and 11M.",
         "",
         "| model | parameters | trainers | updates/s | MB/s | ceiling MB/s | vs ceiling | "
-        "unacknowledged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "unacknowledged | cores: aggregator, broker, trainers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for label, parameters in figures["models"].items():
         for trainers in figures["trainer_counts"][label]:
@@ -170,7 +207,7 @@ def summary(figures: dict[str, Any]) -> list[str]:
                 f"{figures[f'{key}_mb_s']:,.1f} | "
                 f"{'n/a' if ceiling is None else f'{ceiling:,.1f}'} | "
                 f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
-                f"{figures[f'{key}_unacknowledged']} |"
+                f"{figures[f'{key}_unacknowledged']} | {_cores(figures.get(f'{key}_cores'))} |"
             )
     lines += profile_table(figures)
     short = [
@@ -183,6 +220,12 @@ def summary(figures: dict[str, Any]) -> list[str]:
     if short:
         lines += ["", *SHORTFALL]
     return lines
+
+
+def _cores(cores: dict[str, float] | None) -> str:
+    if not cores:
+        return "n/a"
+    return ", ".join(f"{cores.get(kind, 0.0):.2f}" for kind in ("aggregator", "broker", "trainers"))
 
 
 SHORTFALL = (

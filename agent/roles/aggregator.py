@@ -57,7 +57,7 @@ from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait
-from agent.transport import Inbound
+from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.aggregator")
 
@@ -144,11 +144,7 @@ class Aggregator(Role):
     async def run(self) -> None:
         ctx = self.ctx
         resumed = await self.prepare()
-        updates = await ctx.transport.subscribe(
-            ctx.topics.all_job_updates(ctx.bundle.job),
-            max_messages=100_000,
-            max_bytes=self._updates_queue_bytes(),
-        )
+        updates = await self._subscribe_updates(ctx.topics.all_job_updates(ctx.bundle.job))
         serving = True
 
         async def announce(_session: int) -> None:
@@ -173,6 +169,15 @@ class Aggregator(Role):
             if self._saver is not None:
                 await cancel_and_wait([self._saver])
             await updates.close()
+
+    async def _subscribe_updates(self, topic_filter: str) -> Subscription:
+        """The updates topics, with room for one update from every trainer at work both while
+        it arrives in chunks and once whole (:meth:`_updates_queue_bytes`)."""
+        room = self._updates_queue_bytes()
+        self.ctx.transport.make_room(room)
+        return await self.ctx.transport.subscribe(
+            topic_filter, max_messages=100_000, max_bytes=room
+        )
 
     def _updates_queue_bytes(self) -> int:
         """Room for one update from every trainer the plan keeps at work (each has at most one

@@ -181,11 +181,7 @@ class AggregatorShard(Aggregator):
         left = await ctx.run_cpu(self.store.load)
         folded = [i for i in left if i in self.fedbuff.applied_ids]
         await ctx.run_cpu(self.store.drop, folded)  # folded, then the process died
-        updates = await ctx.transport.subscribe(
-            ctx.topics.all_shard_updates(job, self.shard),
-            max_messages=100_000,
-            max_bytes=self._updates_queue_bytes(),
-        )
+        updates = await self._subscribe_updates(ctx.topics.all_shard_updates(job, self.shard))
         commits = await ctx.transport.subscribe(ctx.topics.shard_commits(job), max_messages=1024)
         pumps = [
             asyncio.create_task(pump(updates, self._inbox.put_nowait), name=f"{job}-shard-updates"),

@@ -431,3 +431,13 @@ def test_broker_urls(url: str, expected: BrokerEndpoint) -> None:
 def test_bad_broker_config_is_refused(options: dict[str, Any], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         BrokerConfig(**options)
+
+
+def test_room_for_incomplete_messages_grows_to_at_most_half_the_memory() -> None:
+    import psutil
+
+    transport = Transport(BrokerConfig(urls=("mqtt://127.0.0.1:1",), reassembly_bytes=1 << 30))
+    half = psutil.virtual_memory().total // 2
+    assert transport.make_room(1 << 20) == 1 << 30  # never lowered
+    assert transport.make_room(min(half, 3 << 30)) == min(half, 3 << 30)
+    assert transport.make_room(1 << 50) == half
