@@ -14,9 +14,9 @@ This is the only module that imports aiomqtt (and, through it, paho-mqtt). It
   queues that count and log every message they have to drop;
 * supports TLS (``mqtts://``) and username/password;
 * decodes PUBLISH packets without paho's copies of the payload, and sends packets without
-  copying what remains of them at every partial write (:func:`install_publish_decoder`): paho 2
-  copied each received payload four times, a fifth of an aggregator's time on 1M-parameter
-  updates, and a 4 MB message sent whole about as often as the socket took part of it.
+  copying what remains of them at every partial write (:class:`EmberPahoClient`, for its own
+  clients only): paho 2 copied each received payload four times, a fifth of an aggregator's
+  time on 1M-parameter updates.
 
 Roles never touch reconnect logic: they declare subscriptions and publish; the transport keeps
 both alive across broker restarts (Home Assistant's MQTT integration works the same way).
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -101,34 +102,48 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
 
 
 PAHO_DECODE_PUBLISH: Callable[..., Any] | None = getattr(paho_packet, "decode_publish", None)
-"""paho's own decoder, which :func:`decode_publish` replaces (tests compare the two)."""
+"""paho's own decoder, which :func:`decode_publish` stands in for (tests compare the two)."""
+_IN_EMBER_CLIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("ember_paho", default=False)
 
 
-def _queue_as_view(queue: Callable[..., Any]) -> Callable[..., Any]:
-    """paho's ``Client._packet_queue`` holding each outgoing packet as a ``memoryview``: its
-    writer sends ``packet[pos:]`` after every partial write, a copy of the rest of a
-    ``bytearray`` but a free slice of a view."""
-
-    @functools.wraps(queue)
-    def queue_view(client: Any, command: int, packet: Any, *args: Any, **kwargs: Any) -> Any:
-        return queue(client, command, memoryview(packet), *args, **kwargs)
-
-    queue_view.ember_view = True  # type: ignore[attr-defined]
-    return queue_view
+def _decode_publish_for(header: int, packet: bytes | bytearray, protocol: int) -> Any:
+    """paho's ``_packet.decode_publish`` as installed: :func:`decode_publish` while one of
+    Ember's clients handles a packet, paho's own (payloads as ``bytes``) for any other paho
+    client in the process."""
+    if _IN_EMBER_CLIENT.get() or PAHO_DECODE_PUBLISH is None:
+        return decode_publish(header, packet, protocol)
+    return PAHO_DECODE_PUBLISH(header, packet, protocol)
 
 
-def install_publish_decoder() -> None:
-    """Make paho decode PUBLISH packets with :func:`decode_publish` (paho ≥ 2.1 calls
-    ``_packet.decode_publish``; an older or newer paho without it keeps its own) and queue
-    outgoing packets as views (:func:`_queue_as_view`)."""
-    if callable(PAHO_DECODE_PUBLISH):
-        paho_packet.decode_publish = decode_publish
-    queue = getattr(PahoClient, "_packet_queue", None)
-    if callable(queue) and not getattr(queue, "ember_view", False):
-        PahoClient._packet_queue = _queue_as_view(queue)  # type: ignore[method-assign]
+class EmberPahoClient(PahoClient):
+    """paho's MQTT client as Ember's transport runs it: PUBLISH payloads handed over as views
+    of the packet read (:func:`decode_publish`) and outgoing packets queued as views, so the
+    writer's ``packet[pos:]`` after each partial write is a free slice, not a copy of the rest
+    of a ``bytearray``. Only clients given this class (:func:`adopt`) behave so."""
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        token = _IN_EMBER_CLIENT.set(True)
+        try:
+            return super()._handle_publish()
+        finally:
+            _IN_EMBER_CLIENT.reset(token)
+
+    def _packet_queue(
+        self, command: int, packet: bytes | bytearray, *args: Any, **kwargs: Any
+    ) -> MQTTErrorCode:
+        return super()._packet_queue(command, memoryview(packet), *args, **kwargs)  # type: ignore[arg-type]
 
 
-install_publish_decoder()
+def adopt(client: aiomqtt.Client) -> aiomqtt.Client:
+    """Give an aiomqtt client's paho client :class:`EmberPahoClient`'s behaviour (a subclass
+    with no state of its own: the instance is the same); other paho clients are untouched."""
+    if callable(PAHO_DECODE_PUBLISH) and paho_packet.decode_publish is PAHO_DECODE_PUBLISH:
+        paho_packet.decode_publish = _decode_publish_for
+    paho = client._client  # with _send_immediately, where Ember reaches behind aiomqtt
+    if type(paho) is PahoClient:
+        paho.__class__ = EmberPahoClient
+    return client
+
 
 Payload = bytes | bytearray | memoryview
 ProtocolChoice = Literal["auto", "5", "3.1.1"]
@@ -573,6 +588,7 @@ class Transport:
             max_inflight_messages=max(20, cfg.publish_window * 2),
             logger=logging.getLogger("ember.paho"),
         )
+        adopt(client)
         # Chunked sends keep many QoS 1 publishes pending on purpose: do not warn about them.
         client.pending_calls_threshold = 1 << 30
         self._capture_connack_properties(client)

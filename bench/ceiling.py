@@ -26,7 +26,7 @@ from typing import Any
 import aiomqtt
 
 from agent.logs import configure_logging
-from agent.transport import install_publish_decoder
+from agent.transport import adopt
 from bench.common import Flood, bench_broker, scaled, show, write_results
 
 MB = 1e6
@@ -58,7 +58,10 @@ async def measure(host: str, port: int, label: str, size: int, seconds: float) -
     warmup = min(1.0, seconds / 4)
     arrivals: list[tuple[float, int]] = []
     topic = f"bench/ceiling/{label}"
-    async with aiomqtt.Client(host, port, timeout=600, max_queued_incoming_messages=0) as rx:
+    # The client library as Ember runs it (agent.transport.adopt): payloads handed over without
+    # copies, so the receiver's cost is the ceiling's too.
+    subscriber = adopt(aiomqtt.Client(host, port, timeout=600, max_queued_incoming_messages=0))
+    async with subscriber as rx:
         await rx.subscribe(f"{topic}/#", qos=1)
         config = {
             "mode": "raw",
@@ -98,9 +101,6 @@ async def measure(host: str, port: int, label: str, size: int, seconds: float) -
 
 
 async def run() -> dict[str, Any]:
-    # The client library as Ember runs it: paho with the transport's PUBLISH decoder, which
-    # hands payloads over without copying them (the receiver's cost is the ceiling's too).
-    install_publish_decoder()
     seconds = scaled(8.0, 0.5)
     payloads = scaled({**PAYLOADS, **model_payloads()}, {"1kb": 1_000, "40kb": 40_000})
     trials = scaled(TRIALS, 1)

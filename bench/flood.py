@@ -32,7 +32,7 @@ from agent.logs import configure_logging
 from agent.memory import tune_allocator
 from agent.protocol import ModelUpdate, Topics, UpdateAck, decode_message
 from agent.protocol.errors import ProtocolError
-from agent.transport import BrokerConfig, Transport
+from agent.transport import BrokerConfig, Transport, adopt
 
 
 async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
@@ -50,8 +50,8 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
             await client.publish(topic, payload, qos=1, timeout=600)
             sent[index] += 1
 
-    clients = [
-        aiomqtt.Client(host, port, timeout=600, max_inflight_messages=1000)
+    clients = [  # as Ember's transport runs paho (agent.transport.adopt)
+        adopt(aiomqtt.Client(host, port, timeout=600, max_inflight_messages=1000))
         for _ in range(int(config["publishers"]))
     ]
     for client in clients:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import aiomqtt
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,7 +16,14 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.transport import PAHO_DECODE_PUBLISH, decode_publish
+from agent.transport import (
+    _IN_EMBER_CLIENT,
+    PAHO_DECODE_PUBLISH,
+    EmberPahoClient,
+    _decode_publish_for,
+    adopt,
+    decode_publish,
+)
 
 V311, V5 = MQTTProtocolVersion.MQTTv311, MQTTProtocolVersion.MQTTv5
 
@@ -50,9 +58,20 @@ def outcome(decoder: Any, header: int, data: bytes, protocol: int) -> tuple[Any,
         return "malformed"
 
 
-def test_paho_calls_the_transport_decoder() -> None:
-    assert PAHO_DECODE_PUBLISH is not None
-    assert paho_packet.decode_publish is decode_publish
+async def test_only_embers_clients_get_views() -> None:
+    """Another paho client in the same process keeps paho's own decoder (bytes payloads)."""
+    client = adopt(aiomqtt.Client("127.0.0.1", 1))
+    assert isinstance(client._client, EmberPahoClient)
+    assert paho_packet.decode_publish is _decode_publish_for
+    data = packet(b"t/x", 1, b"payload", None)
+    assert isinstance(_decode_publish_for(0x32, bytearray(data), V311).payload, bytes)
+    token = _IN_EMBER_CLIENT.set(True)  # as EmberPahoClient._handle_publish does
+    try:
+        assert isinstance(_decode_publish_for(0x32, bytearray(data), V311).payload, memoryview)
+    finally:
+        _IN_EMBER_CLIENT.reset(token)
+    plain = aiomqtt.Client("127.0.0.1", 1)
+    assert type(plain._client) is not EmberPahoClient
 
 
 @given(
