@@ -17,13 +17,13 @@ import asyncio
 import json
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import msgpack
 import numpy as np
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -277,8 +277,11 @@ async def feed(
     strategy: st.SearchStrategy[T],
     examples: int,
     refusals: Mapping[str, str],
+    explicit: Sequence[T] = (),
 ) -> Tally:
-    """Feed ``examples`` hostile inputs from ``strategy`` to ``handler`` on this event loop.
+    """Feed ``examples`` hostile inputs from ``strategy`` to ``handler`` on this event loop,
+    after every one of ``explicit`` (inputs a test counts on seeing: hypothesis spreads its
+    examples over the strategy's branches unevenly, and a rare one may not come up at all).
 
     ``refusals`` maps each refusal event the handler may log to the field holding its reason.
     Every input must make the handler return normally after logging exactly one of them with a
@@ -298,8 +301,10 @@ async def feed(
             assert reason, seen[0]
             tally.add(seen[0]["event"], reason)
 
-        run = fuzz_settings(examples)(given(strategy.map(Shown))(one))
-        await asyncio.to_thread(run)
+        run = given(strategy.map(Shown))(one)
+        for item in explicit:
+            run = example(Shown(item))(run)
+        await asyncio.to_thread(fuzz_settings(examples)(run))
     return tally
 
 

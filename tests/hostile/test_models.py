@@ -100,7 +100,12 @@ async def test_hostile_model_messages_are_refused_with_their_reasons(trainer: Tr
     async def handle(payload: bytes) -> None:
         trainer.handle(Inbound(topic, payload, False, 1))
 
-    tally = await feed(handle, hostile(), EXAMPLES, {"model_message_rejected": "reason"})
+    # Every way of misshaping every tensor once, whatever hypothesis draws besides.
+    kinds = ("dtype", "shape", "missing", "extra")
+    every = [misshapen(kind, index) for kind in kinds for index in range(len(weights()))]
+    tally = await feed(
+        handle, hostile(), EXAMPLES, {"model_message_rejected": "reason"}, explicit=every
+    )
 
     assert tally.sent >= EXAMPLES
     assert trainer.rejected == tally.sent
