@@ -471,18 +471,14 @@ class Dispatcher:
         # The aggregator decides the job's fate; a sharded job also fails with any of its shards
         # (a shard's slice of the model lives only in its checkpoints).
         agg = self._aggregator(job)
-        if agg is not None and agg.state in ("finished", "failed", "refused", "cancelled"):
-            if agg.state == "finished":
-                await self._finish(job, "completed", "the aggregator finished")
-            else:
-                where = f"{_role_name(agg)} on {agg.agent} {agg.state}"
-                await self._finish(job, "failed", f"{where}: {agg.reason}" if agg.reason else where)
+        if agg is not None and agg.state == "finished":
+            await self._finish(job, "completed", "the aggregator finished")
             return
-        lost = [a for a in self._shards(job) if a.state in ("failed", "refused", "cancelled")]
-        if lost:
-            where = f"{_role_name(lost[0])} on {lost[0].agent} {lost[0].state}"
-            reason = f"{where}: {lost[0].reason}" if lost[0].reason else where
-            await self._finish(job, "failed", reason)
+        ended = ("failed", "refused", "cancelled")
+        lost = next((a for a in self._aggregation(job) if a.state in ended), None)  # lead first
+        if lost is not None:
+            where = f"{_role_name(lost)} on {lost.agent} {lost.state}"
+            await self._finish(job, "failed", f"{where}: {lost.reason}" if lost.reason else where)
             return
         await self._fill_trainers(job)
         await self._fill_middles(job)
