@@ -40,6 +40,7 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import psutil
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt import _packet as paho_packet
@@ -110,8 +111,9 @@ def _decode_publish_for(header: int, packet: bytes | bytearray, protocol: int) -
     """paho's ``_packet.decode_publish`` as installed: :func:`decode_publish` while one of
     Ember's clients handles a packet, paho's own (payloads as ``bytes``) for any other paho
     client in the process."""
-    if _IN_EMBER_CLIENT.get() or PAHO_DECODE_PUBLISH is None:
+    if _IN_EMBER_CLIENT.get():
         return decode_publish(header, packet, protocol)
+    assert PAHO_DECODE_PUBLISH is not None  # adopt() installs this only in front of it
     return PAHO_DECODE_PUBLISH(header, packet, protocol)
 
 
@@ -768,8 +770,6 @@ class Transport:
         at work. With less, the messages past the bound are refused chunk by chunk while the
         broker still delivers every chunk of them (bench/aggregate: 32 trainers of an
         11M-parameter model, 1.4 GB in flight against 1 GiB)."""
-        import psutil
-
         limit = psutil.virtual_memory().total // 2
         reassembler = self._reassembler
         reassembler.max_pending_bytes = max(reassembler.max_pending_bytes, min(nbytes, limit))
