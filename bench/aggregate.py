@@ -26,7 +26,15 @@ from typing import Any
 import psutil
 
 from agent.logs import configure_logging
-from bench.common import Flood, bench_broker, read_results, scaled, show, write_results
+from bench.common import (
+    Flood,
+    bench_broker,
+    cpu_seconds,
+    read_results,
+    scaled,
+    show,
+    write_results,
+)
 from bench.cpu_profile import Profile
 from bench.harness import job_config, start_aggregator, stop_aggregator
 from bench.models import mlp, parameter_count, tensor_layout
@@ -53,19 +61,14 @@ class ProcessCpu:
                 kind = "broker" if "mosquitto" in " ".join(child.cmdline()) else "trainers"
                 self.processes[kind] = child
         self.started = time.perf_counter()
-        self.cpu = {kind: self._cpu(p) for kind, p in self.processes.items()}
-
-    @staticmethod
-    def _cpu(process: psutil.Process) -> float:
-        times = process.cpu_times()
-        return float(times.user + times.system)
+        self.cpu = {kind: cpu_seconds(p) for kind, p in self.processes.items()}
 
     def cores(self) -> dict[str, float]:
         elapsed = time.perf_counter() - self.started
         used = {}
         for kind, process in self.processes.items():
             with contextlib.suppress(psutil.Error):
-                used[kind] = round((self._cpu(process) - self.cpu[kind]) / elapsed, 2)
+                used[kind] = round((cpu_seconds(process) - self.cpu[kind]) / elapsed, 2)
         return used
 
 

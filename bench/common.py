@@ -138,6 +138,12 @@ def bench_broker(workdir: Path, *, connections: int = 0) -> MosquittoProcess:
     return broker.start()
 
 
+def cpu_seconds(process: psutil.Process) -> float:
+    """CPU time (user and system) ``process`` has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def raise_open_files(wanted: int) -> int:
     """Raise this process's soft open-files limit towards ``wanted`` (children inherit it)."""
     import resource

@@ -32,7 +32,16 @@ import psutil
 from agent.logs import configure_logging
 from agent.protocol import Topics
 from agent.transport import BrokerConfig, Transport
-from bench.common import REPO, bench_broker, median, raise_open_files, scaled, show, write_results
+from bench.common import (
+    REPO,
+    bench_broker,
+    cpu_seconds,
+    median,
+    raise_open_files,
+    scaled,
+    show,
+    write_results,
+)
 from coordinator.rpc import RpcClient
 
 FLEETS = (1_000, 10_000)
@@ -139,11 +148,6 @@ async def wait_online(client: RpcClient, count: int, timeout: float) -> None:
         await asyncio.sleep(2.0)
 
 
-def _cpu_seconds(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
-
-
 async def fleet_case(
     size: int, work: Path, window: float, *, plan: bool, dispatch: bool
 ) -> dict[str, Any]:
@@ -191,10 +195,10 @@ async def fleet_case(
             figures[f"held_{size}_s"] = time.monotonic() - started
             process = psutil.Process(coordinator.pid)
             await asyncio.sleep(min(window, 5.0))  # the first telemetry of every agent
-            before = _cpu_seconds(process)
+            before = cpu_seconds(process)
             mark = time.monotonic()
             await asyncio.sleep(window)
-            busy = _cpu_seconds(process) - before
+            busy = cpu_seconds(process) - before
             figures[f"coordinator_{size}_cpu_percent"] = 100 * busy / (time.monotonic() - mark)
             figures[f"coordinator_{size}_rss_mb"] = process.memory_info().rss / 1e6
             figures[f"held_{size}"] = coordinator.returncode is None

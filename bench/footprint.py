@@ -27,7 +27,7 @@ import psutil
 
 from agent.logs import configure_logging
 from bench.agent_footprint import measure as agent_idle
-from bench.common import FLOWER, REPO, scaled, show, write_results
+from bench.common import FLOWER, REPO, cpu_seconds, scaled, show, write_results
 
 MB = 1e6
 AGENT_VENV = Path(__file__).resolve().parent / ".agent-venv"
@@ -52,8 +52,7 @@ def _cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
         try:
-            times = process.cpu_times()
-            total += times.user + times.system
+            total += cpu_seconds(process)
         except psutil.Error:
             continue
     return total

@@ -31,7 +31,7 @@ import psutil
 from agent.logs import configure_logging
 from agent.protocol import Topics
 from agent.roles.assembler import ShardAssembler
-from bench.common import Flood, bench_broker, scaled, show, write_results
+from bench.common import Flood, bench_broker, cpu_seconds, scaled, show, write_results
 from bench.harness import Host, bundle, job_config
 from bench.models import mlp, parameter_count, tensor_layout
 
@@ -100,12 +100,13 @@ async def measure(
                 load.go()
                 await asyncio.sleep(warmup)
                 first = assembler.ledger.complete
-                cpu = [cpu_seconds(shard_host) for shard_host in hosts]
+                processes = [psutil.Process(shard_host.process.pid) for shard_host in hosts]
+                cpu = [cpu_seconds(p) for p in processes]
                 started = time.perf_counter()
                 await asyncio.sleep(window)
                 received = assembler.ledger.complete - first
                 elapsed = time.perf_counter() - started
-                busy = [cpu_seconds(h) - c for h, c in zip(hosts, cpu, strict=True)]
+                busy = [cpu_seconds(p) - c for p, c in zip(processes, cpu, strict=True)]
                 sent = await load.result()
             for shard_host in hosts:
                 shard_host.stop()
@@ -124,12 +125,6 @@ async def measure(
         "shard_cores": max(busy) / elapsed,
         "cpu_ms_per_mb": 1000 * sum(busy) / max(received * update_bytes / MB, 1e-9),
     }
-
-
-def cpu_seconds(child: Flood) -> float:
-    """CPU time (user and system) a child process has used so far."""
-    times = psutil.Process(child.process.pid).cpu_times()
-    return float(times.user + times.system)
 
 
 async def run() -> dict[str, Any]:
