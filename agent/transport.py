@@ -44,8 +44,9 @@ import psutil
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt import _packet as paho_packet
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_LOG_DEBUG, MQTT_LOG_ERR
 from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.client import time_func as paho_clock
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
@@ -118,10 +119,113 @@ def _decode_publish_for(header: int, packet: bytes | bytearray, protocol: int) -
 
 
 class EmberPahoClient(PahoClient):
-    """paho's MQTT client as Ember's transport runs it: PUBLISH payloads handed over as views
-    of the packet read (:func:`decode_publish`) and outgoing packets queued as views, so the
-    writer's ``packet[pos:]`` after each partial write is a free slice, not a copy of the rest
-    of a ``bytearray``. Only clients given this class (:func:`adopt`) behave so."""
+    """paho's MQTT client (MQTT 3.1.1 and 5) as Ember's transport runs it:
+
+    * each packet's body is received into one buffer of its final size (``recv_into``), where
+      paho received a new ``bytes`` per read and appended it to a growing ``bytearray``: one
+      copy of every received byte and an allocation per read fewer;
+    * PUBLISH payloads are handed over as views of that buffer (:func:`decode_publish`);
+    * outgoing packets are queued as views, so the writer's ``packet[pos:]`` after each
+      partial write is a free slice, not a copy of the rest of a ``bytearray``.
+
+    Only clients given this class (:func:`adopt`) behave so."""
+
+    def _packet_read(self) -> MQTTErrorCode:
+        """paho's ``_packet_read``: the fixed header, then the body, then the handler; at
+        most 100 reads per call, so that one huge packet does not hold the event loop."""
+        packet = self._in_packet
+        if packet["command"] == 0 or packet["have_remaining"] == 0:
+            rc = self._read_fixed_header()
+            if rc is not MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+            packet["packet"] = bytearray(packet["remaining_length"])
+        with memoryview(packet["packet"]) as body:
+            for _ in range(100):
+                if packet["to_process"] == 0:
+                    break
+                offset = packet["remaining_length"] - packet["to_process"]
+                try:
+                    received = self._sock_recv_into(body[offset:])
+                except BlockingIOError:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except OSError as err:
+                    self._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                if received == 0:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                packet["to_process"] -= received
+                with self._msgtime_mutex:
+                    self._last_bytes_received = paho_clock()
+            else:
+                if packet["to_process"]:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+        packet["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho_clock()
+        return rc
+
+    def _read_fixed_header(self) -> MQTTErrorCode:
+        """The packet type byte and the remaining length (1 to 4 bytes), as paho reads them;
+        what has been read stays in ``_in_packet`` when the socket runs dry in between."""
+        packet = self._in_packet
+        try:
+            if packet["command"] == 0:
+                command = self._sock_recv(1)
+                if not command:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                packet["command"] = command[0]
+            while True:
+                byte = self._sock_recv(1)
+                if not byte:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                packet["remaining_count"].append(byte[0])
+                if len(packet["remaining_count"]) > 4:  # the most MQTT allows
+                    return MQTTErrorCode.MQTT_ERR_PROTOCOL
+                packet["remaining_length"] += (byte[0] & 127) * packet["remaining_mult"]
+                packet["remaining_mult"] *= 128
+                if not byte[0] & 128:
+                    break
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:  # TimeoutError included
+            self._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        packet["have_remaining"] = 1
+        packet["to_process"] = packet["remaining_length"]
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _sock_recv_into(self, buffer: memoryview) -> int:
+        """paho's ``_sock_recv`` into ``buffer``: bytes received, 0 when the peer closed."""
+        sock = self._sock
+        if sock is None:
+            raise ConnectionError("self._sock is None")
+        recv_into = getattr(sock, "recv_into", None)
+        if recv_into is None:  # a socket wrapper without it
+            data = self._sock_recv(len(buffer))
+            buffer[: len(data)] = data
+            return len(data)
+        try:
+            return int(recv_into(buffer))
+        except ssl.SSLWantReadError as err:
+            raise BlockingIOError() from err
+        except ssl.SSLWantWriteError as err:
+            self._call_socket_register_write()
+            raise BlockingIOError() from err
 
     def _handle_publish(self) -> MQTTErrorCode:
         token = _IN_EMBER_CLIENT.set(True)
