@@ -52,9 +52,9 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
+from agent.protocol.chunking import DEFAULT_CHUNK_SIZE, HEADER_SIZE, Reassembler, is_chunk, split
 from agent.protocol.errors import PayloadTooLarge, ProtocolError, ReassemblyFull
-from agent.protocol.limits import KiB, MiB
+from agent.protocol.limits import MiB
 from agent.tasks import cancel_and_wait
 
 log = structlog.get_logger("ember.transport")
@@ -331,7 +331,7 @@ class BrokerConfig:
     session_expiry: int = 0
     """Seconds the broker keeps this client's session (subscriptions and queued QoS 1 messages)
     while it is away; 0 starts a clean session on every connect. Needs a ``client_id``."""
-    chunk_size: int = 512 * KiB
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     max_message_bytes: int = 512 * MiB
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5

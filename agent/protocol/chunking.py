@@ -72,7 +72,12 @@ FAMILY = MAGIC[:3]
 and :func:`parse_frame` refuses it by name, instead of taking it for a message."""
 HEADER = struct.Struct("<4s16sIIQII32s")
 HEADER_SIZE = HEADER.size
-DEFAULT_CHUNK_SIZE = 512 * 1024
+DEFAULT_CHUNK_SIZE = 960 * 1024
+"""Data bytes per frame by default: a frame (with its header, topic and MQTT framing) stays
+under 1,000,000 bytes, the smallest default packet limit among the brokers Ember runs on (EMQX
+and NATS: 1 MB; mosquitto 2.1: 2 MB), and is as large as that allows: every frame costs each
+Python side and the broker a fixed amount besides its bytes (bench/aggregate measured 1M
+updates at about 1.2 times the rate in 960 KiB frames as in 512 KiB ones)."""
 
 
 def is_chunk(payload: Buffer) -> bool:

@@ -123,6 +123,30 @@ async def test_without_chunking_the_same_message_is_refused_by_the_broker(
     assert received == []
 
 
+async def test_default_frames_fit_a_one_megabyte_limit_nobody_announces(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    """EMQX and NATS cap packets at 1 MB, and over MQTT 3.1.1 no broker can say so: the default
+    chunk size, with each frame's header, topic and MQTT framing, stays under 1,000,000 bytes
+    (mosquitto disconnects a client whose packet is larger)."""
+    broker = mosquitto_factory(max_packet_size=1_000_000)
+    opts = {"protocol": "3.1.1"}
+    async with (
+        Transport(config(broker.url, **opts)) as pub,
+        Transport(config(broker.url, **opts)) as rx,
+    ):
+        await pub.wait_connected(5)
+        await rx.wait_connected(5)
+        sub = await rx.subscribe(topics.all_job_updates("j"))
+        payload = model(1_000_000).to_msgpack()  # the 1M update of bench/aggregate
+        topic = topics.job_updates("j", "a-trainer-with-a-long-agent-id-" + "x" * 64)
+        await pub.publish(topic, payload, timeout=30)
+        got = await sub.get(timeout=30)
+        assert bytes(got.payload) == payload
+        assert pub.stats.frames_out == chunk_count(len(payload), pub.config.chunk_size) == 5
+        assert pub.stats.resent_after_reconnect == 0
+
+
 async def test_mqtt311_with_explicit_chunk_size(
     mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
 ) -> None:
@@ -399,7 +423,7 @@ async def test_size_checks_happen_before_sending(pair: tuple[Transport, Transpor
     with pytest.raises(PayloadTooLarge, match="1001 bytes"):
         await small.publish("ember/v1/x", b"x" * 1001)
     with pytest.raises(ValueError, match="retained message must fit one chunk"):
-        await publisher.publish("ember/v1/x", b"x" * (600 * 1024), retain=True)
+        await publisher.publish("ember/v1/x", b"x" * (publisher.config.chunk_size + 1), retain=True)
 
 
 @pytest.mark.parametrize(
