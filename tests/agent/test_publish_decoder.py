@@ -1,8 +1,12 @@
-"""The transport's PUBLISH decoder against paho's own: the same packet, the same fields, for
-every MQTT version, QoS and property set, and the same refusal of a malformed packet."""
+"""The transport's PUBLISH decoder and packet reader against paho's own: the same packet, the
+same fields, for every MQTT version, QoS and property set, and the same refusal of a malformed
+packet; the same messages read from a byte stream however the socket hands it over."""
 
 from __future__ import annotations
 
+import contextlib
+import select
+import socket
 import struct
 from typing import Any
 
@@ -11,7 +15,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt import _packet as paho_packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.client import Client as PahoClient
+from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -123,3 +129,92 @@ def test_the_payload_is_a_view_of_the_packet_not_a_copy() -> None:
 def test_an_empty_packet_is_malformed(protocol: int) -> None:
     with pytest.raises(MalformedPacket):
         decode_publish(0x30, bytearray(), protocol)
+
+
+def remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def read_stream(client: PahoClient, pieces: list[bytes]) -> list[tuple[str, bytes]]:
+    """What ``client`` hands its on_message when a socket delivers ``pieces`` one by one."""
+    got: list[tuple[str, bytes]] = []
+
+    def on_message(_client: Any, _userdata: Any, message: MQTTMessage) -> None:
+        got.append((message.topic, bytes(message.payload)))
+
+    client.on_message = on_message
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    client._sock = ours  # type: ignore[assignment]
+
+    def drain() -> None:
+        # Read until the socket is dry: paho stops after 100 reads with data left.
+        while select.select([ours], [], [], 0)[0]:
+            rc = client._packet_read()
+            assert rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN)
+
+    try:
+        for piece in pieces:
+            left = memoryview(piece)
+            while left:
+                with contextlib.suppress(BlockingIOError):  # full until the reader reads
+                    left = left[theirs.send(left) :]
+                drain()
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+    return got
+
+
+@given(
+    messages=st.lists(
+        st.tuples(st.sampled_from(["t/a", "jobs/j/updates/x"]), st.integers(0, 70_000)),
+        min_size=1,
+        max_size=6,
+    ),
+    cuts=st.lists(st.integers(1, 40_000), max_size=30),
+)
+def test_the_packet_reader_reads_what_paho_reads_however_the_bytes_arrive(
+    messages: list[tuple[str, int]], cuts: list[int]
+) -> None:
+    """PUBLISH packets (1- to 3-byte remaining lengths) written to a socket in arbitrary pieces:
+    Ember's reader (one buffer per body, ``recv_into``) gives the same messages as paho's."""
+    stream = b""
+    for index, (topic, size) in enumerate(messages):
+        body = packet(topic.encode(), 0, bytes([index % 256]) * size, None)
+        stream += b"\x30" + remaining_length(len(body)) + body
+    pieces, at = [], 0
+    for cut in cuts:
+        if at >= len(stream):
+            break
+        pieces.append(stream[at : at + cut])
+        at += cut
+    pieces.append(stream[at:])
+    expected = [(topic, bytes([i % 256]) * size) for i, (topic, size) in enumerate(messages)]
+    paho = PahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    assert read_stream(paho, pieces) == expected
+    assert read_stream(ember, pieces) == expected
+
+
+def test_a_peer_that_closes_mid_packet_is_a_lost_connection() -> None:
+    client = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours  # type: ignore[assignment]
+    try:
+        body = packet(b"t/a", 0, b"x" * 1000, None)
+        theirs.sendall(b"\x30" + remaining_length(len(body)) + body[:500])
+        assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
+        theirs.close()
+        assert client._packet_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+    finally:
+        client._sock = None
+        ours.close()
