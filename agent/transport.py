@@ -44,7 +44,8 @@ import psutil
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt import _packet as paho_packet
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_LOG_DEBUG, MQTT_LOG_ERR
+from paho.mqtt import client as paho_client
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_LOG_DEBUG, MQTT_LOG_ERR, PUBLISH
 from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.client import time_func as paho_clock
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
@@ -52,7 +53,13 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
 
-from agent.protocol.chunking import DEFAULT_CHUNK_SIZE, HEADER_SIZE, Reassembler, is_chunk, split
+from agent.protocol.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    HEADER_SIZE,
+    Reassembler,
+    is_chunk,
+    split_headers,
+)
 from agent.protocol.errors import PayloadTooLarge, ProtocolError, ReassemblyFull
 from agent.protocol.limits import MiB
 from agent.tasks import cancel_and_wait
@@ -118,6 +125,54 @@ def _decode_publish_for(header: int, packet: bytes | bytearray, protocol: int) -
     return PAHO_DECODE_PUBLISH(header, packet, protocol)
 
 
+class Frame:
+    """A chunk frame to publish as its header and a view of the message's bytes: an Ember paho
+    client (:class:`EmberPahoClient`) writes the PUBLISH packet's header, this header and the
+    data side by side, where a frame of ``bytes`` was copied twice (once into the frame, once
+    into paho's packet). Any other paho client refuses it (paho takes bytes only)."""
+
+    __slots__ = ("data", "header")
+
+    def __init__(self, header: bytes, data: memoryview) -> None:
+        self.header = header
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.header) + self.data.nbytes
+
+
+class Gather:
+    """An outgoing packet in several buffers, written with one ``sendmsg``; ``packet[pos:]``
+    (paho's writer, after a partial write) is what is left of it, without copies."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.parts = [memoryview(part).cast("B") for part in parts]
+
+    def __len__(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+    def __getitem__(self, index: slice) -> Gather:
+        skip, rest = index.start or 0, []
+        for part in self.parts:
+            if skip >= part.nbytes:
+                skip -= part.nbytes
+                continue
+            rest.append(part[skip:])
+            skip = 0
+        return Gather(rest)
+
+
+_PAHO_ENCODE_PAYLOAD: Callable[[Any], Any] = paho_client._encode_payload
+
+
+def _encode_payload(payload: Any) -> Any:
+    """paho's payload check, with :class:`Frame` let through (to :meth:`EmberPahoClient.\
+    _send_publish`, the only code that writes one)."""
+    return payload if isinstance(payload, Frame) else _PAHO_ENCODE_PAYLOAD(payload)
+
+
 class EmberPahoClient(PahoClient):
     """paho's MQTT client (MQTT 3.1.1 and 5) as Ember's transport runs it:
 
@@ -126,7 +181,10 @@ class EmberPahoClient(PahoClient):
       copy of every received byte and an allocation per read fewer;
     * PUBLISH payloads are handed over as views of that buffer (:func:`decode_publish`);
     * outgoing packets are queued as views, so the writer's ``packet[pos:]`` after each
-      partial write is a free slice, not a copy of the rest of a ``bytearray``.
+      partial write is a free slice, not a copy of the rest of a ``bytearray``;
+    * a chunk :class:`Frame` goes out as the PUBLISH header, the frame header and a view of the
+      message's bytes, written together with ``sendmsg`` (one part at a time over TLS, which
+      has no ``sendmsg``): the data is not copied between the caller and the kernel.
 
     Only clients given this class (:func:`adopt`) behave so."""
 
@@ -235,9 +293,52 @@ class EmberPahoClient(PahoClient):
             _IN_EMBER_CLIENT.reset(token)
 
     def _packet_queue(
-        self, command: int, packet: bytes | bytearray, *args: Any, **kwargs: Any
+        self, command: int, packet: bytes | bytearray | Gather, *args: Any, **kwargs: Any
     ) -> MQTTErrorCode:
-        return super()._packet_queue(command, memoryview(packet), *args, **kwargs)  # type: ignore[arg-type]
+        queued = packet if isinstance(packet, Gather) else memoryview(packet)
+        return super()._packet_queue(command, queued, *args, **kwargs)  # type: ignore[arg-type]
+
+    def _send_publish(
+        self,
+        mid: int,
+        topic: bytes,
+        payload: bytes | bytearray | Frame = b"",
+        qos: int = 0,
+        retain: bool = False,
+        dup: bool = False,
+        info: Any = None,
+        properties: Properties | None = None,
+    ) -> MQTTErrorCode:
+        """paho's PUBLISH packet (MQTT 3.1.1 and 5), for a :class:`Frame` without copying it."""
+        if not isinstance(payload, Frame):
+            return super()._send_publish(mid, topic, payload, qos, retain, dup, info, properties)
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        packed = b""
+        if self._protocol == MQTTProtocolVersion.MQTTv5:
+            packed = b"\x00" if properties is None else properties.pack()  # type: ignore[no-untyped-call]
+        head = bytearray([PUBLISH | ((dup & 0x1) << 3) | (qos << 1) | retain])
+        self._pack_remaining_length(
+            head, 2 + len(topic) + (2 if qos else 0) + len(packed) + len(payload)
+        )
+        self._pack_str16(head, topic)
+        if qos:
+            head += mid.to_bytes(2, "big")
+        head += packed
+        head += payload.header
+        return self._packet_queue(PUBLISH, Gather((head, payload.data)), mid, qos, info)
+
+    def _sock_send(self, buf: bytes | bytearray | Gather) -> int:
+        if not isinstance(buf, Gather):
+            return super()._sock_send(buf)
+        sock = self._sock
+        if sock is None or isinstance(sock, ssl.SSLSocket) or not hasattr(sock, "sendmsg"):
+            return super()._sock_send(buf.parts[0])  # type: ignore[arg-type]
+        try:
+            return int(sock.sendmsg(buf.parts))
+        except BlockingIOError:
+            self._call_socket_register_write()
+            raise
 
 
 def adopt(client: aiomqtt.Client) -> aiomqtt.Client:
@@ -245,6 +346,7 @@ def adopt(client: aiomqtt.Client) -> aiomqtt.Client:
     with no state of its own: the instance is the same); other paho clients are untouched."""
     if callable(PAHO_DECODE_PUBLISH) and paho_packet.decode_publish is PAHO_DECODE_PUBLISH:
         paho_packet.decode_publish = _decode_publish_for
+    paho_client._encode_payload = _encode_payload
     paho = client._client  # with _send_immediately, where Ember reaches behind aiomqtt
     if type(paho) is PahoClient:
         paho.__class__ = EmberPahoClient
@@ -953,7 +1055,9 @@ class Transport:
             if retain:
                 raise ValueError(f"{topic}: a retained message must fit one chunk ({chunk} bytes)")
             qos = max(qos, 1)  # one lost frame would lose the whole message
-            frames: list[bytes | bytearray] = list(split(data, chunk))
+            frames: list[bytes | bytearray | Frame] = [
+                Frame(header, piece) for header, piece in split_headers(data, chunk)
+            ]
         else:
             frames = [bytes(data) if isinstance(data, memoryview) else data]
         if qos == 0 and not self.connected:
@@ -967,7 +1071,7 @@ class Transport:
     async def _send(
         self,
         topic: str,
-        frames: list[bytes | bytearray],
+        frames: list[bytes | bytearray | Frame],
         qos: int,
         retain: bool,
         timeout: float | None,
@@ -1042,7 +1146,7 @@ class Transport:
         self,
         client: aiomqtt.Client,
         topic: str,
-        frames: list[bytes | bytearray],
+        frames: list[bytes | bytearray | Frame],
         pending: set[int],
         qos: int,
         retain: bool,
@@ -1051,7 +1155,13 @@ class Transport:
 
         async def send(index: int) -> None:
             async with window:
-                await client.publish(topic, frames[index], qos=qos, retain=retain, timeout=math.inf)
+                await client.publish(
+                    topic,
+                    frames[index],  # type: ignore[arg-type]  # a Frame: see EmberPahoClient
+                    qos=qos,
+                    retain=retain,
+                    timeout=math.inf,
+                )
             pending.discard(index)
             self.stats.frames_out += 1
 

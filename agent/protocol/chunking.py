@@ -94,6 +94,17 @@ def split(
     payload: Buffer, chunk_size: int = DEFAULT_CHUNK_SIZE, *, message_id: bytes | None = None
 ) -> list[bytes]:
     """Cut ``payload`` into chunk frames of at most ``chunk_size`` data bytes each."""
+    return [
+        b"".join((head, data))
+        for head, data in split_headers(payload, chunk_size, message_id=message_id)
+    ]
+
+
+def split_headers(
+    payload: Buffer, chunk_size: int = DEFAULT_CHUNK_SIZE, *, message_id: bytes | None = None
+) -> list[tuple[bytes, memoryview]]:
+    """:func:`split`'s frames as (header, view of the data) pairs, for a sender that writes
+    the two side by side (``sendmsg``) instead of copying the data into one frame."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size}")
     view = memoryview(payload).cast("B")
@@ -106,7 +117,7 @@ def split(
     crcs = [crc32(piece) for piece in pieces]
     digest = crc_digest(crcs)
     return [
-        build_frame(mid, index, count, total, chunk_size, digest, piece, data_crc=crc)
+        (frame_header(mid, index, count, total, chunk_size, digest, crc), piece)
         for index, (piece, crc) in enumerate(zip(pieces, crcs, strict=True))
     ]
 
@@ -129,9 +140,26 @@ def build_frame(
 ) -> bytes:
     """One frame with its CRC computed (from ``data_crc``, the CRC-32 of ``data``, when the
     caller has it); :func:`split` is the normal way to make frames."""
-    head = HEADER.pack(MAGIC, message_id, index, count, total_size, chunk_size, 0, digest)
-    crc = _frame_crc(memoryview(head), crc32(data) if data_crc is None else data_crc)
-    return b"".join((head[:_CRC_AT], _CRC.pack(crc), head[_CRC_AT + 4 :], data))
+    crc = crc32(data) if data_crc is None else data_crc
+    head = frame_header(message_id, index, count, total_size, chunk_size, digest, crc)
+    return b"".join((head, data))
+
+
+def frame_header(
+    message_id: bytes,
+    index: int,
+    count: int,
+    total_size: int,
+    chunk_size: int,
+    digest: bytes,
+    data_crc: int,
+) -> bytes:
+    """A frame's header, its CRC computed from ``data_crc`` (the CRC-32 of its data)."""
+    head = bytearray(
+        HEADER.pack(MAGIC, message_id, index, count, total_size, chunk_size, 0, digest)
+    )
+    _CRC.pack_into(head, _CRC_AT, _frame_crc(memoryview(head), data_crc))
+    return bytes(head)
 
 
 _CRC = struct.Struct("<I")
