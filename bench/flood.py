@@ -89,18 +89,22 @@ class SimulatedTrainer:
             tensors=delta,
         )
         shards = int(config.get("shards", 0))
+        # Encoded once; each update's id is written over the last one's in place (its parts
+        # are acknowledged by then): a real trainer encodes on its own device, and the
+        # ceiling's publishers do not copy their payload per message either.
         self.templates = (
-            [(self.topics.job_updates(self.job, agent), update.to_msgpack())]
+            [(self.topics.job_updates(self.job, agent), bytearray(update.to_msgpack()))]
             if not shards
             else [
                 # A sharded aggregator's trainer: one part per shard, as agent.roles.trainer.
                 (
                     self.topics.shard_updates(self.job, shard, agent),
-                    dataclasses.replace(update, tensors=part).to_msgpack(),
+                    bytearray(dataclasses.replace(update, tensors=part).to_msgpack()),
                 )
                 for shard, part in enumerate(SlicePlan(ModelSpec.of(delta), shards).split(delta))
             ]
         )
+        self.id_at = [template.index(self.template_id.encode()) for _, template in self.templates]
         self.acked: str | None = None
         self.ack = asyncio.Event()
         self.version = 0
@@ -130,10 +134,9 @@ class SimulatedTrainer:
         while not stop.is_set():
             update_id = secrets.token_hex(16)
             self.ack.clear()
-            parts = [
-                (topic, template.replace(self.template_id.encode(), update_id.encode(), 1))
-                for topic, template in self.templates
-            ]
+            for (_, template), at in zip(self.templates, self.id_at, strict=True):
+                template[at : at + len(update_id)] = update_id.encode()
+            parts = self.templates
             # Side by side, as agent.roles.delivery sends a sharded update's parts.
             await asyncio.gather(
                 *(self.transport.publish(topic, part, timeout=600) for topic, part in parts)
