@@ -69,6 +69,34 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
     return {"messages": sum(sent), "bytes": sum(sent) * len(payload)}
 
 
+class Receipts:
+    """Receipts decoded once for all the simulated trainers of this process: each receipt
+    goes to every trainer (one per commit), and 64 trainers decoding it 64 times in one process
+    measured the simulation, not the aggregator (each device decodes its own copy). Every
+    trainer's connection still receives and parses its copy, as a device's would."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self.keep = keep
+        self.decoded: dict[bytes, UpdateAck | None] = {}
+
+    def decode(self, payload: bytes | bytearray | memoryview) -> UpdateAck | None:
+        if memoryview(payload).nbytes > 64 * 1024:
+            return None  # a model version: not what this flood waits for
+        key = bytes(payload)
+        if key not in self.decoded:
+            try:
+                decoded = decode_message(key, expect=UpdateAck)
+            except ProtocolError:
+                decoded = None
+            if len(self.decoded) >= self.keep:
+                del self.decoded[next(iter(self.decoded))]
+            self.decoded[key] = decoded if isinstance(decoded, UpdateAck) else None
+        return self.decoded[key]
+
+
+RECEIPTS = Receipts()
+
+
 class SimulatedTrainer:
     """One trainer identity: its own transport, its updates topic, receipts on the model topic."""
 
@@ -120,11 +148,8 @@ class SimulatedTrainer:
 
     async def _follow(self) -> None:
         async for message in self.models:
-            try:
-                decoded = decode_message(message.payload, expect=UpdateAck)
-            except ProtocolError:
-                continue  # a model version: not what this flood waits for
-            if isinstance(decoded, UpdateAck) and self.agent in decoded.acks:
+            decoded = RECEIPTS.decode(message.payload)
+            if decoded is not None and self.agent in decoded.acks:
                 self.acked = decoded.acks[self.agent]
                 self.version = decoded.version
                 self.ack.set()
