@@ -193,6 +193,13 @@ class Flood:
         assert self.process.stdin is not None
         self.process.stdin.write(b"go\n")
 
+    def credit(self, messages: int = 1) -> None:
+        """A line after ``go`` for a raw flood with a ``window``: its publishers may send
+        ``messages`` more (the receiver has taken that many)."""
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.process.stdin.write(b"%d\n" % messages)
+
     def stop(self) -> None:
         """The second line: a child that runs until told (``bench.shard_host``) ends."""
         assert self.process is not None

@@ -6,6 +6,8 @@ apart from the receiver keeps the publishers' CPU out of the process being measu
 
 * ``raw``: one aiomqtt client per publisher, the same payload again and again at QoS 1, the
   next publish as soon as the broker acknowledges the previous one (the broker's ceiling).
+  With ``window`` set, the publishers together stay at most that many messages ahead of the
+  receiver, which grants more with a line ``N`` on stdin per N messages it has taken.
 * ``trainers``: simulated Ember trainers, one Ember transport each, sending real
   :class:`~agent.protocol.ModelUpdate` messages (chunked like a trainer's) and, as a trainer
   does, the next one once the aggregator's receipt for the previous one has arrived (FedBuff's
@@ -21,6 +23,7 @@ import dataclasses
 import json
 import secrets
 import sys
+import threading
 import time
 from typing import Any
 
@@ -43,10 +46,21 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
     sent = [0] * int(config["publishers"])
     stop = asyncio.Event()
 
+    window = int(config.get("window", 0))
+    credits = asyncio.Semaphore(window)
+    loop = asyncio.get_running_loop()
+
+    def granted() -> None:  # the lines after "go", read in a thread that never blocks exit
+        for line in sys.stdin:
+            for _ in range(int(line)):
+                loop.call_soon_threadsafe(credits.release)
+
     async def publisher(index: int, client: aiomqtt.Client) -> None:
         await go.wait()
         topic = f"{config['topic']}/{index}"
         while not stop.is_set():
+            if window:
+                await credits.acquire()
             await client.publish(topic, payload, qos=1, timeout=600)
             sent[index] += 1
 
@@ -60,6 +74,8 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
         tasks = [asyncio.create_task(publisher(i, c)) for i, c in enumerate(clients)]
         print("ready", flush=True)
         await go.wait()
+        if window:  # after "go": one reader of stdin at a time
+            threading.Thread(target=granted, daemon=True).start()
         await asyncio.sleep(float(config["seconds"]))
         stop.set()
         await asyncio.wait(tasks, timeout=120)
