@@ -61,6 +61,8 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
         while not stop.is_set():
             if window:
                 await credits.acquire()
+                if stop.is_set():
+                    break
             await client.publish(topic, payload, qos=1, timeout=600)
             sent[index] += 1
 
@@ -78,6 +80,8 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
             threading.Thread(target=granted, daemon=True).start()
         await asyncio.sleep(float(config["seconds"]))
         stop.set()
+        for _ in tasks:
+            credits.release()  # a publisher waiting for a grant sees the stop
         await asyncio.wait(tasks, timeout=120)
     finally:
         for client in clients:
