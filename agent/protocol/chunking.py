@@ -62,9 +62,9 @@ try:
     # zlib-ng computes the same CRC-32 as zlib (the values on the wire do not change) about ten
     # times faster (carry-less multiply on x86-64, the CRC instructions on ARMv8): at 4 GB/s,
     # zlib's CRC was a quarter of an aggregator's time receiving 1M-parameter updates.
-    from zlib_ng.zlib_ng import crc32
+    from zlib_ng.zlib_ng import crc32 as crc32
 except ImportError:  # no zlib-ng wheel for this platform (32-bit Arm): the standard library's
-    from zlib import crc32
+    from zlib import crc32 as crc32
 
 MAGIC = b"\xc1EC2"
 FAMILY = MAGIC[:3]

@@ -20,15 +20,12 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import json
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agent.durable import write_durably
 from agent.learning.aggregation import Outcome, Status
 from agent.learning.backend import EvalResult, TrainingBackend
 from agent.learning.clipping import norm_guards
@@ -51,10 +48,11 @@ from agent.protocol import (
     UpdateAck,
     decode_message,
 )
-from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
+from agent.protocol.codec import TensorMap, encode_tensors
 from agent.protocol.errors import PayloadTooLarge
 from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
+from agent.roles.checkpoints import Checkpoints, split_model_state
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait
 from agent.transport import Inbound, Subscription
@@ -62,10 +60,9 @@ from agent.transport import Inbound, Subscription
 log = structlog.get_logger("ember.aggregator")
 
 REPUBLISH_INTERVAL = 0.5
+"""Model requests within this many seconds of a publish are answered by that publish."""
 GROUP_COMMIT_WAIT = 0.05
 """Seconds a commit waits at most for the updates queued when it began to be handled."""
-"""Model requests within this many seconds of a publish are answered by that publish."""
-KEEP_CHECKPOINTS = 3
 INLINE_OFFER_BYTES = 8 * 1024 * 1024
 """Updates of up to this many tensor bytes are checked and added on the event loop: handing
 the work to a thread and back cost more than the work itself (about half a millisecond for a
@@ -774,75 +771,3 @@ class Aggregator(Role):
                 await self._publish()
 
         self._republish = asyncio.create_task(later())
-
-
-MODEL_STATE = ("weights/", "optimizer/")
-"""State keys that change only when a version is made: the model and the server optimizer's
-state. A checkpoint writes them once per version, the rest (buffer, counters, applied ids) on
-every save."""
-
-
-def split_model_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``state`` as (the part that changes only between versions, the rest)."""
-    model = {k: v for k, v in state.items() if k.startswith(MODEL_STATE)}
-    return model, {k: v for k, v in state.items() if k not in model}
-
-
-class Checkpoints:
-    """Model versions on disk: the aggregator's full state (tensor codec, never pickle) and a
-    small JSON with history, written atomically; the newest few are kept.
-
-    A version's model part (:data:`MODEL_STATE`) may be written once, in its own file, and the
-    rest as often as receipts need it: ``latest.json`` names both, and a model file is on disk
-    before any pointer names it."""
-
-    def __init__(self, directory: Path, keep: int = KEEP_CHECKPOINTS) -> None:
-        self.directory = directory
-        self.keep = keep
-
-    @staticmethod
-    def model_name(version: int) -> str:
-        return f"v{version:08d}.model.tensors"
-
-    def save(
-        self,
-        version: int,
-        state: bytes,
-        meta: Mapping[str, Any],
-        model: bytes | None = None,
-        *,
-        split: bool = False,
-    ) -> Path:
-        """Write ``state`` for ``version``; with ``split`` its model part is in this version's
-        model file, written now from ``model`` or by an earlier save of the same version."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"v{version:08d}.tensors"
-        pointer = {**meta, "version": version, "file": path.name}
-        if split:
-            model_path = self.directory / self.model_name(version)
-            if model is not None:
-                write_durably(model_path, model)
-            elif not model_path.exists():
-                raise FileNotFoundError(f"{model_path}: a version's model part must be saved first")
-            pointer["model_file"] = model_path.name
-        write_durably(path, state)
-        write_durably(self.directory / "latest.json", json.dumps(pointer).encode())
-        files = sorted(self.directory.glob("v*.tensors"))
-        models = [f for f in files if f.name.endswith(".model.tensors")]
-        states = [f for f in files if not f.name.endswith(".model.tensors")]
-        for old in states[: -self.keep] + models[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        pointer = self.directory / "latest.json"
-        if not pointer.exists():
-            return None
-        meta = json.loads(pointer.read_text())
-        state = dict(
-            decode_tensors((self.directory / meta["file"]).read_bytes(), require_finite=False)
-        )
-        if "model_file" in meta:
-            model = (self.directory / meta["model_file"]).read_bytes()
-            state.update(decode_tensors(model, require_finite=False))
-        return state, meta

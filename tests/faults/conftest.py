@@ -30,7 +30,7 @@ import pytest
 from agent.learning.arrays import decode_strings, read_int, unprefixed
 from agent.process import spawn_agent, stop_process
 from agent.protocol import Topics
-from agent.roles.aggregator import Checkpoints
+from agent.roles.checkpoints import Checkpoints
 from agent.roles.delivery import read_ledger
 from agent.transport import Subscription, Transport
 from coordinator.bundles import init_key, model_artifacts, public_text

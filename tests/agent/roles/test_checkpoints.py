@@ -1,7 +1,9 @@
-"""The aggregator's checkpoint files: a version's model part once, the rest on every save."""
+"""The aggregator's checkpoint files: a version's model part once, the rest on every save,
+into one of two slots in turn (a torn or damaged slot is never believed)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.protocol.codec import encode_tensors
-from agent.roles.aggregator import Checkpoints, split_model_state
+from agent.roles.checkpoints import SLOT_HEADER, Checkpoints, split_model_state
 
 
 def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
@@ -41,18 +43,126 @@ def test_a_version_without_its_model_part_on_disk_is_refused(tmp_path: Path) -> 
     checkpoints = Checkpoints(tmp_path)
     with pytest.raises(FileNotFoundError, match="model part must be saved first"):
         checkpoints.save(3, b"", {}, None, split=True)
-    assert not (tmp_path / "latest.json").exists()
+    assert not list(tmp_path.glob("*.slot"))
 
 
-def test_old_files_of_both_kinds_go(tmp_path: Path) -> None:
+def test_old_model_files_go_and_the_state_lives_in_two_slots(tmp_path: Path) -> None:
     checkpoints = Checkpoints(tmp_path, keep=2)
     model = encode_tensors({"weights/w": np.zeros(2, np.float32)})
     for version in range(5):
         checkpoints.save(version, encode_tensors({}), {}, model, split=True)
-    names = sorted(p.name for p in tmp_path.glob("v*"))
+    names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
+        "state-a.slot",
+        "state-b.slot",
         "v00000003.model.tensors",
-        "v00000003.tensors",
         "v00000004.model.tensors",
-        "v00000004.tensors",
     ]
+    loaded = checkpoints.load_latest()
+    assert loaded is not None
+    assert loaded[1]["version"] == 4
+
+
+def _state(value: float) -> bytes:
+    return encode_tensors({"buffer/sums/w": np.full(1000, value, np.float32)})
+
+
+def _saved_value(directory: Path) -> float:
+    loaded = Checkpoints(directory).load_latest()
+    assert loaded is not None
+    state, meta = loaded
+    assert float(state["buffer/sums/w"][0]) == meta["value"]
+    return float(meta["value"])
+
+
+def test_a_save_overwrites_the_older_slot_never_the_newest(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path)
+    for value in range(1, 6):
+        checkpoints.save(0, _state(value), {"value": value})
+        slot = ("state-a.slot", "state-b.slot")[(value - 1) % 2]
+        assert _saved_value_of(tmp_path / slot) == value
+        if value > 1:
+            assert _saved_value_of(tmp_path / ("state-a.slot", "state-b.slot")[value % 2]) == (
+                value - 1
+            )
+        assert _saved_value(tmp_path) == value
+    # A new process (a restarted aggregator) goes on from the newest slot, and writes over the
+    # other one.
+    again = Checkpoints(tmp_path)
+    again.save(0, _state(6), {"value": 6})
+    assert _saved_value(tmp_path) == 6
+    assert _saved_value_of(tmp_path / "state-a.slot") == 5
+    assert _saved_value_of(tmp_path / "state-b.slot") == 6
+
+
+def _saved_value_of(slot: Path) -> float:
+    from agent.roles.checkpoints import _read_slot
+
+    read = _read_slot(slot)
+    assert read is not None
+    return float(json.loads(read[1])["value"])
+
+
+@pytest.mark.parametrize("cut", [0, 7, SLOT_HEADER.size, SLOT_HEADER.size + 5, -1])
+def test_a_torn_write_leaves_the_commit_before_it(tmp_path: Path, cut: int) -> None:
+    """A crash while a slot is written leaves it cut anywhere: the older commit stands."""
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save(0, _state(1), {"value": 1})
+    checkpoints.save(0, _state(2), {"value": 2})
+    checkpoints.save(0, _state(3), {"value": 3})  # into state-a.slot, over 1
+    whole = (tmp_path / "state-a.slot").read_bytes()
+    (tmp_path / "state-a.slot").write_bytes(whole[:cut] if cut >= 0 else whole[:-1])
+    assert _saved_value(tmp_path) == 2
+    # The next save goes over the torn slot, not over the whole one.
+    Checkpoints(tmp_path).save(0, _state(4), {"value": 4})
+    assert _saved_value_of(tmp_path / "state-b.slot") == 2
+    assert _saved_value(tmp_path) == 4
+
+
+def test_a_flipped_bit_anywhere_in_a_slot_is_caught(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save(0, _state(1), {"value": 1})
+    checkpoints.save(0, _state(2), {"value": 2})
+    slot = tmp_path / "state-b.slot"
+    whole = bytearray(slot.read_bytes())
+    for offset in (8, 20, SLOT_HEADER.size + 2, len(whole) - 3):
+        damaged = bytearray(whole)
+        damaged[offset] ^= 0x10
+        slot.write_bytes(damaged)
+        assert _saved_value(tmp_path) == 1
+    slot.write_bytes(whole)
+    assert _saved_value(tmp_path) == 2
+
+
+def test_a_shorter_state_over_a_longer_one_reads_back_exactly(tmp_path: Path) -> None:
+    checkpoints = Checkpoints(tmp_path)
+    checkpoints.save(0, _state(1), {"value": 1})
+    big = encode_tensors({"buffer/sums/w": np.full(100_000, 9, np.float32)})
+    checkpoints.save(0, big, {"value": 9})
+    checkpoints.save(0, big, {"value": 9})
+    checkpoints.save(0, _state(5), {"value": 5})  # over a slot four times its size
+    assert _saved_value(tmp_path) == 5
+
+
+def test_a_checkpoint_of_the_layout_before_slots_is_resumed_then_replaced(
+    tmp_path: Path,
+) -> None:
+    """An aggregator upgraded in the middle of a job resumes from its state-file checkpoint;
+    its first slot replaces that layout."""
+    (tmp_path / "v00000002.tensors").write_bytes(_state(7))
+    (tmp_path / "v00000002.model.tensors").write_bytes(
+        encode_tensors({"weights/w": np.ones(2, np.float32)})
+    )
+    pointer = {"value": 7, "version": 2, "file": "v00000002.tensors"}
+    pointer["model_file"] = "v00000002.model.tensors"
+    (tmp_path / "latest.json").write_text(json.dumps(pointer))
+    loaded = Checkpoints(tmp_path).load_latest()
+    assert loaded is not None
+    np.testing.assert_array_equal(loaded[0]["weights/w"], np.ones(2, np.float32))
+    assert _saved_value(tmp_path) == 7
+    Checkpoints(tmp_path).save(2, _state(8), {"value": 8}, None, split=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "state-a.slot",
+        "v00000002.model.tensors",
+    ]
+    assert _saved_value(tmp_path) == 8
