@@ -45,7 +45,14 @@ import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt import _packet as paho_packet
 from paho.mqtt import client as paho_client
-from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY, MQTT_LOG_DEBUG, MQTT_LOG_ERR, PUBLISH
+from paho.mqtt.client import (
+    MQTT_CLEAN_START_FIRST_ONLY,
+    MQTT_LOG_DEBUG,
+    MQTT_LOG_ERR,
+    PUBACK,
+    PUBLISH,
+    MQTTMessageInfo,
+)
 from paho.mqtt.client import Client as PahoClient
 from paho.mqtt.client import time_func as paho_clock
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
@@ -95,6 +102,9 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
             own = bytes(view[at : at + length_bytes + length])
             _props, used = properties.unpack(own)  # type: ignore[no-untyped-call]
             at += used
+        payload: memoryview | PlacedFrame = view[at:]
+        if isinstance(packet, _PlacedPacket):
+            payload = PlacedFrame(view[at:], packet.data)
         return paho_packet.PublishPacket(
             dup=bool(header & 0x08),
             qos=qos,
@@ -102,7 +112,7 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
             topic=topic,
             mid=mid,
             properties=properties,
-            payload=view[at:],  # type: ignore[arg-type]  # a view where paho has bytes
+            payload=payload,  # type: ignore[arg-type]  # a view where paho has bytes
         )
     except MalformedPacket:
         raise
@@ -123,6 +133,54 @@ def _decode_publish_for(header: int, packet: bytes | bytearray, protocol: int) -
         return decode_publish(header, packet, protocol)
     assert PAHO_DECODE_PUBLISH is not None  # adopt() installs this only in front of it
     return PAHO_DECODE_PUBLISH(header, packet, protocol)
+
+
+class PlacedFrame:
+    """A received chunk frame whose data the packet reader put straight into the buffer of its
+    message (:meth:`Reassembler.place`): the frame's header and that place, for
+    :meth:`Reassembler.add_placed`. Only Ember's clients make them (:class:`EmberPahoClient`)."""
+
+    __slots__ = ("data", "head")
+
+    def __init__(self, head: memoryview, data: memoryview) -> None:
+        self.head = head
+        self.data = data
+
+    def __len__(self) -> int:
+        return self.head.nbytes + self.data.nbytes
+
+
+class _PlacedPacket(bytearray):
+    """A PUBLISH packet's body up to the end of its chunk frame's header, with ``data``: the
+    frame's data, received in place (:func:`decode_publish` makes a :class:`PlacedFrame`)."""
+
+    data: memoryview
+
+
+PLACE_HEAD = 1024
+"""Bytes of a large PUBLISH read first, to find its topic and chunk header before the data:
+topic, packet id and properties fit in them unless the topic is very long (then the packet is
+read whole, as any other)."""
+
+
+def _payload_offset(body: bytearray, command: int, protocol: int) -> int | None:
+    """Where a PUBLISH body's payload starts (after topic, packet id and MQTT 5 properties),
+    if ``body`` reaches that far; :func:`decode_publish` finds the same place."""
+    if len(body) < 2:
+        return None
+    at = 2 + int.from_bytes(body[:2], "big") + (2 if command & 0x06 else 0)
+    if protocol == MQTTProtocolVersion.MQTTv5:
+        length, multiplier = 0, 1
+        for used in range(4):
+            if at + used >= len(body):
+                return None
+            byte = body[at + used]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                return at + used + 1 + length
+        return None
+    return at
 
 
 class Frame:
@@ -186,7 +244,24 @@ class EmberPahoClient(PahoClient):
       message's bytes, written together with ``sendmsg`` (one part at a time over TLS, which
       has no ``sendmsg``): the data is not copied between the caller and the kernel.
 
+    * with :attr:`place` set (by the transport, to its :meth:`Reassembler.place`), a large
+      PUBLISH carrying a chunk frame has its data received straight into the buffer of the
+      message it belongs to, and is handed over as a :class:`PlacedFrame`: the reassembler
+      does not copy it, and no packet buffer is allocated (and zeroed) for it;
+    * a PUBLISH or PUBACK is written at once when nothing waits before it (:meth:`_packet_queue`).
+
     Only clients given this class (:func:`adopt`) behave so."""
+
+    place: Callable[[str, memoryview, int], memoryview | None] | None = None
+    """Where a received chunk frame's data may go (topic, frame header, data bytes), or
+    ``None`` for the whole packet in a buffer of its own; ``None``: every packet whole."""
+    place_min: int = 64 * 1024
+    """PUBLISH bodies at least this large are read head first (:data:`PLACE_HEAD`) to place
+    their data; below it a second read costs more than a copy."""
+    _fill: memoryview | None = None
+    """What is left to receive of the packet being read."""
+    _heading: bool = False
+    """The packet's head (:data:`PLACE_HEAD` bytes) is being read, its data not yet placed."""
 
     def _packet_read(self) -> MQTTErrorCode:
         """paho's ``_packet_read``: the fixed header, then the body, then the handler; at
@@ -196,27 +271,38 @@ class EmberPahoClient(PahoClient):
             rc = self._read_fixed_header()
             if rc is not MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
-            packet["packet"] = bytearray(packet["remaining_length"])
-        with memoryview(packet["packet"]) as body:
-            for _ in range(100):
-                if packet["to_process"] == 0:
-                    break
-                offset = packet["remaining_length"] - packet["to_process"]
-                try:
-                    received = self._sock_recv_into(body[offset:])
-                except BlockingIOError:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
-                except OSError as err:
-                    self._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                if received == 0:
-                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                packet["to_process"] -= received
-                with self._msgtime_mutex:
-                    self._last_bytes_received = paho_clock()
-            else:
-                if packet["to_process"]:
-                    return MQTTErrorCode.MQTT_ERR_AGAIN
+            remaining = packet["remaining_length"]
+            self._heading = (
+                self.place is not None
+                and remaining >= max(self.place_min, PLACE_HEAD)
+                and packet["command"] & 0xF0 == PUBLISH
+            )
+            packet["packet"] = bytearray(PLACE_HEAD if self._heading else remaining)
+            self._fill = memoryview(packet["packet"])
+        for _ in range(100):
+            fill = self._fill
+            if packet["to_process"] == 0 or fill is None:
+                break
+            try:
+                received = self._sock_recv_into(fill)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                self._easy_log(MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if received == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            packet["to_process"] -= received
+            self._fill = fill[received:]
+            if self._heading and not self._fill.nbytes:
+                self._heading = False
+                self._place_data()
+            with self._msgtime_mutex:
+                self._last_bytes_received = paho_clock()
+        else:
+            if packet["to_process"]:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+        self._fill = None
         packet["pos"] = 0
         try:
             rc = self._packet_handle()
@@ -236,6 +322,35 @@ class EmberPahoClient(PahoClient):
         with self._msgtime_mutex:
             self._last_bytes_received = paho_clock()
         return rc
+
+    def _place_data(self) -> None:
+        """The head of a large PUBLISH is in: receive the rest of its chunk frame's data in
+        the place :attr:`place` gives, or else the rest of the packet after the head."""
+        packet = self._in_packet
+        head = packet["packet"]
+        remaining = packet["remaining_length"]
+        at = _payload_offset(head, packet["command"], self._protocol)
+        place = self.place
+        target = None
+        if place is not None and at is not None and at + HEADER_SIZE <= len(head):
+            with contextlib.suppress(UnicodeDecodeError):
+                topic = bytes(head[2 : 2 + int.from_bytes(head[:2], "big")]).decode()
+                frame_head = memoryview(head)[at : at + HEADER_SIZE]
+                target = place(topic, frame_head, remaining - at - HEADER_SIZE)
+                frame_head.release()
+        if target is None or at is None:
+            whole = bytearray(remaining)
+            whole[: len(head)] = head
+            packet["packet"] = whole
+            self._fill = memoryview(whole)[len(head) :]
+            return
+        cut = at + HEADER_SIZE
+        in_head = len(head) - cut
+        target[:in_head] = memoryview(head)[cut:]
+        short = _PlacedPacket(memoryview(head)[:cut])
+        short.data = target
+        packet["packet"] = short
+        self._fill = target[in_head:]
 
     def _read_fixed_header(self) -> MQTTErrorCode:
         """The packet type byte and the remaining length (1 to 4 bytes), as paho reads them;
@@ -293,10 +408,41 @@ class EmberPahoClient(PahoClient):
             _IN_EMBER_CLIENT.reset(token)
 
     def _packet_queue(
-        self, command: int, packet: bytes | bytearray | Gather, *args: Any, **kwargs: Any
+        self,
+        command: int,
+        packet: bytes | bytearray | Gather,
+        mid: int,
+        qos: int,
+        info: MQTTMessageInfo | None = None,
     ) -> MQTTErrorCode:
+        """paho's ``_packet_queue``, and a PUBLISH or PUBACK written at once when nothing is
+        waiting before it and this is the event loop's thread: paho would ask the loop to
+        watch the socket (a wake-up through the loop's self-pipe, two ``epoll_ctl`` and a turn
+        of the loop for every packet, as aiomqtt runs it) and write it on the next turn. What
+        the socket does not take now waits for writability as before. paho itself writes at
+        once when no loop drives it, with the same check that no callback is running."""
         queued = packet if isinstance(packet, Gather) else memoryview(packet)
-        return super()._packet_queue(command, queued, *args, **kwargs)  # type: ignore[arg-type]
+        if (
+            command & 0xF0 not in (PUBLISH, PUBACK)
+            or self._out_packet
+            or self._sock is None
+            or asyncio.events._get_running_loop() is None
+            or not self._in_callback_mutex.acquire(False)
+        ):
+            return super()._packet_queue(command, queued, mid, qos, info)  # type: ignore[arg-type]
+        self._in_callback_mutex.release()
+        self._out_packet.append(
+            {
+                "command": command,
+                "mid": mid,
+                "qos": qos,
+                "pos": 0,
+                "to_process": len(queued),
+                "packet": queued,  # type: ignore[typeddict-item]
+                "info": info,
+            }
+        )
+        return self.loop_write()
 
     def _send_publish(
         self,
@@ -358,10 +504,10 @@ ProtocolChoice = Literal["auto", "5", "3.1.1"]
 
 _TRANSIENT_CODES = frozenset({MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST})
 _MAX_SEND_ATTEMPTS = 8
+"""Connections lost while one message was being sent before the transport gives up on it."""
 STALL_GRACE = 5.0
 """Seconds a publish refused for want of a connection waits for the connection loop to notice
 the loss before the loop is made to reconnect (see :meth:`Transport._send`)."""
-"""Connections lost while one message was being sent before the transport gives up on it."""
 
 
 class NotConnectedError(ConnectionError):
@@ -797,6 +943,7 @@ class Transport:
             logger=logging.getLogger("ember.paho"),
         )
         adopt(client)
+        client._client.place = self._reassembler.place  # type: ignore[attr-defined]
         # Chunked sends keep many QoS 1 publishes pending on purpose: do not warn about them.
         client.pending_calls_threshold = 1 << 30
         self._capture_connack_properties(client)
@@ -931,16 +1078,22 @@ class Transport:
 
     # receiving ---------------------------------------------------------------------------------
     def _route(self, message: aiomqtt.Message) -> None:
-        raw = message.payload  # a view of paho's packet (decode_publish); aiomqtt's type is wider
+        raw: Any = message.payload  # a view of paho's packet (decode_publish), or PlacedFrame
+        placed = isinstance(raw, PlacedFrame)
         payload: Payload = (
-            raw if isinstance(raw, (bytes, bytearray, memoryview)) else str(raw or "").encode()
+            raw
+            if placed or isinstance(raw, (bytes, bytearray, memoryview))
+            else str(raw or "").encode()
         )
         topic = message.topic.value
-        if not is_chunk(payload):
+        if not placed and not is_chunk(payload):
             payload = bytes(payload)  # whole messages reach subscribers as bytes
         else:
             try:
-                whole = self._reassembler.add(topic, payload)
+                if placed:
+                    whole = self._reassembler.add_placed(topic, raw.head, raw.data)
+                else:
+                    whole = self._reassembler.add(topic, payload)
             except ReassemblyFull as exc:  # no room now: delayed (the sender resends), not lost
                 self.stats.chunks_refused += 1
                 if exc.first:

@@ -197,7 +197,13 @@ def parse_frame(frame: Buffer) -> tuple[ChunkHeader, memoryview]:
         raise ChunkError(
             f"chunk frame of {view.nbytes} bytes is shorter than its {HEADER_SIZE}-byte header"
         )
-    magic, mid, index, count, total, size, crc, digest = HEADER.unpack_from(view)
+    return parse_parts(view[:HEADER_SIZE], view[HEADER_SIZE:])
+
+
+def parse_parts(head: memoryview, data: memoryview) -> tuple[ChunkHeader, memoryview]:
+    """:func:`parse_frame` for a frame whose header (``HEADER_SIZE`` bytes) and data lie in
+    different buffers (the data received in place: :meth:`Reassembler.place`)."""
+    magic, mid, index, count, total, size, crc, digest = HEADER.unpack_from(head)
     if magic != MAGIC:
         if magic[:3] == FAMILY:
             raise ChunkError(
@@ -205,10 +211,9 @@ def parse_frame(frame: Buffer) -> tuple[ChunkHeader, memoryview]:
                 f"{chr(MAGIC[3])!r}): sender and receiver run different Ember releases"
             )
         raise ChunkError(f"not a chunk frame (magic {magic!r})")
-    data = view[HEADER_SIZE:]
     data_crc = crc32(data)
     header = ChunkHeader(mid, index, count, total, size, crc, digest, data_crc)
-    if _frame_crc(view, data_crc) != crc:
+    if _frame_crc(head, data_crc) != crc:
         raise ChunkError(f"chunk {mid.hex()[:8]}#{index}: CRC-32 mismatch (corrupt frame)")
     if size < 1 or count != chunk_count(total, size):
         raise ChunkError(
@@ -236,6 +241,8 @@ class ReassemblyStats:
     evicted: int = 0
     refused: int = 0
     """Messages refused for lack of room (their later chunks are refused too, uncounted here)."""
+    placed: int = 0
+    """Chunks whose data was received straight into their message (:meth:`Reassembler.place`)."""
 
 
 def _reserve(total: int, eager: bool) -> memoryview:
@@ -258,7 +265,8 @@ class _Partial:
     eager: bool
     """``buffer`` is ordinary memory (counted against ``eager_bytes``), not a memory map."""
     received: bytearray
-    """One flag per chunk: a byte each, not a set of ints (a forged count is cheap to hold)."""
+    """One flag per chunk (``MISSING``, ``PLACING``, ``RECEIVED``): a byte each, not a set of
+    ints (a forged count is cheap to hold)."""
     missing: int
     last_seen: float
     hasher: hashlib._Hash = field(default_factory=hashlib.sha256)
@@ -280,6 +288,11 @@ def _hash_in_order(partial: _Partial, index: int, data_crc: int) -> None:
     while partial.hashed in partial.early:
         partial.hasher.update(_CRC.pack(partial.early.pop(partial.hashed)))
         partial.hashed += 1
+
+
+MISSING, PLACING, RECEIVED = 0, 1, 2
+"""A chunk's state in its message: not here, being received in place (:meth:`Reassembler.
+place`), here and checked."""
 
 
 @dataclass
@@ -346,15 +359,109 @@ class Reassembler:
 
     def add(self, source: str, frame: Buffer) -> memoryview | None:
         try:
-            return self._add(source, frame)
+            header, data = parse_frame(frame)
+        except ChunkError:
+            self.stats.rejected += 1
+            raise
+        return self._add(source, header, data)
+
+    def place(self, source: str, head: memoryview, nbytes: int) -> memoryview | None:
+        """Where the ``nbytes`` data bytes of the frame with header ``head`` may be received:
+        their place in the buffer of the message they belong to, so a receiver reads them
+        there (``recv_into``) instead of into a packet and then copying them. ``None`` when
+        the frame must come whole through :meth:`add` instead, which says why if it is bad:
+        a doubtful header, a chunk already here or on its way, a message already done or
+        refused, a new message that does not fit without evicting or refusing.
+
+        The receiver then hands the header and the filled place to :meth:`add_placed`, which
+        checks the chunk as :meth:`add` does. What is placed is trusted no more than a copy:
+        until ``add_placed`` accepts it, the chunk counts as missing. A chunk sent again while
+        its first copy is still being received in place may be written twice; both copies
+        come from the one publisher the topic's ACL allows, which could send a bad update
+        anyway, and the message digest checks the chunks' CRCs as they were accepted."""
+        if head.nbytes != HEADER_SIZE:
+            return None
+        magic, mid, index, count, total, size, crc, digest = HEADER.unpack_from(head)
+        if (
+            magic != MAGIC
+            or size < 1
+            or count != chunk_count(total, size)
+            or index >= count
+            or nbytes != min(size, total - index * size)
+        ):
+            return None
+        key = (source, mid)
+        if key in self._completed or key in self._refused:
+            return None
+        partial = self._partial.get(key)
+        if partial is None:
+            if not self._fits(key, total, count):
+                return None
+            header = ChunkHeader(mid, index, count, total, size, crc, digest, 0)
+            partial = self._start(key, header, self.clock())
+        elif partial.geometry != (count, total, size, digest):
+            return None
+        if partial.received[index] != MISSING:
+            return None
+        partial.received[index] = PLACING
+        self.stats.placed += 1
+        return partial.buffer[index * size : index * size + nbytes]
+
+    def add_placed(self, source: str, head: memoryview, data: memoryview) -> memoryview | None:
+        """:meth:`add` for a frame whose data :meth:`place` had received in place: checked the
+        same way, not copied (unless its message was dropped and began again meanwhile)."""
+        try:
+            if head.nbytes != HEADER_SIZE:
+                raise ChunkError(f"chunk header of {head.nbytes} bytes, not {HEADER_SIZE}")
+            header, data = parse_parts(head, data)
+        except ChunkError:
+            self.stats.rejected += 1
+            self._unplace(source, head)
+            raise
+        partial = self._partial.get((source, header.message_id))
+        if partial is not None and partial.received[header.index] == PLACING:
+            partial.received[header.index] = MISSING
+        return self._add(source, header, data)
+
+    def _unplace(self, source: str, head: memoryview) -> None:
+        """A placed chunk that failed its checks is missing again (it may be sent again)."""
+        if head.nbytes != HEADER_SIZE:
+            return
+        _magic, mid, index, *_rest = HEADER.unpack_from(head)
+        partial = self._partial.get((source, mid))
+        if (
+            partial is not None
+            and index < len(partial.received)
+            and partial.received[index] == PLACING
+        ):
+            partial.received[index] = MISSING
+
+    def _fits(self, key: tuple[str, bytes], total: int, count: int) -> bool:
+        """Whether a new message of ``total`` bytes in ``count`` chunks can start now without
+        refusing it or evicting another (:meth:`_start` would not raise or evict)."""
+        share = self.max_pending_bytes_per_source
+        if total > self.max_message_bytes or count > self.max_chunks or total > share:
+            return False
+        if self._pending_bytes + total > self.max_pending_bytes:
+            return False
+        if len(self._partial) >= self.max_pending_messages:
+            return False
+        own = [p for k, p in self._partial.items() if k[0] == key[0]]
+        return (
+            len(own) < self.max_pending_per_source
+            and sum(len(p.buffer) for p in own) + total <= share
+        )
+
+    def _add(self, source: str, header: ChunkHeader, data: memoryview) -> memoryview | None:
+        try:
+            return self._accept(source, header, data)
         except ChunkError:
             self.stats.rejected += 1
             raise
 
-    def _add(self, source: str, frame: Buffer) -> memoryview | None:
+    def _accept(self, source: str, header: ChunkHeader, data: memoryview) -> memoryview | None:
         now = self.clock()
         self.expire(now)
-        header, data = parse_frame(frame)
         key = (source, header.message_id)
         if key in self._completed:
             self.stats.duplicates += 1
@@ -374,12 +481,13 @@ class Reassembler:
                 f"chunk {header.message_id.hex()[:8]}#{header.index}: count, size or digest "
                 "differs from earlier chunks of the same message"
             )
-        if partial.received[header.index]:
+        if partial.received[header.index] == RECEIVED:
             self.stats.duplicates += 1
             return None
-        offset = header.index * header.chunk_size
-        partial.buffer[offset : offset + data.nbytes] = data
-        partial.received[header.index] = 1
+        if data.obj is not partial.buffer.obj:  # not received in place (add_placed)
+            offset = header.index * header.chunk_size
+            partial.buffer[offset : offset + data.nbytes] = data
+        partial.received[header.index] = RECEIVED
         partial.missing -= 1
         partial.last_seen = now
         self._partial.move_to_end(key)

@@ -22,10 +22,14 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.protocol.chunking import HEADER_SIZE, Reassembler, is_chunk, split
+from agent.protocol.errors import ChunkError
 from agent.transport import (
     _IN_EMBER_CLIENT,
     PAHO_DECODE_PUBLISH,
+    PLACE_HEAD,
     EmberPahoClient,
+    PlacedFrame,
     _decode_publish_for,
     adopt,
     decode_publish,
@@ -140,14 +144,16 @@ def remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def read_stream(client: PahoClient, pieces: list[bytes]) -> list[tuple[str, bytes]]:
+def read_stream(
+    client: PahoClient, pieces: list[bytes], on_message: Any = None
+) -> list[tuple[str, bytes]]:
     """What ``client`` hands its on_message when a socket delivers ``pieces`` one by one."""
     got: list[tuple[str, bytes]] = []
 
-    def on_message(_client: Any, _userdata: Any, message: MQTTMessage) -> None:
+    def collect(_client: Any, _userdata: Any, message: MQTTMessage) -> None:
         got.append((message.topic, bytes(message.payload)))
 
-    client.on_message = on_message
+    client.on_message = on_message or collect
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     theirs.setblocking(False)
@@ -218,3 +224,115 @@ def test_a_peer_that_closes_mid_packet_is_a_lost_connection() -> None:
     finally:
         client._sock = None
         ours.close()
+
+
+def read_chunked_stream(
+    client: EmberPahoClient, reassembler: Reassembler, pieces: list[bytes]
+) -> list[tuple[str, bytes]]:
+    """What the transport would deliver (:meth:`Transport._route`) when a socket hands
+    ``client`` ``pieces`` one by one: chunk frames reassembled, placed or not."""
+    got: list[tuple[str, bytes]] = []
+
+    def on_message(_client: Any, _userdata: Any, message: MQTTMessage) -> None:
+        raw: Any = message.payload
+        if isinstance(raw, PlacedFrame):
+            whole = reassembler.add_placed(message.topic, raw.head, raw.data)
+        elif is_chunk(raw):
+            whole = reassembler.add(message.topic, raw)
+        else:
+            whole = memoryview(raw)
+        if whole is not None:
+            got.append((message.topic, bytes(whole)))
+
+    client.on_message = on_message
+    client.place = reassembler.place
+    token = _IN_EMBER_CLIENT.set(True)  # as EmberPahoClient._handle_publish does
+    try:
+        read_stream(client, pieces, on_message)
+    finally:
+        _IN_EMBER_CLIENT.reset(token)
+    return got
+
+
+def cut_into(stream: bytes, cuts: list[int]) -> list[bytes]:
+    pieces, at = [], 0
+    for cut in cuts:
+        if at >= len(stream):
+            break
+        pieces.append(stream[at : at + cut])
+        at += cut
+    return [*pieces, stream[at:]]
+
+
+@given(
+    messages=st.lists(
+        st.tuples(
+            st.sampled_from(["t/a", "jobs/j/updates/x", "jobs/" + "j" * 990 + "/long"]),
+            st.integers(0, 60_000),
+            st.sampled_from([2_000, 7_000, 30_000]),
+            st.booleans(),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    cuts=st.lists(st.integers(1, 20_000), max_size=30),
+    v5=st.booleans(),
+)
+def test_chunk_data_received_in_place_reassembles_as_copied_chunks_do(
+    messages: list[tuple[str, int, int, bool]], cuts: list[int], v5: bool
+) -> None:
+    """Chunked messages (some frames sent twice, as a QoS 1 redelivery does), small whole
+    messages between them, written in arbitrary pieces: the data of large frames goes straight
+    into its message's buffer, and every message comes out whole and exact. A topic too long
+    for the head read, and frames below the threshold, take the copying path."""
+    protocol = V5 if v5 else V311
+    props = Properties(PacketTypes.PUBLISH) if v5 else None
+    stream, expected, placeable = b"", [], False
+    for index, (topic, size, chunk_size, twice) in enumerate(messages):
+        payload = bytes((index * 7 + i) % 251 for i in range(size))
+        frames = split(payload, chunk_size)
+        if twice:
+            frames.insert(len(frames) // 2 + 1, frames[len(frames) // 2])
+        for frame in frames:
+            body = packet(topic.encode(), 1, frame, props)
+            stream += b"\x32" + remaining_length(len(body)) + body
+            head = len(body) - len(frame) + HEADER_SIZE
+            placeable |= len(body) >= 4_096 and head <= PLACE_HEAD
+        small = packet(b"t/small", 0, b"hello %d" % index, props)
+        stream += b"\x30" + remaining_length(len(small)) + small
+        expected += [(topic, payload), ("t/small", b"hello %d" % index)]
+    reassembler = Reassembler()
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=protocol)
+    ember.place_min = 4_096
+    assert read_chunked_stream(ember, reassembler, cut_into(stream, cuts)) == expected
+    assert (reassembler.stats.placed > 0) == placeable
+    assert reassembler.pending_messages == 0
+
+
+def test_a_placed_chunk_that_fails_its_check_is_taken_when_sent_again() -> None:
+    """Data corrupted on the way into its place is refused by its CRC, and the chunk counts as
+    missing again: the good copy sent next (placed again) completes the message."""
+    payload = bytes(range(256)) * 100
+    frames = split(payload, 10_000)
+    bad = bytearray(frames[1])
+    bad[-5] ^= 0xFF
+
+    def stream_of(frames: list[bytes]) -> bytes:
+        out = b""
+        for frame in frames:
+            body = packet(b"t/a", 1, frame, None)
+            out += b"\x32" + remaining_length(len(body)) + body
+        return out
+
+    reassembler = Reassembler()
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    ember.place_min = 4_096
+    with pytest.raises(ChunkError, match="CRC-32 mismatch"):
+        read_chunked_stream(ember, reassembler, [stream_of([frames[0], bytes(bad)])])
+    assert reassembler.stats.rejected == 1
+    assert reassembler.pending_messages == 1
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    ember.place_min = 4_096
+    got = read_chunked_stream(ember, reassembler, [stream_of(frames[1:])])
+    assert got == [("t/a", payload)]
+    assert reassembler.stats.placed == 2 + len(frames) - 1
