@@ -362,11 +362,14 @@ def decode_message(
     *,
     expect: type[M] | tuple[type[M], ...] | None = None,
     limits: ProtocolLimits = DEFAULT_LIMITS,
+    require_finite: bool = True,
 ) -> M:
     """Parse and validate one message (msgpack or JSON map).
 
     ``expect`` restricts the accepted types. Tensors come back as read-only views of
-    ``payload``. Raises :class:`ProtocolError` with a precise reason for anything malformed.
+    ``payload``, refused if a value is NaN or ±inf unless ``require_finite`` is false (for a
+    receiver that checks them itself on a pass it makes anyway). Raises
+    :class:`ProtocolError` with a precise reason for anything malformed.
     """
     size = memoryview(payload).nbytes
     if size > limits.max_message_bytes:
@@ -390,7 +393,9 @@ def decode_message(
                 raise ProtocolError(f"{where}: missing")
             continue
         if spec.tensors:
-            values[spec.name] = tensors_from_wire(raw[spec.name], limits=limits, where=where)
+            values[spec.name] = tensors_from_wire(
+                raw[spec.name], limits=limits, where=where, require_finite=require_finite
+            )
         else:
             values[spec.name] = _convert(raw[spec.name], spec.hint, where, limits)
     # Fields this version does not know are ignored: later minor revisions may add some.

@@ -273,7 +273,10 @@ class Aggregator(Role):
     async def handle(self, message: Inbound) -> None:
         """One message from the updates topics: validated, then applied or refused with its
         reason (logged, reported and counted by reason in :attr:`rejections`)."""
-        decoded = await self._admit(message, (ModelUpdate, ModelRequest))
+        # Finite values are checked by the algorithm's ModelSpec.examine, in the pass that
+        # measures the delta's norms (code "non_finite"): the codec's own check would be a
+        # second pass over every update.
+        decoded = await self._admit(message, (ModelUpdate, ModelRequest), require_finite=False)
         if decoded is None:
             return
         assert isinstance(decoded, ModelUpdate | ModelRequest)
@@ -285,13 +288,16 @@ class Aggregator(Role):
         self._acks_pending = True
 
     async def _admit(
-        self, message: Inbound, expect: type[Message] | tuple[type[Message], ...]
+        self,
+        message: Inbound,
+        expect: type[Message] | tuple[type[Message], ...],
+        require_finite: bool = True,
     ) -> Message | None:
         """``message`` decoded as one of ``expect``, from the agent whose topic it came on, for
         this job; else ``None`` after refusing it with its reason."""
         job = self.ctx.bundle.job
         try:
-            decoded = decode_message(message.payload, expect=expect)
+            decoded = decode_message(message.payload, expect=expect, require_finite=require_finite)
         except PayloadTooLarge as exc:
             await self._refuse(message.topic, str(exc), "too_large")
             return None

@@ -1,5 +1,6 @@
 """The aggregator keeps every update a burst of trainers sends, however small the transport's
-default queue: FedBuff's flow control (one update in flight per trainer) is the bound."""
+default queue: FedBuff's flow control (one update in flight per trainer) is the bound; and
+refuses one with non-finite values."""
 
 from __future__ import annotations
 
@@ -79,6 +80,21 @@ async def test_a_burst_from_every_trainer_is_kept(
         )
         await eventually(lambda: aggregator.algo.counters.received == TRAINERS)
         assert aggregator.algo.counters.applied == TRAINERS
+        # Non-finite values are refused by the algorithm's own check (the aggregator decodes
+        # without the codec's): counted, reported with the tensor's count, never applied.
+        name = next(iter(delta))
+        poisoned = {**delta, name: delta[name].copy()}
+        poisoned[name].reshape(-1)[:3] = np.nan
+        bad = ModelUpdate(job="burst", agent="t0", base_version=0, num_samples=10, tensors=poisoned)
+        with np.errstate(invalid="ignore"):
+            payload = bad.to_msgpack()
+        await senders[0].publish(topics.job_updates("burst", "t0"), payload)
+        await eventually(lambda: aggregator.rejections.get("non_finite") == 1)
+        assert aggregator.algo.counters.applied == TRAINERS
+        refused = [e for e in reported if e.get("event") == "update_rejected"]
+        assert refused[-1]["code"] == "non_finite"
+        assert f"tensor {name!r} has 3 non-finite values" in refused[-1]["reason"]
+        assert refused[-1]["update"] == bad.id
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
