@@ -93,7 +93,7 @@ def _load(config_path: str) -> tuple[AgentConfig, str]:
 def run(config_path: str, also_paths: tuple[str, ...]) -> None:
     """Run the agent daemon (under systemd: Type=notify, with a watchdog)."""
     from agent.daemon import AgentDaemon, dataset_cache
-    from agent.datasets import DatasetError, summarize_all
+    from agent.datasets import DatasetError, summarize_all_in_child
     from agent.memory import tune_allocator
     from agent.notify import Notifier
 
@@ -103,7 +103,8 @@ def run(config_path: str, also_paths: tuple[str, ...]) -> None:
     for i, path in enumerate((config_path, *also_paths)):
         config, agent_id = _load(path)
         try:
-            summaries = summarize_all(config.datasets, dataset_cache(config))
+            # In a child process unless cached: the daemon itself never maps numpy.
+            summaries = asyncio.run(summarize_all_in_child(config.datasets, dataset_cache(config)))
         except DatasetError as exc:
             fail(f"dataset {exc}")
         # systemd hears from the first agent only: one process, one readiness and watchdog.

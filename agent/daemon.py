@@ -31,7 +31,7 @@ import structlog
 
 from agent import capabilities
 from agent.config import AgentConfig
-from agent.datasets import Dataset, DatasetSummary, summarize_all
+from agent.datasets import Dataset, DatasetSummary, summarize_all, summarize_all_in_child
 from agent.discovery import Advertiser, txt_record
 from agent.health import HEARTBEAT_INTERVAL, Health, State, health_path, write_health
 from agent.homeassistant import DiscoveryPublisher
@@ -261,9 +261,7 @@ class AgentDaemon:
         summaries = self.summaries
         if summaries is None:
             try:
-                summaries = await asyncio.to_thread(
-                    summarize_all, config.datasets, dataset_cache(config)
-                )
+                summaries = await summarize_all_in_child(config.datasets, dataset_cache(config))
             except ValueError as exc:
                 log.error("datasets_invalid", error=str(exc))
                 summaries = []

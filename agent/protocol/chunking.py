@@ -52,8 +52,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from agent.protocol.errors import ChunkError, PayloadTooLarge, ReassemblyFull
 from agent.protocol.limits import MiB
 from agent.protocol.msgpack_view import Buffer
@@ -251,6 +249,8 @@ def _reserve(total: int, eager: bool) -> memoryview:
     first cost a pass over every byte), else an anonymous memory map whose pages cost memory
     only once written (and a page fault each: a third of the copy's speed)."""
     if eager:
+        import numpy as np  # only once a chunked message arrives: an idle agent never maps it
+
         return np.empty(total, np.uint8).data
     try:
         return memoryview(mmap.mmap(-1, total))

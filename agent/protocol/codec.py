@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
+from typing import TYPE_CHECKING, Any
 
 from agent.protocol.errors import ProtocolError, preview
 from agent.protocol.limits import DEFAULT_LIMITS, ProtocolLimits
 from agent.protocol.msgpack_view import ALIGN_NEXT, Buffer, pack, unpack
 
-Array = npt.NDArray[Any]
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+    Array = npt.NDArray[Any]
+else:
+    Array = Any  # numpy is imported by the functions that use it: an idle agent never maps it
 TensorMap = dict[str, Array]
 
 DTYPES: frozenset[str] = frozenset(
@@ -47,6 +49,8 @@ _FIELDS = frozenset({"name", "dtype", "shape", "data"})
 def tensor_to_wire(name: str, array: npt.ArrayLike) -> dict[str, Any]:
     """One tensor as the map that goes on the wire; ``data`` is a view, not a copy, when the
     array is already C-contiguous and little-endian."""
+    import numpy as np
+
     arr = np.asarray(array)
     if arr.dtype.name not in DTYPES:
         raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot go on the wire")
@@ -77,6 +81,8 @@ def tensors_from_wire(
 
     Raises :class:`ProtocolError` naming the tensor and what is wrong with it.
     """
+    import numpy as np
+
     if not isinstance(value, list):
         raise ProtocolError(f"{where}: expected a list of tensors, got {_kind(value)}")
     if len(value) > limits.max_tensors:
@@ -100,6 +106,8 @@ def all_finite(array: Array) -> bool:
     temporary: it is finite exactly when every element is, unless the squares overflow, and
     only then is the exact (slower) elementwise test needed.
     """
+    import numpy as np
+
     if array.dtype.kind != "f":
         return True
     if array.dtype.itemsize >= 4 and array.ndim:
@@ -111,6 +119,8 @@ def all_finite(array: Array) -> bool:
 
 
 def _tensor_from_wire(item: Any, limits: ProtocolLimits, where: str) -> tuple[Array, str]:
+    import numpy as np
+
     if not isinstance(item, dict):
         raise ProtocolError(f"{where}: expected a tensor map, got {_kind(item)}")
     missing = _FIELDS - item.keys()

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from agent.config import DatasetConfig
-from agent.datasets import Dataset, DatasetError, summarize, summarize_all
+from agent.datasets import (
+    Dataset,
+    DatasetError,
+    cached_summaries,
+    summarize,
+    summarize_all,
+    summarize_all_in_child,
+)
 
 
 def ds(path: Path, **options: Any) -> DatasetConfig:
@@ -187,3 +194,30 @@ def test_summarize_all_names_the_bad_dataset(tmp_path: Path) -> None:
     ]
     with pytest.raises(DatasetError, match=r"^bad: .*missing.npz does not exist$"):
         summarize_all(configs, tmp_path / "cache.json")
+
+
+async def test_the_daemon_summarizes_in_a_child_and_reads_a_fresh_cache_itself(
+    tmp_path: Path,
+) -> None:
+    """summarize_all_in_child: the same summaries as summarize_all, computed by a child process
+    (it writes the cache), then read from the cache without one."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((5, 3), np.float32), y=np.array([0, 1, 2, 1, 1]))
+    csv = tmp_path / "t.csv"
+    csv.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    configs = [ds(path), DatasetConfig(name="t", path=csv, tags=("tab",), label_column="label")]
+    cache = tmp_path / "cache.json"
+    assert cached_summaries(configs, cache) is None
+    in_child = await summarize_all_in_child(configs, cache)
+    assert in_child == summarize_all(configs, None)
+    assert in_child[1].tags == ("tab",)
+    raw = json.loads(cache.read_text())
+    raw["d"]["summary"]["samples"] = 999
+    cache.write_text(json.dumps(raw))
+    assert [s.samples for s in await summarize_all_in_child(configs, cache)] == [999, 2]
+
+
+async def test_a_bad_dataset_summarized_in_a_child_is_named(tmp_path: Path) -> None:
+    configs = [DatasetConfig(name="bad", path=tmp_path / "missing.npz")]
+    with pytest.raises(DatasetError, match=r"^bad: .*missing.npz does not exist$"):
+        await summarize_all_in_child(configs, tmp_path / "cache.json")
