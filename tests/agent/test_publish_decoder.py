@@ -284,7 +284,8 @@ def test_chunk_data_received_in_place_reassembles_as_copied_chunks_do(
     """Chunked messages (some frames sent twice, as a QoS 1 redelivery does), small whole
     messages between them, written in arbitrary pieces: the data of large frames goes straight
     into its message's buffer, and every message comes out whole and exact. A topic too long
-    for the head read, and frames below the threshold, take the copying path."""
+    for the head read, frames below the threshold and messages above the reassembler's
+    ``place_max_bytes`` take the copying path."""
     protocol = V5 if v5 else V311
     props = Properties(PacketTypes.PUBLISH) if v5 else None
     stream, expected, placeable = b"", [], False
@@ -297,11 +298,11 @@ def test_chunk_data_received_in_place_reassembles_as_copied_chunks_do(
             body = packet(topic.encode(), 1, frame, props)
             stream += b"\x32" + remaining_length(len(body)) + body
             head = len(body) - len(frame) + HEADER_SIZE
-            placeable |= len(body) >= 4_096 and head <= PLACE_HEAD
+            placeable |= len(body) >= 4_096 and head <= PLACE_HEAD and size <= 50_000
         small = packet(b"t/small", 0, b"hello %d" % index, props)
         stream += b"\x30" + remaining_length(len(small)) + small
         expected += [(topic, payload), ("t/small", b"hello %d" % index)]
-    reassembler = Reassembler()
+    reassembler = Reassembler(place_max_bytes=50_000)  # larger messages are copied
     ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=protocol)
     ember.place_min = 4_096
     assert read_chunked_stream(ember, reassembler, cut_into(stream, cuts)) == expected
