@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.learning.aggregation import AppliedIds, Counters, Status
+from agent.learning.arrays import decode_strings, encode_strings
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.learning.optimizers import FedAdam, FedAvg, make_server_optimizer
 from agent.learning.staleness import Staleness
@@ -367,6 +368,30 @@ def test_applied_ids_are_bounded_oldest_first() -> None:
     for i in range(3):
         agg.offer(f"u{i}", agg.version, ds[i])
     assert agg.applied_ids.export() == ["u1", "u2"]
+
+
+@given(
+    capacity=st.integers(1, 6),
+    added=st.lists(st.sampled_from(["a", "bb", "ccc", "é", "u-17", "x" * 40]), max_size=40),
+    packs=st.sets(st.integers(0, 40)),
+)
+def test_applied_ids_packed_as_they_come_and_go(
+    capacity: int, added: list[str], packs: set[int]
+) -> None:
+    """The checkpoint's encoding of the ids, kept up to date id by id (evictions, ids added
+    again), is always what encoding them all afresh gives, and reads back to the same ids."""
+    ids = AppliedIds(capacity=capacity)
+    for step, update_id in enumerate(added):
+        ids.add(update_id)
+        if step in packs:
+            assert ids.packed().tobytes() == encode_strings(ids.export()).tobytes()
+    assert ids.packed().tobytes() == encode_strings(ids.export()).tobytes()
+    assert decode_strings(ids.packed()) == ids.export()
+
+
+def test_an_id_with_a_newline_is_refused() -> None:
+    with pytest.raises(ValueError, match="newline"):
+        AppliedIds().add("a\nb")
 
 
 # -- checkpoint and resume -------------------------------------------------------------------------
