@@ -244,12 +244,16 @@ class RoleRuntime:
         self._progress_event.set()
 
     def _progress_message(self, job: str) -> tuple[str, bytes]:
+        roles = {
+            role: {k: _finite(v()) if callable(v) else v for k, v in fields.items()}
+            for role, fields in self._progress.get(job, {}).items()
+        }
         document = {
             "v": PROGRESS_VERSION,
             "job": job,
             "agent": self.agent_id,
             "ts": round(time.time(), 3),
-            "roles": self._progress.get(job, {}),
+            "roles": roles,
         }
         topic = self._progress_topics[job].job_progress(job, self.agent_id)
         return topic, json.dumps(document, separators=(",", ":")).encode()

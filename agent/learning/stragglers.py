@@ -18,7 +18,7 @@ A trainer is a straggler when
 
 from __future__ import annotations
 
-import statistics
+import bisect
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -91,15 +91,21 @@ class StragglerTracker:
         return max(0.0, elapsed) / max(1, stats.received)
 
     def stragglers(self, now: float | None = None) -> list[str]:
-        """The trainers that lag, sorted by id."""
+        """The trainers that lag, sorted by id. One sort of the intervals serves every
+        trainer's "median of the others" (it is the sorted list without its own interval):
+        O(N log N), where a median per trainer cost O(N² log N) on every update."""
         now = self.clock() if now is None else now
         intervals = {a: self.interval(a, now) for a in self.trainers}
-        delivered = {a for a, s in self.trainers.items() if s.received}
+        delivered = sorted(intervals[a] for a, s in self.trainers.items() if s.received)
         out = []
         for agent, stats in self.trainers.items():
-            others = [intervals[a] for a in delivered if a != agent]
-            typical = (statistics.median if stats.received else max)(others) if others else 0.0
-            slow = bool(others) and intervals[agent] > self.factor * typical
+            own = intervals[agent]
+            typical: float | None
+            if stats.received:
+                typical = _median_without(delivered, bisect.bisect_left(delivered, own))
+            else:
+                typical = delivered[-1] if delivered else None  # the slowest of the others
+            slow = typical is not None and own > self.factor * typical
             if slow or stats.missed_round:
                 out.append(agent)
         return sorted(out)
@@ -111,3 +117,17 @@ class StragglerTracker:
             agent: stats.to_json(now, self.interval(agent, now))
             for agent, stats in sorted(self.trainers.items())
         }
+
+
+def _median_without(values: list[float], index: int) -> float | None:
+    """The median of sorted ``values`` without the one at ``index`` (as
+    :func:`statistics.median` gives it), or ``None`` if none is left."""
+    left = len(values) - 1
+    if left < 1:
+        return None
+
+    def at(k: int) -> float:
+        return values[k] if k < index else values[k + 1]
+
+    middle = left // 2
+    return at(middle) if left % 2 else (at(middle - 1) + at(middle)) / 2

@@ -65,7 +65,9 @@ class RoleContext:
     progress: Callable[[Mapping[str, Any]], None] = lambda _fields: None
     """``ctx.progress({"state": "training", ...})``: merge these fields into this role's entry
     of the retained ``jobs/<job>/agents/<agent>/progress`` document (published at most once per
-    second; the runtime adds ``since`` and the end state)."""
+    second; the runtime adds ``since`` and the end state). A value may be a function of no
+    arguments, called when the document is published: for a field that costs something to
+    compute and changes with every message (an aggregator's per-trainer statistics)."""
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and keep trying until the broker takes it: a role outlives a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -321,10 +322,17 @@ class Progresses(Role):
     kind: ClassVar[str] = "trainer"
     release: ClassVar[asyncio.Event]
 
+    calls: ClassVar[int] = 0
+
     async def run(self) -> None:
         self.ctx.progress({"state": "training", "updates_sent": 1, "model_version": 3})
-        self.ctx.progress({"updates_sent": 2})
+        self.ctx.progress({"updates_sent": 2, "expensive": self.expensive})
         await type(self).release.wait()
+
+    @classmethod
+    def expensive(cls) -> dict[str, float]:
+        cls.calls += 1
+        return {"calls": cls.calls, "nan": math.nan}
 
 
 async def test_role_progress_is_retained_per_job_and_agent(rig: Rig) -> None:
@@ -342,6 +350,9 @@ async def test_role_progress_is_retained_per_job_and_agent(rig: Rig) -> None:
     assert entry["state"] == "training"
     assert entry["model_version"] == 3
     assert isinstance(entry["since"], float)
+    # A field given as a function is computed when the document goes out, not when reported.
+    assert entry["expensive"]["calls"] >= 1
+    assert entry["expensive"]["nan"] is None
     assert runtime.updates_sent == 2
     Progresses.release.set()
     while entry.get("state") != "finished":

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import statistics
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from agent.learning.stragglers import StragglerTracker
 
 
@@ -78,3 +83,40 @@ def test_a_newcomer_gets_the_slowest_others_time_for_its_first_update() -> None:
     assert tracker.stragglers() == []  # 4 < 2 × 2.33 (twice the median, 3.5, would name it)
     clock.now += 2
     assert tracker.stragglers() == ["new"]  # 6 > 2 × 2.67
+
+
+def reference_stragglers(tracker: StragglerTracker, now: float) -> list[str]:
+    """The definition, computed the obvious way (a median of the others per trainer)."""
+    intervals = {a: tracker.interval(a, now) for a in tracker.trainers}
+    delivered = {a for a, s in tracker.trainers.items() if s.received}
+    out = []
+    for agent, stats in tracker.trainers.items():
+        others = [intervals[a] for a in delivered if a != agent]
+        typical = (statistics.median if stats.received else max)(others) if others else 0.0
+        if (others and intervals[agent] > tracker.factor * typical) or stats.missed_round:
+            out.append(agent)
+    return sorted(out)
+
+
+@given(
+    trainers=st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 30), st.booleans()), max_size=25
+    ),
+    elapsed=st.integers(0, 100),
+)
+def test_the_fast_straggler_rule_is_the_definition(
+    trainers: list[tuple[int, int, bool]], elapsed: int
+) -> None:
+    """Trainers first seen at various times with various update counts (ties included): the
+    one-sort computation names exactly who the definition names."""
+    clock = Clock()
+    tracker = StragglerTracker(clock=clock)
+    for i, (seen_at, updates, missed) in enumerate(trainers):
+        clock.now = 1000.0 + seen_at
+        tracker.seen(f"t{i}")
+        for _ in range(updates):
+            tracker.update(f"t{i}", applied=True, staleness=0)
+        if missed:
+            tracker.missed([f"t{i}"])
+    now = 1051.0 + elapsed
+    assert tracker.stragglers(now) == reference_stragglers(tracker, now)
