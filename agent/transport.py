@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import copy
 import functools
 import logging
 import math
@@ -95,7 +96,12 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
                 raise MalformedPacket("packet id past the packet's end")
             mid, at = int.from_bytes(view[at : at + 2], "big"), at + 2
         properties = None
-        if protocol == MQTTProtocolVersion.MQTTv5:
+        if protocol == MQTTProtocolVersion.MQTTv5 and len(view) > at and view[at] == 0:
+            # No properties (as almost every PUBLISH): a copy of an empty set, where paho builds
+            # one from scratch and parses it (10 of the ~75 us a small message costs).
+            properties = copy.copy(_NO_PROPERTIES)
+            at += 1
+        elif protocol == MQTTProtocolVersion.MQTTv5:
             head = bytes(view[at : at + 4])
             length, length_bytes = VariableByteIntegers.decode(head)  # type: ignore[no-untyped-call]
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -119,6 +125,9 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
     except paho_packet.DECODE_ERRORS as exc:
         raise MalformedPacket(str(exc)) from exc
 
+
+_NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+"""The properties of a PUBLISH without any, copied for each such message."""
 
 PAHO_DECODE_PUBLISH: Callable[..., Any] | None = getattr(paho_packet, "decode_publish", None)
 """paho's own decoder, which :func:`decode_publish` stands in for (tests compare the two)."""
