@@ -5,7 +5,8 @@ own; 8 to 64 simulated trainers in a child process (``bench.flood``, one Ember t
 send real model updates of 10 K, 1 M and 11 M float32 parameters as fast as the protocol lets
 them: each sends its next update once the aggregator's receipt for the previous one arrives.
 Ingest is the aggregator's ``received`` counter (decoded, validated, staleness-weighted into the
-buffer, checkpointed before the receipt) over a window after a warm-up.
+buffer, checkpointed before the receipt) over a window after a warm-up; the best of
+:data:`TRIALS` runs, as the ceiling is the best of its runs.
 
 The buffer size K is set above what the window can fill, so no model version is made during
 it: ingest is the receive path alone. The cost of a version (server optimizer, encode, publish
@@ -40,6 +41,9 @@ from bench.harness import job_config, start_aggregator, stop_aggregator
 from bench.models import mlp, parameter_count, tensor_layout
 
 MB = 1e6
+TRIALS = 2
+"""Runs of each measurement, each on a broker of its own; the best counts, as the ceiling's best
+of its runs does (runs of the same code here differ by up to a tenth)."""
 MODELS = {"10k": 10_000, "1m": 1_000_000, "11m": 11_000_000}
 TRAINERS = {"10k": (8, 64), "1m": (8, 64), "11m": (8, 16)}
 """Simulated trainers per model. 16 trainers of the 11 M model have 700 MB in flight; 32 had
@@ -130,18 +134,26 @@ async def run() -> dict[str, Any]:
         "trainer_counts": {label: list(trainer_counts[label]) for label in models},
         "window_s": window,
     }
-    with tempfile.TemporaryDirectory(prefix="ember-ingest-") as tmp:
-        broker = bench_broker(Path(tmp) / "broker")
-        try:
-            for label, parameters in models.items():
-                for trainers in trainer_counts[label]:
-                    figures.update(
-                        await measure(
-                            broker.url, Path(tmp), label, parameters, trainers, warmup, window
+    trials = scaled(TRIALS, 1)
+    figures["trials"] = trials
+    for label, parameters in models.items():
+        for trainers in trainer_counts[label]:
+            key = f"{label}_{trainers}"
+            runs = []
+            for _ in range(trials):
+                # A broker of its own for each run, as the ceiling's runs have.
+                with tempfile.TemporaryDirectory(prefix="ember-ingest-") as tmp:
+                    broker = bench_broker(Path(tmp) / "broker")
+                    try:
+                        runs.append(
+                            await measure(
+                                broker.url, Path(tmp), label, parameters, trainers, warmup, window
+                            )
                         )
-                    )
-        finally:
-            broker.stop()
+                    finally:
+                        broker.stop()
+            figures.update(max(runs, key=lambda run: run[f"{key}_mb_s"]))
+            figures[f"{key}_runs_mb_s"] = [round(run[f"{key}_mb_s"], 1) for run in runs]
     return with_ceiling(figures)
 
 
@@ -193,12 +205,13 @@ def summary(figures: dict[str, Any]) -> list[str]:
     lines = [
         "Ember's aggregator role (FedBuff) in one process; simulated trainers in another send "
         "real updates, each waiting for the aggregator's receipt before the next. "
-        f"Window {figures['window_s']:g} s after a warm-up. Bar: ≥ 0.80 of the ceiling for "
-        "1M and 11M.",
+        f"Window {figures['window_s']:g} s after a warm-up; the best of "
+        f"{figures.get('trials', 1)} runs, each on a broker of its own, as the ceiling is the "
+        "best of its runs. Bar: ≥ 0.80 of the ceiling for 1M and 11M.",
         "",
-        "| model | parameters | trainers | updates/s | MB/s | ceiling MB/s | vs ceiling | "
-        "unacknowledged | cores: aggregator, broker, trainers |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| model | parameters | trainers | updates/s | MB/s | every run, MB/s | ceiling MB/s | "
+        "vs ceiling | unacknowledged | cores: aggregator, broker, trainers |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for label, parameters in figures["models"].items():
         for trainers in figures["trainer_counts"][label]:
@@ -208,6 +221,7 @@ def summary(figures: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {label} | {parameters:,} | {trainers} | {figures[f'{key}_updates_s']:,.1f} | "
                 f"{figures[f'{key}_mb_s']:,.1f} | "
+                f"{', '.join(f'{r:,.0f}' for r in figures.get(f'{key}_runs_mb_s', []))} | "
                 f"{'n/a' if ceiling is None else f'{ceiling:,.1f}'} | "
                 f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
                 f"{figures[f'{key}_unacknowledged']} | {_cores(figures.get(f'{key}_cores'))} |"
