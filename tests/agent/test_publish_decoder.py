@@ -144,6 +144,17 @@ def remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
+def cut_into(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """``stream`` cut after each of ``cuts`` bytes (what is left is the last piece)."""
+    pieces, at = [], 0
+    for cut in cuts:
+        if at >= len(stream):
+            break
+        pieces.append(stream[at : at + cut])
+        at += cut
+    return [*pieces, stream[at:]]
+
+
 def read_stream(
     client: PahoClient, pieces: list[bytes], on_message: Any = None
 ) -> list[tuple[str, bytes]]:
@@ -196,13 +207,7 @@ def test_the_packet_reader_reads_what_paho_reads_however_the_bytes_arrive(
     for index, (topic, size) in enumerate(messages):
         body = packet(topic.encode(), 0, bytes([index % 256]) * size, None)
         stream += b"\x30" + remaining_length(len(body)) + body
-    pieces, at = [], 0
-    for cut in cuts:
-        if at >= len(stream):
-            break
-        pieces.append(stream[at : at + cut])
-        at += cut
-    pieces.append(stream[at:])
+    pieces = cut_into(stream, cuts)
     expected = [(topic, bytes([i % 256]) * size) for i, (topic, size) in enumerate(messages)]
     paho = PahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
     ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
@@ -252,16 +257,6 @@ def read_chunked_stream(
     finally:
         _IN_EMBER_CLIENT.reset(token)
     return got
-
-
-def cut_into(stream: bytes, cuts: list[int]) -> list[bytes]:
-    pieces, at = [], 0
-    for cut in cuts:
-        if at >= len(stream):
-            break
-        pieces.append(stream[at : at + cut])
-        at += cut
-    return [*pieces, stream[at:]]
 
 
 @given(
