@@ -72,7 +72,7 @@ async def test_online_info_roles_then_clean_stop_and_session_survives_restart(
     assert (await next_json(roles, 10, agent="pi-kitchen"))["roles"] == {}
     # The dataset was summarized (label counts and all) by a child process: the idle daemon
     # never maps numpy (15 MB of its resident memory on a Pi).
-    maps = Path(f"/proc/{agent.process.pid}/maps").read_text()
+    maps = await asyncio.to_thread(Path(f"/proc/{agent.process.pid}/maps").read_text)
     assert "multiarray" not in maps
 
     sample = await next_json(telemetry, 10, agent="pi-kitchen")
