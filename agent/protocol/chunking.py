@@ -213,19 +213,30 @@ def parse_parts(head: memoryview, data: memoryview) -> tuple[ChunkHeader, memory
     header = ChunkHeader(mid, index, count, total, size, crc, digest, data_crc)
     if _frame_crc(head, data_crc) != crc:
         raise ChunkError(f"chunk {mid.hex()[:8]}#{index}: CRC-32 mismatch (corrupt frame)")
+    problem = _geometry_problem(mid, index, count, total, size, data.nbytes)
+    if problem is not None:
+        raise ChunkError(problem)
+    return header, data
+
+
+def _geometry_problem(
+    mid: bytes, index: int, count: int, total: int, size: int, nbytes: int
+) -> str | None:
+    """Why a frame's count, index, chunk size and ``nbytes`` of data cannot fit together, or
+    ``None`` (checked on every frame, and before its data is received in place)."""
     if size < 1 or count != chunk_count(total, size):
-        raise ChunkError(
+        return (
             f"chunk {mid.hex()[:8]}: count {count} does not fit {total} bytes in chunks of {size}"
         )
     if index >= count:
-        raise ChunkError(f"chunk {mid.hex()[:8]}: index {index} is not below count {count}")
+        return f"chunk {mid.hex()[:8]}: index {index} is not below count {count}"
     expected = min(size, total - index * size)
-    if data.nbytes != expected:
-        raise ChunkError(
-            f"chunk {mid.hex()[:8]}#{index}: {data.nbytes} data bytes, expected {expected} "
+    if nbytes != expected:
+        return (
+            f"chunk {mid.hex()[:8]}#{index}: {nbytes} data bytes, expected {expected} "
             "(truncated or padded)"
         )
-    return header, data
+    return None
 
 
 @dataclass
@@ -389,13 +400,8 @@ class Reassembler:
         if head.nbytes != HEADER_SIZE:
             return None
         magic, mid, index, count, total, size, crc, digest = HEADER.unpack_from(head)
-        if (
-            magic != MAGIC
-            or size < 1
-            or count != chunk_count(total, size)
-            or index >= count
-            or nbytes != min(size, total - index * size)
-        ):
+        problem = _geometry_problem(mid, index, count, total, size, nbytes)
+        if magic != MAGIC or problem is not None:
             return None
         key = (source, mid)
         if key in self._completed or key in self._refused:
@@ -421,21 +427,20 @@ class Reassembler:
     def add_placed(self, source: str, head: memoryview, data: memoryview) -> memoryview | None:
         """:meth:`add` for a frame whose data :meth:`place` had received in place: checked the
         same way, not copied (unless its message was dropped and began again meanwhile)."""
+        # Missing again until checked, as a copied chunk is: accepted below, or taken when
+        # it is sent again if it fails its checks.
+        self._unplace(source, head)
         try:
             if head.nbytes != HEADER_SIZE:
                 raise ChunkError(f"chunk header of {head.nbytes} bytes, not {HEADER_SIZE}")
             header, data = parse_parts(head, data)
         except ChunkError:
             self.stats.rejected += 1
-            self._unplace(source, head)
             raise
-        partial = self._partial.get((source, header.message_id))
-        if partial is not None and partial.received[header.index] == PLACING:
-            partial.received[header.index] = MISSING
         return self._add(source, header, data)
 
     def _unplace(self, source: str, head: memoryview) -> None:
-        """A placed chunk that failed its checks is missing again (it may be sent again)."""
+        """The chunk ``head`` names counts as missing again if it was being placed."""
         if head.nbytes != HEADER_SIZE:
             return
         _magic, mid, index, *_rest = HEADER.unpack_from(head)
