@@ -66,7 +66,8 @@ class Checkpoints:
         self.directory = directory
         self.keep = keep
         self._seq: int | None = None
-        """The newest slot's sequence number once known (read from disk at the first save)."""
+        """The newest slot's sequence number once known (read by :meth:`load_latest`, or else
+        by the first save)."""
         self._next = 0
         """The index of the slot the next save overwrites: never the newest whole one."""
 
@@ -95,30 +96,23 @@ class Checkpoints:
             elif not model_path.exists():
                 raise FileNotFoundError(f"{model_path}: a version's model part must be saved first")
             pointer["model_file"] = model_path.name
-        if self._seq is None:
-            self._seq, newest = self._newest_slot()
-            self._next = 0 if newest is None else 1 - newest
+        seq = self._seq if self._seq is not None else self._newest_slot()[0]
         path = self.directory / SLOT_NAMES[self._next]
-        self._write_slot(path, self._seq + 1, json.dumps(pointer).encode(), state)
-        self._seq += 1
+        self._write_slot(path, seq + 1, json.dumps(pointer).encode(), state)
+        self._seq = seq + 1
         self._next = 1 - self._next
         self._prune()
         return path
 
     def load_latest(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
         """The newest whole checkpoint as (state, metadata), or ``None`` if there is none."""
-        newest: tuple[int, bytes, bytes] | None = None
-        for name in SLOT_NAMES:
-            slot = _read_slot(self.directory / name)
-            if slot is not None and (newest is None or slot[0] > newest[0]):
-                newest = slot
-        if newest is not None:
-            _, meta_bytes, state_bytes = newest
-        elif (self.directory / LEGACY_POINTER).exists():
-            meta_bytes = (self.directory / LEGACY_POINTER).read_bytes()
+        seq, meta_bytes, state_bytes = self._newest_slot()
+        if not seq:  # no whole slot (sequence numbers start at 1): the layout before slots?
+            legacy = self.directory / LEGACY_POINTER
+            if not legacy.exists():
+                return None
+            meta_bytes = legacy.read_bytes()
             state_bytes = (self.directory / json.loads(meta_bytes)["file"]).read_bytes()
-        else:
-            return None
         meta = json.loads(meta_bytes)
         state = dict(decode_tensors(state_bytes, require_finite=False))
         if "model_file" in meta:
@@ -126,14 +120,18 @@ class Checkpoints:
             state.update(decode_tensors(model, require_finite=False))
         return state, meta
 
-    def _newest_slot(self) -> tuple[int, int | None]:
-        """(the newest whole slot's sequence number or 0, its index or ``None``)."""
-        best: tuple[int, int | None] = (0, None)
+    def _newest_slot(self) -> tuple[int, bytes, bytes]:
+        """The newest whole slot's (sequence number, metadata, state), ``(0, b"", b"")`` if
+        none is; and from now on the next save goes over the other slot. Read once, by
+        :meth:`load_latest` or else by the first :meth:`save`."""
+        newest: tuple[int, bytes, bytes] = (0, b"", b"")
+        self._next = 0
         for index, name in enumerate(SLOT_NAMES):
             slot = _read_slot(self.directory / name)
-            if slot is not None and slot[0] >= best[0]:
-                best = (slot[0], index)
-        return best
+            if slot is not None and slot[0] > newest[0]:
+                newest, self._next = slot, 1 - index
+        self._seq = newest[0]
+        return newest
 
     @staticmethod
     def _write_slot(path: Path, seq: int, meta: bytes, state: bytes) -> None:

@@ -93,6 +93,12 @@ def test_a_save_overwrites_the_older_slot_never_the_newest(tmp_path: Path) -> No
     assert _saved_value(tmp_path) == 6
     assert _saved_value_of(tmp_path / "state-a.slot") == 5
     assert _saved_value_of(tmp_path / "state-b.slot") == 6
+    # As the aggregator resumes: load, then save; the load's reading of the slots serves.
+    resumed = Checkpoints(tmp_path)
+    assert resumed.load_latest() is not None
+    resumed.save(0, _state(7), {"value": 7})
+    assert _saved_value_of(tmp_path / "state-a.slot") == 7
+    assert _saved_value(tmp_path) == 7
 
 
 def _saved_value_of(slot: Path) -> float:
