@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -168,7 +168,11 @@ class Aggregator(Role):
 
         ctx.transport.on_connect(announce)
         try:
-            if not resumed:
+            if resumed:
+                # The event of the version it resumes at may not have gone out (a stop between
+                # checkpoint and report): sent again, the coordinator merges a version it has.
+                await self.ctx.report(self._version_event(self.history[-1:]))
+            else:
                 await self._evaluate_and_record(metrics={})
             await self._open_round_if_ready()
             self._progress()
@@ -611,21 +615,12 @@ class Aggregator(Role):
                 self.evaluator.evaluate, self.algo.weights, self.holdout.x, self.holdout.y
             )
             self._eval_result = result
-        counters = self.algo.counters.as_dict()
-        event: dict[str, Any] = {
-            "event": "model_version",
-            "version": version,
-            "updates_applied": counters["applied"],
-            "elapsed": round(time.time() - self.started_at, 3),
-            "counters": counters,
-            "rejected": dict(sorted(self.rejections.items())),
-            "trainers": len(self.trainers),
-            "stragglers": self.tracker.stragglers(),
-        }
+        evaluated: dict[str, Any] = {}
         if result is not None:
-            event["loss"] = result.loss
+            evaluated["loss"] = result.loss
             if result.accuracy is not None:
-                event["accuracy"] = result.accuracy
+                evaluated["accuracy"] = result.accuracy
+        event = self._version_event([evaluated])
         if "loss" in metrics:
             event["train_loss"] = metrics["loss"]
         self.history.append(
@@ -643,8 +638,27 @@ class Aggregator(Role):
             job=self.ctx.bundle.job,
             version=version,
             accuracy=event.get("accuracy"),
-            updates=counters["applied"],
+            updates=event["updates_applied"],
         )
+
+    def _version_event(self, evaluated: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """The ``model_version`` event of the current version, with the held-out ``loss`` and
+        ``accuracy`` of ``evaluated`` (its history entry, when there is one)."""
+        counters = self.algo.counters.as_dict()
+        event: dict[str, Any] = {
+            "event": "model_version",
+            "version": self.algo.version,
+            "updates_applied": counters["applied"],
+            "elapsed": round(time.time() - self.started_at, 3),
+            "counters": counters,
+            "rejected": dict(sorted(self.rejections.items())),
+            "trainers": len(self.trainers),
+            "stragglers": self.tracker.stragglers(),
+        }
+        for point in evaluated:
+            if point.get("version", self.algo.version) == self.algo.version:
+                event.update({k: point[k] for k in ("loss", "accuracy") if k in point})
+        return event
 
     async def _checkpoint(self) -> None:
         """Save the whole state now; the caller keeps it still (the serve loop's state lock,

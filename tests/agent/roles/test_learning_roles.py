@@ -34,6 +34,7 @@ from agent.protocol import (
 from agent.protocol.bundle import RoleBundle
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext
+from agent.roles.checkpoints import Checkpoints
 from agent.roles.trainer import RoleError, Trainer
 from agent.transport import BrokerConfig, Inbound, Transport
 from coordinator.demo.data import dirichlet_shards, holdout_split, load_digits_scaled
@@ -200,10 +201,14 @@ async def test_aggregator_resumes_from_its_checkpoint(federation: Federation) ->
     with pytest.raises(asyncio.CancelledError):
         await agg
     before = max(e["version"] for e in federation.versions())
+    seen = len(federation.versions())
     _, holdout = digits(3)
     ctx = await federation.context(
         "agg", bundle("aggregator", cfg, "digits-holdout"), {"digits-holdout": holdout}
     )
+    saved = Checkpoints(ctx.state_dir / "checkpoints").load_latest()
+    assert saved is not None
+    checkpointed = saved[1]["history"][-1]["version"]
     resumed = Aggregator(ctx)
     await asyncio.wait_for(resumed.run(), 60)
     await asyncio.wait_for(asyncio.gather(*trainers), 30)
@@ -213,6 +218,15 @@ async def test_aggregator_resumes_from_its_checkpoint(federation: Federation) ->
     restarted = [e["version"] for e in after if e["version"] <= before]
     assert restarted.count(0) == 1
     assert resumed.algo.counters.applied == 3 * 6
+    # Its first event repeats the version it resumed at, evaluated as before the stop (the
+    # report may not have gone out before it): the coordinator merges what it already has.
+    again = federation.versions()[seen]
+    assert again["version"] == checkpointed >= before
+    assert "accuracy" in again
+    reported = {e["version"]: e for e in federation.versions()[:seen]}
+    if again["version"] in reported:  # else it was stopped between checkpoint and report
+        assert again["accuracy"] == reported[again["version"]]["accuracy"]
+        assert again["updates_applied"] == reported[again["version"]]["updates_applied"]
 
 
 async def test_final_version_stops_trainers(federation: Federation) -> None:
