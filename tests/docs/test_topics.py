@@ -412,7 +412,15 @@ async def test_a_real_job_publishes_exactly_what_the_reference_says(
     check_home_assistant(messages, topics, ha, agents=agents, job=job)
     final = last_json(messages, topics.job_state(job))
     assert final is not None
-    assert final["history"]["versions"] == 9  # 0 to 8
+    reported = [
+        (json.loads(s.payload).get("event"), json.loads(s.payload).get("version"))
+        for s in messages
+        if s.topic == topics.job_metrics(job, "hub") and s.payload[:1] == b"{"
+    ]
+    assert final["history"]["versions"] == 9, (  # 0 to 8
+        f"history {[p['version'] for p in final['history']['points']]}; the aggregator's "
+        f"events as recorded {reported}; see {tmp_path} (recorded.jsonl, hub's log)"
+    )
     assert [p["version"] for p in final["history"]["points"]][-1] == final["model_version"]
     assert all("accuracy" in p for p in final["history"]["points"])
     [refusal] = [r for r in final["rejected"]["recent"] if r["topic"] == garbage[0]]
