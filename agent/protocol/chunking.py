@@ -331,7 +331,8 @@ class Reassembler:
     """Incomplete messages are held in ordinary memory while together they fit in this many
     bytes; beyond it in anonymous memory maps. So a forged first chunk claiming a huge size
     costs at most this much resident memory, and honest traffic (a few updates of a few MB in
-    flight) is copied into pages that need no fault."""
+    flight) is copied into pages that need no fault. A role expecting more at once raises it
+    with the room it makes (:meth:`agent.transport.Transport.make_room`)."""
     max_chunks: int = 1 << 16
     """Chunks of one message at most (512 MiB in chunks of 8 KiB; senders use 256 KiB–1 MiB)."""
     timeout: float = 60.0

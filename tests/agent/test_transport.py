@@ -465,3 +465,21 @@ def test_room_for_incomplete_messages_grows_to_at_most_half_the_memory() -> None
     assert transport.make_room(1 << 20) == 1 << 30  # never lowered
     assert transport.make_room(min(half, 3 << 30)) == min(half, 3 << 30)
     assert transport.make_room(1 << 50) == half
+
+
+def test_the_room_made_for_incomplete_messages_is_ordinary_memory() -> None:
+    """An aggregator makes room for one update from each trainer: those many messages in
+    flight are reassembled in ordinary memory, not memory maps (a page fault per page and no
+    receiving in place), however many of them arrive interleaved."""
+    from agent.protocol.chunking import split
+
+    trainers, size = 64, 3 << 20
+    transport = Transport(BrokerConfig(urls=("mqtt://127.0.0.1:1",)))
+    reassembler = transport._reassembler
+    assert reassembler.eager_bytes < trainers * size  # the default would map some of them
+    transport.make_room(trainers * size)
+    first = split(bytes(size), 1 << 20)[0]
+    for trainer in range(trainers):
+        assert reassembler.add(f"jobs/j/updates/t{trainer}", first) is None
+    assert reassembler._eager_pending == trainers * size
+    assert all(partial.eager for partial in reassembler._partial.values())
