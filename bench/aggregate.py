@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import psutil
 from agent.logs import configure_logging
 from bench.common import (
     Flood,
-    bench_broker,
+    best_run,
     cpu_seconds,
     read_results,
     scaled,
@@ -138,22 +137,15 @@ async def run() -> dict[str, Any]:
     figures["trials"] = trials
     for label, parameters in models.items():
         for trainers in trainer_counts[label]:
-            key = f"{label}_{trainers}"
-            runs = []
-            for _ in range(trials):
-                # A broker of its own for each run, as the ceiling's runs have.
-                with tempfile.TemporaryDirectory(prefix="ember-ingest-") as tmp:
-                    broker = bench_broker(Path(tmp) / "broker")
-                    try:
-                        runs.append(
-                            await measure(
-                                broker.url, Path(tmp), label, parameters, trainers, warmup, window
-                            )
-                        )
-                    finally:
-                        broker.stop()
-            figures.update(max(runs, key=lambda run: run[f"{key}_mb_s"]))
-            figures[f"{key}_runs_mb_s"] = [round(run[f"{key}_mb_s"], 1) for run in runs]
+            figures.update(
+                await best_run(
+                    trials,
+                    f"{label}_{trainers}",
+                    lambda broker, workdir, label=label, parameters=parameters, n=trainers: measure(
+                        broker.url, workdir, label, parameters, n, warmup, window
+                    ),
+                )
+            )
     return with_ceiling(figures)
 
 

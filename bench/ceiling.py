@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
 from agent.logs import configure_logging
 from agent.transport import adopt
-from bench.common import Flood, bench_broker, scaled, show, write_results
+from bench.common import Flood, best_run, scaled, show, write_results
 
 MB = 1e6
 PAYLOADS = {"1kb": 1_000, "1mb": 1_000_000, "44mb": 44_000_000}
@@ -117,18 +115,15 @@ async def run() -> dict[str, Any]:
         "window_bytes": WINDOW_BYTES,
     }
     for label, size in payloads.items():
-        runs = []
-        for _ in range(trials):
-            # A broker of its own for each run: nothing queued from the last one.
-            with tempfile.TemporaryDirectory(prefix="ember-ceiling-") as tmp:
-                broker = bench_broker(Path(tmp))
-                try:
-                    runs.append(await measure(broker.host, broker.port, label, size, seconds))
-                finally:
-                    broker.stop()
-        best = max(runs, key=lambda run: run[f"{label}_mb_s"])
-        figures.update(best)
-        figures[f"{label}_runs_mb_s"] = [round(run[f"{label}_mb_s"], 1) for run in runs]
+        figures.update(
+            await best_run(
+                trials,
+                label,
+                lambda broker, _workdir, label=label, size=size: measure(
+                    broker.host, broker.port, label, size, seconds
+                ),
+            )
+        )
     figures["labels"] = list(payloads)
     return figures
 
