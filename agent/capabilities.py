@@ -343,6 +343,8 @@ async def probe_runtimes_async(
     asyncio, the cache is read and written in a worker thread."""
     import asyncio
 
+    from agent.process import communicate
+
     versions = runtime_versions()
     known = await asyncio.to_thread(known_runtimes, cache_file, versions)
     if known is not None:
@@ -350,23 +352,14 @@ async def probe_runtimes_async(
     error = None
     stdout = None
     try:
-        child = await asyncio.create_subprocess_exec(
-            *probe_command(versions),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            stdin=asyncio.subprocess.DEVNULL,
-        )
-        try:
-            out, err = await asyncio.wait_for(child.communicate(), timeout)
-        except asyncio.TimeoutError:
-            child.kill()
-            await child.wait()
-            error = f"probe timed out after {timeout:g} s"
-        else:
-            stdout = out.decode(errors="replace")
-            error = exit_error(child.returncode, err.decode(errors="replace"))
+        code, out, err = await communicate(probe_command(versions), None, timeout)
+    except TimeoutError:
+        error = f"probe timed out after {timeout:g} s"
     except OSError as exc:
         error = f"probe could not start: {exc}"
+    else:
+        stdout = out.decode(errors="replace")
+        error = exit_error(code, err.decode(errors="replace"))
     runtimes = parse_probe(versions, stdout, error)
     if cache_file is not None and error is None:
         await asyncio.to_thread(store_probe, cache_file, versions, runtimes)

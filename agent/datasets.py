@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.config import DatasetConfig
+from agent.process import communicate
 
 MAX_LABEL_CLASSES = 1000
 """More distinct labels than this and ``y`` is treated as a regression target (no counts)."""
@@ -511,26 +512,18 @@ async def summarize_all_in_child(
             for config in configs
         ],
     }
-    child = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "agent.datasets",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
     try:
-        out, err = await asyncio.wait_for(child.communicate(json.dumps(request).encode()), timeout)
-    except asyncio.TimeoutError:
-        child.kill()
-        await child.wait()
+        code, out, err = await communicate(
+            [sys.executable, "-m", "agent.datasets"], json.dumps(request).encode(), timeout
+        )
+    except TimeoutError:
         raise DatasetError(f"summarizing the datasets took more than {timeout:g} s") from None
     try:
         answer = json.loads(out)
         error = answer.get("error")
         summaries = [DatasetSummary.from_dict(raw) for raw in answer.get("summaries", [])]
     except (ValueError, KeyError, TypeError, AttributeError):
-        detail = err.decode(errors="replace").strip()[-300:] or f"exit code {child.returncode}"
+        detail = err.decode(errors="replace").strip()[-300:] or f"exit code {code}"
         raise DatasetError(f"summarizing the datasets failed: {detail}") from None
     if error is not None:
         raise DatasetError(str(error))

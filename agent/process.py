@@ -1,5 +1,6 @@
-"""Child ``ember-agent run`` processes: starting one the way the coordinator and the demo do,
-and stopping a child process (SIGTERM, a grace period, then SIGKILL).
+"""Child processes: starting ``ember-agent run`` the way the coordinator and the demo do,
+running a short-lived helper to its end (:func:`communicate`), and stopping a child process
+(SIGTERM, a grace period, then SIGKILL).
 
 Here rather than in :mod:`coordinator` because agent-side code and tests use it too, and
 ``agent`` never imports ``coordinator``.
@@ -14,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["reap", "spawn_agent", "stop_process", "terminate"]
+__all__ = ["communicate", "reap", "spawn_agent", "stop_process", "terminate"]
 
 
 async def spawn_agent(
@@ -45,6 +46,28 @@ async def spawn_agent(
         env=env,
         preexec_fn=preexec_fn,
     )
+
+
+async def communicate(
+    args: Sequence[str], stdin: bytes | None, timeout: float
+) -> tuple[int, bytes, bytes]:
+    """Run ``args`` with ``stdin`` as its input (none if ``None``) to its end: its exit code,
+    standard output and standard error. After ``timeout`` seconds it is killed and
+    :class:`TimeoutError` raised; :class:`OSError` if it cannot start."""
+    child = await asyncio.create_subprocess_exec(
+        *args,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(child.communicate(stdin), timeout)
+    except asyncio.TimeoutError:
+        child.kill()
+        await child.wait()
+        raise TimeoutError(f"{args[0]} ran for more than {timeout:g} s") from None
+    assert child.returncode is not None  # communicate() waited for it
+    return child.returncode, out, err
 
 
 def terminate(process: asyncio.subprocess.Process) -> None:
