@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -171,7 +171,9 @@ class Aggregator(Role):
             if resumed:
                 # The event of the version it resumes at may not have gone out (a stop between
                 # checkpoint and report): sent again, the coordinator merges a version it has.
-                await self.ctx.report(self._version_event(self.history[-1:]))
+                last = self.history[-1] if self.history else {}
+                same = last.get("version") == self.algo.version
+                await self.ctx.report(self._version_event(last if same else {}))
             else:
                 await self._evaluate_and_record(metrics={})
             await self._open_round_if_ready()
@@ -620,7 +622,7 @@ class Aggregator(Role):
             evaluated["loss"] = result.loss
             if result.accuracy is not None:
                 evaluated["accuracy"] = result.accuracy
-        event = self._version_event([evaluated])
+        event = self._version_event(evaluated)
         if "loss" in metrics:
             event["train_loss"] = metrics["loss"]
         self.history.append(
@@ -641,9 +643,9 @@ class Aggregator(Role):
             updates=event["updates_applied"],
         )
 
-    def _version_event(self, evaluated: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    def _version_event(self, evaluated: Mapping[str, Any]) -> dict[str, Any]:
         """The ``model_version`` event of the current version, with the held-out ``loss`` and
-        ``accuracy`` of ``evaluated`` (its history entry, when there is one)."""
+        ``accuracy`` in ``evaluated`` (this evaluation, or the version's history entry)."""
         counters = self.algo.counters.as_dict()
         event: dict[str, Any] = {
             "event": "model_version",
@@ -655,9 +657,7 @@ class Aggregator(Role):
             "trainers": len(self.trainers),
             "stragglers": self.tracker.stragglers(),
         }
-        for point in evaluated:
-            if point.get("version", self.algo.version) == self.algo.version:
-                event.update({k: point[k] for k in ("loss", "accuracy") if k in point})
+        event.update({k: evaluated[k] for k in ("loss", "accuracy") if k in evaluated})
         return event
 
     async def _checkpoint(self) -> None:
