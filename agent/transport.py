@@ -179,16 +179,12 @@ def _payload_offset(body: bytearray, command: int, protocol: int) -> int | None:
         return None
     at = 2 + int.from_bytes(body[:2], "big") + (2 if command & 0x06 else 0)
     if protocol == MQTTProtocolVersion.MQTTv5:
-        length, multiplier = 0, 1
-        for used in range(4):
-            if at + used >= len(body):
-                return None
-            byte = body[at + used]
-            length += (byte & 0x7F) * multiplier
-            multiplier *= 128
-            if not byte & 0x80:
-                return at + used + 1 + length
-        return None
+        head = bytes(body[at : at + 4])
+        try:  # the properties' length, as decode_publish reads it
+            length, used = VariableByteIntegers.decode(head)  # type: ignore[no-untyped-call]
+        except MalformedPacket:  # cut short, or longer than four bytes
+            return None
+        return at + int(used) + int(length)
     return at
 
 
