@@ -21,8 +21,11 @@ Weights = Mapping[str, Array]
 State = dict[str, Array]
 """A checkpointable state: flat key → array, ready for ``encode_tensors``."""
 
-BLOCK_ELEMENTS = 1 << 14
-"""Elements per block in :func:`scaled_add`: 64 KiB of float32, so a block stays in cache."""
+BLOCK_ELEMENTS = 1 << 16
+"""Elements per block in :func:`scaled_add`: 256 KiB of float32, so a block and its scratch stay
+in a core's L2 (512 KiB to 2 MiB on a Pi 4, a Jetson or an x86 gateway), and few enough
+blocks that numpy's per-call cost is small. On 1M float32 here (EPYC, 1 MiB L2 per core):
+0.36 ms per add in 16 Ki-element blocks, 0.26 ms in 64 Ki, 0.23 ms in 256 Ki."""
 
 
 def state_dtype(dtype: npt.DTypeLike) -> np.dtype[Any]:
