@@ -52,6 +52,7 @@ from paho.mqtt.client import (
     MQTT_LOG_ERR,
     PUBACK,
     PUBLISH,
+    MQTTMessage,
     MQTTMessageInfo,
 )
 from paho.mqtt.client import Client as PahoClient
@@ -60,6 +61,7 @@ from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties, VariableByteIntegers
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
@@ -129,6 +131,10 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: int) -> Any
 _NO_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 """The properties of a PUBLISH without any, copied for each such message."""
 
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+"""What paho makes of a PUBACK of just a packet id, copied for each such PUBACK."""
+
 PAHO_DECODE_PUBLISH: Callable[..., Any] | None = getattr(paho_packet, "decode_publish", None)
 """paho's own decoder, which :func:`decode_publish` stands in for (tests compare the two)."""
 _IN_EMBER_CLIENT: contextvars.ContextVar[bool] = contextvars.ContextVar("ember_paho", default=False)
@@ -170,6 +176,9 @@ PLACE_HEAD = 1024
 """Bytes of a large PUBLISH read first, to find its topic and chunk header before the data:
 topic, packet id and properties fit in them unless the topic is very long (then the packet is
 read whole, as any other)."""
+READ_AHEAD = 16 * 1024
+"""Bytes the packet reader asks the socket for at once (:meth:`EmberPahoClient._read_ahead`):
+many small packets or a large one's fixed header and head; larger bodies are received in place."""
 
 
 def _payload_offset(body: bytearray, command: int, protocol: int) -> int | None:
@@ -242,6 +251,9 @@ class EmberPahoClient(PahoClient):
     * each packet's body is received into one buffer of its final size (``recv_into``), where
       paho received a new ``bytes`` per read and appended it to a growing ``bytearray``: one
       copy of every received byte and an allocation per read fewer;
+    * the socket is read ahead (:data:`READ_AHEAD` bytes at a time) for fixed headers and small
+      bodies, where paho made a ``recv`` for every byte of a fixed header and one per body:
+      a burst of PUBACKs or receipts is one system call, not three or four per packet;
     * PUBLISH payloads are handed over as views of that buffer (:func:`decode_publish`);
     * outgoing packets are queued as views, so the writer's ``packet[pos:]`` after each
       partial write is a free slice, not a copy of the rest of a ``bytearray``;
@@ -260,6 +272,10 @@ class EmberPahoClient(PahoClient):
     place: Callable[[str, memoryview, int], memoryview | None] | None = None
     """Where a received chunk frame's data may go (topic, frame header, data bytes), or
     ``None`` for the whole packet in a buffer of its own; ``None``: every packet whole."""
+    deliver: Callable[[MQTTMessage], None] | None = None
+    """Where each received PUBLISH goes, at once and on the event loop's thread, in place of
+    paho's ``on_message`` (set by the transport: see :meth:`Transport._read`); ``None``: to
+    ``on_message``, as paho does."""
     place_min: int = 64 * 1024
     """PUBLISH bodies at least this large are read head first (:data:`PLACE_HEAD`) to place
     their data; below it a second read costs more than a copy."""
@@ -267,10 +283,54 @@ class EmberPahoClient(PahoClient):
     """What is left to receive of the packet being read."""
     _heading: bool = False
     """The packet's head (:data:`PLACE_HEAD` bytes) is being read, its data not yet placed."""
+    _ahead: bytearray | None = None
+    """Bytes read from the socket ahead of the packet reader (:meth:`_read_ahead`), made at
+    the first read: these attributes start as the class's, as :func:`adopt` changes the
+    class of a client that exists."""
+    _ahead_at: int = 0
+    """The first byte of :attr:`_ahead` not yet taken."""
+    _ahead_end: int = 0
+    """The end of the bytes in :attr:`_ahead`."""
+    _ran_dry: bool = False
+    """The last read from the socket returned less than it asked for."""
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        """paho's ``loop_read`` (packets until the socket runs dry, at least as many as messages
+        are in flight), except that it stops without another read once the last one came up
+        short of what it asked for: the socket was dry then, and bytes that came since wake the
+        loop again (its readiness is level-triggered). paho's extra read is one more system
+        call per PUBACK a publisher waits for. Over TLS a short read says nothing of what the
+        TLS layer holds, so paho's rule stays."""
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        budget = max(1, len(self._out_messages) + len(self._in_messages))
+        while True:
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN or self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            budget -= 1
+            if budget <= 0 or (self._ran_dry and not isinstance(self._sock, ssl.SSLSocket)):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _packet_read(self) -> MQTTErrorCode:
-        """paho's ``_packet_read``: the fixed header, then the body, then the handler; at
-        most 100 reads per call, so that one huge packet does not hold the event loop."""
+        """paho's ``_packet_read`` (the fixed header, then the body, then the handler), for
+        every packet whose first byte is already read ahead: a caller waiting for the socket
+        to become readable again would never see those bytes."""
+        while True:
+            rc = self._read_one_packet()
+            if (
+                rc is not MQTTErrorCode.MQTT_ERR_SUCCESS
+                or self._ahead_at == self._ahead_end
+                or self._sock is None  # the packet ended the connection
+            ):
+                return rc
+
+    def _read_one_packet(self) -> MQTTErrorCode:
+        """One packet, or as much of it as has come: the fixed header, then the body, then
+        the handler; at most 100 reads per call, so that one huge packet does not hold the
+        event loop."""
         packet = self._in_packet
         if packet["command"] == 0 or packet["have_remaining"] == 0:
             rc = self._read_fixed_header()
@@ -289,7 +349,7 @@ class EmberPahoClient(PahoClient):
             if packet["to_process"] == 0 or fill is None:
                 break
             try:
-                received = self._sock_recv_into(fill)
+                received = self._read_into(fill)
             except BlockingIOError:
                 return MQTTErrorCode.MQTT_ERR_AGAIN
             except OSError as err:
@@ -358,25 +418,26 @@ class EmberPahoClient(PahoClient):
         self._fill = target[in_head:]
 
     def _read_fixed_header(self) -> MQTTErrorCode:
-        """The packet type byte and the remaining length (1 to 4 bytes), as paho reads them;
-        what has been read stays in ``_in_packet`` when the socket runs dry in between."""
+        """The packet type byte and the remaining length (1 to 4 bytes), as paho reads them
+        (one ``recv`` per byte), but from the bytes read ahead; what has been read stays in
+        ``_in_packet`` when the socket runs dry in between."""
         packet = self._in_packet
         try:
             if packet["command"] == 0:
-                command = self._sock_recv(1)
-                if not command:
+                command = self._read_byte()
+                if command is None:
                     return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                packet["command"] = command[0]
+                packet["command"] = command
             while True:
-                byte = self._sock_recv(1)
-                if not byte:
+                byte = self._read_byte()
+                if byte is None:
                     return MQTTErrorCode.MQTT_ERR_CONN_LOST
-                packet["remaining_count"].append(byte[0])
+                packet["remaining_count"].append(byte)
                 if len(packet["remaining_count"]) > 4:  # the most MQTT allows
                     return MQTTErrorCode.MQTT_ERR_PROTOCOL
-                packet["remaining_length"] += (byte[0] & 127) * packet["remaining_mult"]
+                packet["remaining_length"] += (byte & 127) * packet["remaining_mult"]
                 packet["remaining_mult"] *= 128
-                if not byte[0] & 128:
+                if not byte & 128:
                     break
         except BlockingIOError:
             return MQTTErrorCode.MQTT_ERR_AGAIN
@@ -386,6 +447,50 @@ class EmberPahoClient(PahoClient):
         packet["have_remaining"] = 1
         packet["to_process"] = packet["remaining_length"]
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _read_byte(self) -> int | None:
+        """The next byte of the stream, ``None`` when the peer closed; raises
+        ``BlockingIOError`` when none has come."""
+        if self._ahead_at == self._ahead_end and not self._read_ahead():
+            return None
+        assert self._ahead is not None
+        byte = self._ahead[self._ahead_at]
+        self._ahead_at += 1
+        return byte
+
+    def _read_into(self, target: memoryview) -> int:
+        """Bytes of the stream put into ``target``: those read ahead first; then, for a target
+        of :data:`READ_AHEAD` or more, straight from the socket, else through the read-ahead
+        buffer. 0 when the peer closed; raises ``BlockingIOError`` when nothing has come."""
+        if self._ahead_at == self._ahead_end:
+            if target.nbytes >= READ_AHEAD:
+                received = self._sock_recv_into(target)
+                self._ran_dry = received < target.nbytes
+                return received
+            if not self._read_ahead():
+                return 0
+        assert self._ahead is not None
+        taken = min(target.nbytes, self._ahead_end - self._ahead_at)
+        target[:taken] = memoryview(self._ahead)[self._ahead_at : self._ahead_at + taken]
+        self._ahead_at += taken
+        return taken
+
+    def _read_ahead(self) -> int:
+        """Read what the socket has, up to :data:`READ_AHEAD` bytes, into the read-ahead
+        buffer (empty when called): a burst of small packets (PUBACKs, receipts, a PUBLISH's
+        fixed header and head) costs one ``recv`` where paho made up to six per packet."""
+        if self._ahead is None:
+            self._ahead = bytearray(READ_AHEAD)
+        received = self._sock_recv_into(memoryview(self._ahead))
+        self._ahead_at, self._ahead_end = 0, received
+        self._ran_dry = received < READ_AHEAD
+        return received
+
+    def reconnect(self) -> MQTTErrorCode:
+        """paho's ``reconnect``, with the last connection's unread bytes dropped as paho drops
+        its partly read packet."""
+        self._ahead_at = self._ahead_end = 0
+        return super().reconnect()
 
     def _sock_recv_into(self, buffer: memoryview) -> int:
         """paho's ``_sock_recv`` into ``buffer``: bytes received, 0 when the peer closed."""
@@ -411,6 +516,30 @@ class EmberPahoClient(PahoClient):
             return super()._handle_publish()
         finally:
             _IN_EMBER_CLIENT.reset(token)
+
+    def _handle_on_message(self, message: MQTTMessage) -> None:
+        """paho's, or with :attr:`deliver` set, the message handed straight to it."""
+        deliver = self.deliver
+        if deliver is None:
+            super()._handle_on_message(message)
+            return
+        with self._in_callback_mutex:  # as paho calls on_message (see _packet_queue)
+            deliver(message)
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """paho's, but a PUBACK of just a packet id (success, no properties: what brokers send
+        for almost every one) is not decoded into a new reason code and property set; each
+        frame a trainer sends gets one."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet, "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(
+                    mid, copy.copy(_PUBACK_SUCCESS), copy.copy(_NO_PUBACK_PROPERTIES)
+                )
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _packet_queue(
         self,
@@ -1029,11 +1158,34 @@ class Transport:
                 log.exception("connect_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)))
 
     async def _read(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            try:
-                self._route(message)
-            except Exception:  # one bad message must never end the connection loop
-                log.exception("message_route_failed", topic=str(message.topic))
+        """Route what came while the hooks ran (in aiomqtt's queue), then have the client hand
+        every PUBLISH straight to :meth:`_deliver`: aiomqtt's message iterator costs a task and
+        an ``asyncio.wait`` per message (five per 1M-parameter update, one per receipt each
+        trainer hears). Iterating it goes on, to end with the connection as aiomqtt says."""
+        messages = client.messages
+        while len(messages):
+            message = await anext(messages)
+            self._deliver(message.topic.value, message.payload, message.retain, message.qos)
+        client._client.deliver = self._deliver_paho  # type: ignore[attr-defined]
+        async for message in messages:  # nothing comes this way once the client delivers
+            self._deliver(message.topic.value, message.payload, message.retain, message.qos)
+
+    def _deliver_paho(self, message: MQTTMessage) -> None:
+        """A PUBLISH as paho decoded it (:func:`decode_publish`), routed."""
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            log.warning("message_topic_not_utf8", topic=repr(message._topic)[:200])
+            return
+        self._deliver(topic, message.payload, message.retain, message.qos)
+
+    def _deliver(self, topic: str, payload: Any, retain: bool, qos: int) -> None:
+        """:meth:`_route`, and any error it raises logged: one bad message must never end
+        the connection loop (nor reach paho, which would end it)."""
+        try:
+            self._route(topic, payload, retain, qos)
+        except Exception:
+            log.exception("message_route_failed", topic=topic)
 
     def _note_refused(
         self, client: aiomqtt.Client, filters: list[tuple[str, int]], granted: Sequence[object]
@@ -1082,15 +1234,15 @@ class Transport:
         return ", ".join(str(e) for e in self._endpoints)
 
     # receiving ---------------------------------------------------------------------------------
-    def _route(self, message: aiomqtt.Message) -> None:
-        raw: Any = message.payload  # a view of paho's packet (decode_publish), or PlacedFrame
+    def _route(self, topic: str, raw: Any, retain: bool, qos: int) -> None:
+        """A received PUBLISH (``raw``: a view of paho's packet, see :func:`decode_publish`, or a
+        :class:`PlacedFrame`) to every subscription it matches, once whole."""
         placed = isinstance(raw, PlacedFrame)
         payload: Payload = (
             raw
             if placed or isinstance(raw, (bytes, bytearray, memoryview))
             else str(raw or "").encode()
         )
-        topic = message.topic.value
         if not placed and not is_chunk(payload):
             payload = bytes(payload)  # whole messages reach subscribers as bytes
         else:
@@ -1113,9 +1265,10 @@ class Transport:
             payload = whole
         self.stats.messages_in += 1
         self.stats.bytes_in += len(payload)
-        inbound = Inbound(topic, payload, bool(message.retain), int(message.qos))
+        inbound = Inbound(topic, payload, bool(retain), int(qos))
+        matched = aiomqtt.Topic(topic)
         for sub in self._subscriptions:
-            if not sub._closed and sub.matches(message.topic):
+            if not sub._closed and sub.matches(matched):
                 sub.offer(inbound)
 
     def _on_reassembly_drop(self, source: str, reason: str, size: int) -> None:

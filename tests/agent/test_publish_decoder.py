@@ -215,6 +215,93 @@ def test_the_packet_reader_reads_what_paho_reads_however_the_bytes_arrive(
     assert read_stream(ember, pieces) == expected
 
 
+class CountingSocket:
+    """A socket whose reads are counted (the reader's system calls)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reads = 0
+
+    def recv(self, size: int) -> bytes:
+        self.reads += 1
+        return self.sock.recv(size)
+
+    def recv_into(self, buffer: memoryview) -> int:
+        self.reads += 1
+        return self.sock.recv_into(buffer)
+
+
+def test_a_burst_of_small_packets_is_one_read_from_the_socket() -> None:
+    """Fifty small PUBLISH packets that came together (receipts, say) are all handed over by
+    one ``loop_read`` (as the event loop calls it when the socket is readable) and one read
+    of the socket, where paho reads each fixed header byte by byte and each body apart."""
+    stream = b""
+    for index in range(50):
+        body = packet(b"t/receipts", 0, b"receipt %d" % index, None)
+        stream += b"\x30" + remaining_length(len(body)) + body
+    got: list[bytes] = []
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
+    ember.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    counting = CountingSocket(ours)
+    ember._sock = counting  # type: ignore[assignment]
+    try:
+        theirs.sendall(stream)
+        assert ember.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert got == [b"receipt %d" % i for i in range(50)]
+        assert counting.reads == 1
+        theirs.sendall(stream[:7])  # a fixed header and part of a body: kept for the next read
+        assert ember.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        theirs.sendall(stream[7 : len(stream) // 50])
+        assert ember.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert got[50:] == [b"receipt 0"]
+    finally:
+        ember._sock = None
+        ours.close()
+        theirs.close()
+
+
+def acknowledged(client: PahoClient, tail: bytes) -> list[tuple[int, Any, Any, int]]:
+    """What ``client`` hands its on_publish when the broker acknowledges a QoS 1 message with
+    a PUBACK of its packet id and ``tail`` (MQTT 5: reason code, properties)."""
+    got: list[tuple[int, Any, Any, int]] = []
+    client.on_publish = lambda _c, _u, mid, reason, props: got.append(
+        (mid, reason.value, props.json(), len(client._out_messages))
+    )
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours  # type: ignore[assignment]
+    try:
+        mid = client.publish("t/a", b"update", qos=1).mid
+        body = mid.to_bytes(2, "big") + tail
+        theirs.sendall(b"\x40" + remaining_length(len(body)) + body)
+        assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        return [*got, (mid, None, None, len(client._out_messages))]
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "tail"),
+    [(V311, b""), (V5, b""), (V5, b"\x10"), (V5, b"\x00\x00"), (V5, b"\x00\x03\x1f\x00\x00")],
+)
+def test_a_puback_reaches_on_publish_as_paho_hands_it_over(
+    protocol: MQTTProtocolVersion, tail: bytes
+) -> None:
+    """A PUBACK of just a packet id skips paho's decoder; on_publish gets the same packet id,
+    reason code and properties from Ember's client as from paho's, with or without them, and
+    the message is no longer in flight."""
+    paho = PahoClient(CallbackAPIVersion.VERSION2, protocol=protocol)
+    ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=protocol)
+    expected = acknowledged(paho, tail)
+    assert len(expected) == 2  # on_publish once,
+    assert expected[-1][3] == 0  # and then no longer in flight
+    assert acknowledged(ember, tail) == expected
+
+
 def test_a_peer_that_closes_mid_packet_is_a_lost_connection() -> None:
     client = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
     ours, theirs = socket.socketpair()

@@ -187,6 +187,41 @@ async def test_subscriptions_survive_a_broker_restart(
         assert rx.stats.connections == 2
 
 
+async def test_messages_that_came_while_the_hooks_ran_are_routed_first_and_in_order(
+    mosquitto: MosquittoProcess, topics: Topics
+) -> None:
+    """Until its connect hooks have run, a transport leaves what arrives in aiomqtt's queue;
+    then it routes that, and from then on paho hands it every message directly. Nothing is
+    lost or reordered across the switch, whole or chunked."""
+    topic = topics.agent_status("pi")
+    hold = asyncio.Event()
+    rx = Transport(config(mosquitto.url))
+
+    async def slow_hook(_session: int) -> None:
+        await hold.wait()
+
+    rx.on_connect(slow_hook)
+    sub = await rx.subscribe(topic, max_messages=1000)
+    big = bytes(range(256)) * 400  # chunked at the chunk size below
+    sent = [b"early %d" % i for i in range(30)] + [big] + [b"late %d" % i for i in range(30)]
+    async with rx, Transport(config(mosquitto.url, chunk_size=40_000)) as tx:
+        await tx.wait_connected(5)
+        await eventually(lambda: rx._client is not None)
+        for payload in sent[:31]:
+            await tx.publish(topic, payload)
+        assert rx._client is not None
+        frames = 30 + chunk_count(len(big), 40_000)
+        await eventually(lambda: len(rx._client.messages) == frames)  # type: ignore[union-attr]
+        assert len(sub) == 0  # not routed while the hooks run
+        hold.set()
+        await eventually(lambda: getattr(rx._client._client, "deliver", None) is not None)  # type: ignore[union-attr]
+        for payload in sent[31:]:
+            await tx.publish(topic, payload)
+        got = [bytes((await sub.get(timeout=5)).payload) for _ in sent]
+    assert got == sent
+    assert len(sub) == 0
+
+
 async def test_a_connection_paho_lost_without_telling_aiomqtt_is_reconnected(
     mosquitto: MosquittoProcess, topics: Topics
 ) -> None:
