@@ -66,6 +66,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.protocol.chunking import (
     DEFAULT_CHUNK_SIZE,
     HEADER_SIZE,
+    MQTT5_CHUNK_SIZE,
     Reassembler,
     is_chunk,
     split_headers,
@@ -713,7 +714,10 @@ class BrokerConfig:
     session_expiry: int = 0
     """Seconds the broker keeps this client's session (subscriptions and queued QoS 1 messages)
     while it is away; 0 starts a clean session on every connect. Needs a ``client_id``."""
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None
+    """Data bytes per chunk frame, lowered to fit the broker's announced packet limit; ``None``
+    (the default): as large as the broker allows up to :data:`MQTT5_CHUNK_SIZE` over MQTT 5,
+    :data:`DEFAULT_CHUNK_SIZE` over MQTT 3.1.1 (see :meth:`Transport.chunk_size`)."""
     max_message_bytes: int = 512 * MiB
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
@@ -732,7 +736,7 @@ class BrokerConfig:
             raise ValueError("broker: at least one url is needed")
         for url in self.urls:
             BrokerEndpoint.parse(url)
-        if self.chunk_size < 1024:
+        if self.chunk_size is not None and self.chunk_size < 1024:
             raise ValueError(f"broker.chunk_size: must be ≥ 1024, got {self.chunk_size}")
         if self.session_expiry and not self.client_id:
             raise ValueError("broker.session_expiry: a persistent session needs a client_id")
@@ -1340,8 +1344,17 @@ class Transport:
 
     # publishing --------------------------------------------------------------------------------
     def chunk_size(self, topic: str) -> int:
-        """Data bytes per chunk: the configured size, lowered to fit the broker's packet limit."""
+        """Data bytes per chunk: the configured size, lowered to fit the broker's packet limit.
+
+        Unconfigured, it follows the connection: over MQTT 5 the broker's CONNACK says what it
+        accepts (no Maximum Packet Size: no limit), so frames are as large as that allows up to
+        :data:`MQTT5_CHUNK_SIZE`; over MQTT 3.1.1 (and before the first connection) no broker
+        can say, and frames keep to :data:`DEFAULT_CHUNK_SIZE`, below every default limit.
+        A broker that caps packets without announcing it over MQTT 5 needs ``chunk_size`` set.
+        """
         size = self.config.chunk_size
+        if size is None:
+            size = MQTT5_CHUNK_SIZE if self.protocol_in_use == "5" else DEFAULT_CHUNK_SIZE
         if self._broker_max_packet:
             size = min(size, self._broker_max_packet - HEADER_SIZE - len(topic.encode()) - 64)
         return max(1024, size)

@@ -71,11 +71,20 @@ and :func:`parse_frame` refuses it by name, instead of taking it for a message."
 HEADER = struct.Struct("<4s16sIIQII32s")
 HEADER_SIZE = HEADER.size
 DEFAULT_CHUNK_SIZE = 960 * 1024
-"""Data bytes per frame by default: a frame (with its header, topic and MQTT framing) stays
-under 1,000,000 bytes, the smallest default packet limit among the brokers Ember runs on (EMQX
-and NATS: 1 MB; mosquitto 2.1: 2 MB), and is as large as that allows: every frame costs each
-Python side and the broker a fixed amount besides its bytes (bench/aggregate measured 1M
-updates at about 1.2 times the rate in 960 KiB frames as in 512 KiB ones)."""
+"""Data bytes per frame where the broker cannot say what it accepts (MQTT 3.1.1): a frame (with
+its header, topic and MQTT framing) stays under 1,000,000 bytes, the smallest default packet
+limit among the brokers Ember runs on (EMQX and NATS: 1 MB; mosquitto 2.1: 2 MB), and is as
+large as that allows: every frame costs each Python side and the broker a fixed amount besides
+its bytes (bench/aggregate measured 1M updates at about 1.2 times the rate in 960 KiB frames as
+in 512 KiB ones)."""
+MQTT5_CHUNK_SIZE = 4 * 1024 * 1024
+"""Data bytes per frame at most over MQTT 5, where the broker's CONNACK states its Maximum Packet
+Size, or by leaving it out states that it has none (MQTT 5.0, 3.2.2.3.6): the frame is as large
+as the broker allows up to this. A 1M-parameter float32 update (4,000,540 bytes) is one frame
+instead of five: bench/aggregate measured its ingest 1.13 to 1.18 times as high with 64
+trainers. Larger frames would save little more per byte, and each holds up what follows it on
+the broker's connection to the receiver (a receipt, a command) for as long as it takes to
+deliver: about 4 ms here at 1 GB/s."""
 
 
 def is_chunk(payload: Buffer) -> bool:

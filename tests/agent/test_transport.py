@@ -16,7 +16,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.protocol import ModelUpdate, PayloadTooLarge, Topics, decode_message, split
-from agent.protocol.chunking import build_frame, chunk_count
+from agent.protocol.chunking import (
+    DEFAULT_CHUNK_SIZE,
+    MQTT5_CHUNK_SIZE,
+    build_frame,
+    chunk_count,
+)
 from agent.transport import (
     BrokerConfig,
     BrokerEndpoint,
@@ -143,8 +148,40 @@ async def test_default_frames_fit_a_one_megabyte_limit_nobody_announces(
         await pub.publish(topic, payload, timeout=30)
         got = await sub.get(timeout=30)
         assert bytes(got.payload) == payload
-        assert pub.stats.frames_out == chunk_count(len(payload), pub.config.chunk_size) == 5
+        assert pub.chunk_size(topic) == DEFAULT_CHUNK_SIZE
+        assert pub.stats.frames_out == chunk_count(len(payload), DEFAULT_CHUNK_SIZE) == 5
         assert pub.stats.resent_after_reconnect == 0
+
+
+async def test_over_mqtt5_frames_are_as_large_as_the_broker_says_it_takes(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    """An MQTT 5 broker states its packet limit in its CONNACK, or that it has none by leaving
+    it out: the 1M update of bench/aggregate is then one frame (up to MQTT5_CHUNK_SIZE), or as
+    few as a 2 MB limit allows (mosquitto 2.1's default); ``chunk_size`` set is kept to."""
+    payload = model(1_000_000).to_msgpack()
+    topic = topics.job_updates("j", "a")
+    for limit, chunk_size, frames in (
+        (None, None, 1),
+        (2_000_000, None, 3),
+        (None, 512 * 1024, chunk_count(len(payload), 512 * 1024)),
+    ):
+        broker = mosquitto_factory(max_packet_size=limit)
+        async with (
+            Transport(config(broker.url, chunk_size=chunk_size)) as pub,
+            Transport(config(broker.url)) as rx,
+        ):
+            await pub.wait_connected(5)
+            await rx.wait_connected(5)
+            assert pub.protocol_in_use == "5"
+            sub = await rx.subscribe(topics.all_job_updates("j"))
+            await pub.publish(topic, payload, timeout=30)
+            got = await sub.get(timeout=30)
+            assert bytes(got.payload) == payload
+            assert pub.stats.frames_out == frames, (limit, chunk_size)
+            if limit is None and chunk_size is None:
+                assert pub.chunk_size(topic) == MQTT5_CHUNK_SIZE
+        broker.stop()
 
 
 async def test_mqtt311_with_explicit_chunk_size(
@@ -458,7 +495,7 @@ async def test_size_checks_happen_before_sending(pair: tuple[Transport, Transpor
     with pytest.raises(PayloadTooLarge, match="1001 bytes"):
         await small.publish("ember/v1/x", b"x" * 1001)
     with pytest.raises(ValueError, match="retained message must fit one chunk"):
-        await publisher.publish("ember/v1/x", b"x" * (publisher.config.chunk_size + 1), retain=True)
+        await publisher.publish("ember/v1/x", b"x" * (publisher.chunk_size("x") + 1), retain=True)
 
 
 @pytest.mark.parametrize(
