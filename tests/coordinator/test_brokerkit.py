@@ -87,18 +87,19 @@ async def test_strangers_are_refused_and_tls_needs_the_kits_ca(secured: SecuredB
 
 
 async def test_a_chunked_update_crosses_tls_intact(secured: SecuredBroker) -> None:
-    """Over TLS (no ``sendmsg``) chunk frames go out one part at a time: a 4 MB update in 5
-    frames reaches the aggregator byte for byte."""
+    """Over TLS (no ``sendmsg``) chunk frames go out one part at a time: a 10 MB update in 3
+    frames (4 MiB each over MQTT 5 to a broker that states no limit) reaches the aggregator
+    byte for byte."""
     t = secured.topics
     gw = await connected(secured.agent_config("gw"))
     alice = await connected(secured.agent_config("alice"))
     try:
         sub = await gw.subscribe(t.all_job_updates("j"))
-        payload = os.urandom(4_000_000)
+        payload = os.urandom(10_000_000)
         await alice.publish(t.job_updates("j", "alice"), payload, timeout=30)
         got = await sub.get(timeout=30)
         assert bytes(got.payload) == payload
-        assert alice.stats.frames_out == 5
+        assert alice.stats.frames_out == 3
     finally:
         await alice.close()
         await gw.close()
