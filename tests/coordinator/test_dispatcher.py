@@ -308,7 +308,7 @@ async def test_large_bundles_are_chunked(
     core: Core, agents_transport: Transport, topics: Topics
 ) -> None:
     agents = await fleet(agents_transport, topics, {"a": 300})
-    big = artifacts(size=3_000_000)
+    big = artifacts(size=9_000_000)  # above the 4 MiB frames of MQTT 5
     await core.dispatcher.submit(job_spec(), big)
     bundle = await agents["a"].accept(core.key)
     assert bundle.artifacts["train_step.onnx"] == big["train_step.onnx"]
