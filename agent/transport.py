@@ -1368,7 +1368,10 @@ class Transport:
         retain: bool = False,
         timeout: float | None = None,
     ) -> None:
-        """Publish ``payload``; chunked when larger than the chunk size.
+        """Publish ``payload``; as chunk frames when larger than the chunk size, or than
+        :data:`DEFAULT_CHUNK_SIZE` (over MQTT 5 a message may fit one frame that is larger:
+        it still goes as a frame, the same message on the wire as before, written from the
+        caller's buffer and received in place, where a whole message is copied on both sides).
 
         QoS 1 and 2 wait for the broker's acknowledgement of every frame, riding out reconnects
         until ``timeout`` (``None`` waits as long as it takes) and raising
@@ -1382,9 +1385,12 @@ class Transport:
                 f"{self.config.max_message_bytes}"
             )
         chunk = self.chunk_size(topic)
-        if size > chunk:
+        whole_max = min(chunk, DEFAULT_CHUNK_SIZE)
+        if size > whole_max:
             if retain:
-                raise ValueError(f"{topic}: a retained message must fit one chunk ({chunk} bytes)")
+                raise ValueError(
+                    f"{topic}: a retained message must fit one chunk ({whole_max} bytes)"
+                )
             qos = max(qos, 1)  # one lost frame would lose the whole message
             frames: list[bytes | bytearray | Frame] = [
                 Frame(header, piece) for header, piece in split_headers(data, chunk)

@@ -158,7 +158,8 @@ async def test_over_mqtt5_frames_are_as_large_as_the_broker_says_it_takes(
 ) -> None:
     """An MQTT 5 broker states its packet limit in its CONNACK, or that it has none by leaving
     it out: the 1M update of bench/aggregate is then one frame (up to MQTT5_CHUNK_SIZE), or as
-    few as a 2 MB limit allows (mosquitto 2.1's default); ``chunk_size`` set is kept to."""
+    few as a 2 MB limit allows (mosquitto 2.1's default); ``chunk_size`` set is kept to. A
+    message above DEFAULT_CHUNK_SIZE is a chunk frame even when it fits one."""
     payload = model(1_000_000).to_msgpack()
     topic = topics.job_updates("j", "a")
     for limit, chunk_size, frames in (
@@ -181,6 +182,8 @@ async def test_over_mqtt5_frames_are_as_large_as_the_broker_says_it_takes(
             assert pub.stats.frames_out == frames, (limit, chunk_size)
             if limit is None and chunk_size is None:
                 assert pub.chunk_size(topic) == MQTT5_CHUNK_SIZE
+                # Still a chunk frame, not a whole message: received in place, not copied.
+                assert rx._reassembler.stats.placed == 1
         broker.stop()
 
 
@@ -495,7 +498,7 @@ async def test_size_checks_happen_before_sending(pair: tuple[Transport, Transpor
     with pytest.raises(PayloadTooLarge, match="1001 bytes"):
         await small.publish("ember/v1/x", b"x" * 1001)
     with pytest.raises(ValueError, match="retained message must fit one chunk"):
-        await publisher.publish("ember/v1/x", b"x" * (publisher.chunk_size("x") + 1), retain=True)
+        await publisher.publish("ember/v1/x", b"x" * (DEFAULT_CHUNK_SIZE + 1), retain=True)
 
 
 @pytest.mark.parametrize(
