@@ -1401,7 +1401,8 @@ class Transport:
             self.stats.dropped_qos0_offline += 1
             log.debug("qos0_dropped_offline", topic=topic)
             return
-        await self._send(topic, frames, qos, retain, timeout)
+        chunked = data if isinstance(frames[0], Frame) else None
+        await self._send(topic, frames, qos, retain, timeout, chunked)
         self.stats.messages_out += 1
         self.stats.bytes_out += size
 
@@ -1412,7 +1413,10 @@ class Transport:
         qos: int,
         retain: bool,
         timeout: float | None,
+        chunked: Payload | None = None,
     ) -> None:
+        """Send ``frames`` (``chunked``: the message they were cut from) until the broker has
+        acknowledged each, across reconnects."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         pending = set(range(len(frames)))
@@ -1430,6 +1434,16 @@ class Transport:
                 continue
             client, lost = self._client, self._lost
             assert client is not None
+            chunk = self.chunk_size(topic)
+            if chunked is not None and any(
+                isinstance(frame, Frame) and frame.data.nbytes > chunk for frame in frames
+            ):
+                # Cut for a broker that took larger packets than this one says it does (a
+                # failover): sent as they are, each would cost the connection, again and again.
+                # Cut again, under a new message id, all of it is sent anew.
+                frames = [Frame(header, piece) for header, piece in split_headers(chunked, chunk)]
+                pending = set(range(len(frames)))
+                log.info("publish_recut", topic=topic, frames=len(frames), chunk_size=chunk)
             if attempts:
                 self.stats.resent_after_reconnect += len(pending)
                 log.info("publish_resume", topic=topic, frames=len(pending), of=len(frames))

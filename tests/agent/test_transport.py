@@ -372,6 +372,32 @@ async def test_fails_over_to_the_next_broker(mosquitto: MosquittoProcess) -> Non
         assert t.stats.connection_failures >= 1
 
 
+async def test_frames_cut_for_one_broker_are_cut_again_for_the_next(
+    mosquitto_factory: Callable[..., MosquittoProcess], topics: Topics
+) -> None:
+    """A message cut into 4 MiB frames for an MQTT 5 broker that states no limit, then sent
+    after failing over to one that takes 1 MB: cut again to fit it, and delivered whole (sent
+    as it was, each attempt would cost the connection until the publish gave up)."""
+    roomy = mosquitto_factory()
+    strict = mosquitto_factory(max_packet_size=1_000_000)
+    topic = topics.job_updates("j", "a")
+    payload = model(1_000_000).to_msgpack()
+    async with Transport(config(strict.url)) as rx:
+        await rx.wait_connected(5)
+        sub = await rx.subscribe(topics.all_job_updates("j"))
+        async with Transport(config(roomy.url, strict.url)) as pub:
+            await pub.wait_connected(5)
+            assert pub.chunk_size(topic) == MQTT5_CHUNK_SIZE
+            roomy.stop()
+            await eventually(lambda: not pub.connected)
+            with capture_logs() as logs:
+                await pub.publish(topic, payload, timeout=30)
+            got = await sub.get(timeout=30)
+            assert bytes(got.payload) == payload
+            assert pub.endpoint_in_use == BrokerEndpoint.parse(strict.url)
+            assert [e["frames"] for e in logs if e["event"] == "publish_recut"] == [5]
+
+
 @pytest.mark.parametrize(
     "identity",
     [{}, {"client_id": "ember-agent-pi", "will": True}],
