@@ -214,6 +214,11 @@ class Frame:
         return len(self.header) + self.data.nbytes
 
 
+def cut_frames(payload: Payload, chunk_size: int) -> list[Frame]:
+    """``payload`` as chunk :class:`Frame` objects of at most ``chunk_size`` data bytes."""
+    return [Frame(header, piece) for header, piece in split_headers(payload, chunk_size)]
+
+
 class Gather:
     """An outgoing packet in several buffers, written with one ``sendmsg``; ``packet[pos:]``
     (paho's writer, after a partial write) is what is left of it, without copies."""
@@ -1167,11 +1172,10 @@ class Transport:
         an ``asyncio.wait`` per message (five per 1M-parameter update, one per receipt each
         trainer hears). Iterating it goes on, to end with the connection as aiomqtt says."""
         messages = client.messages
-        while len(messages):
+        while True:
+            if not len(messages):  # drained: from now on nothing comes this way
+                client._client.deliver = self._deliver_paho  # type: ignore[attr-defined]
             message = await anext(messages)
-            self._deliver(message.topic.value, message.payload, message.retain, message.qos)
-        client._client.deliver = self._deliver_paho  # type: ignore[attr-defined]
-        async for message in messages:  # nothing comes this way once the client delivers
             self._deliver(message.topic.value, message.payload, message.retain, message.qos)
 
     def _deliver_paho(self, message: MQTTMessage) -> None:
@@ -1392,16 +1396,15 @@ class Transport:
                     f"{topic}: a retained message must fit one chunk ({whole_max} bytes)"
                 )
             qos = max(qos, 1)  # one lost frame would lose the whole message
-            frames: list[bytes | bytearray | Frame] = [
-                Frame(header, piece) for header, piece in split_headers(data, chunk)
-            ]
+            frames: list[bytes | bytearray | Frame] = [*cut_frames(data, chunk)]
+            chunked: Payload | None = data
         else:
             frames = [bytes(data) if isinstance(data, memoryview) else data]
+            chunked = None
         if qos == 0 and not self.connected:
             self.stats.dropped_qos0_offline += 1
             log.debug("qos0_dropped_offline", topic=topic)
             return
-        chunked = data if isinstance(frames[0], Frame) else None
         await self._send(topic, frames, qos, retain, timeout, chunked)
         self.stats.messages_out += 1
         self.stats.bytes_out += size
@@ -1441,7 +1444,7 @@ class Transport:
                 # Cut for a broker that took larger packets than this one says it does (a
                 # failover): sent as they are, each would cost the connection, again and again.
                 # Cut again, under a new message id, all of it is sent anew.
-                frames = [Frame(header, piece) for header, piece in split_headers(chunked, chunk)]
+                frames = [*cut_frames(chunked, chunk)]
                 pending = set(range(len(frames)))
                 log.info("publish_recut", topic=topic, frames=len(frames), chunk_size=chunk)
             if attempts:
