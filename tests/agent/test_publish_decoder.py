@@ -8,6 +8,7 @@ import contextlib
 import select
 import socket
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import aiomqtt
@@ -155,6 +156,22 @@ def cut_into(stream: bytes, cuts: list[int]) -> list[bytes]:
     return [*pieces, stream[at:]]
 
 
+@contextlib.contextmanager
+def wired(client: PahoClient, wrap: Any = None) -> Iterator[tuple[Any, socket.socket]]:
+    """``client`` reading from one end of a socket pair (non-blocking, as paho's is, and
+    ``wrap(socket)`` if given), and the other end to write to."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    attached = ours if wrap is None else wrap(ours)
+    client._sock = attached
+    try:
+        yield attached, theirs
+    finally:
+        client._sock = None
+        ours.close()
+        theirs.close()
+
+
 def read_stream(
     client: PahoClient, pieces: list[bytes], on_message: Any = None
 ) -> list[tuple[str, bytes]]:
@@ -165,28 +182,21 @@ def read_stream(
         got.append((message.topic, bytes(message.payload)))
 
     client.on_message = on_message or collect
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    theirs.setblocking(False)
-    client._sock = ours  # type: ignore[assignment]
+    with wired(client) as (ours, theirs):
+        theirs.setblocking(False)
 
-    def drain() -> None:
-        # Read until the socket is dry: paho stops after 100 reads with data left.
-        while select.select([ours], [], [], 0)[0]:
-            rc = client._packet_read()
-            assert rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN)
+        def drain() -> None:
+            # Read until the socket is dry: paho stops after 100 reads with data left.
+            while select.select([ours], [], [], 0)[0]:
+                rc = client._packet_read()
+                assert rc in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN)
 
-    try:
         for piece in pieces:
             left = memoryview(piece)
             while left:
                 with contextlib.suppress(BlockingIOError):  # full until the reader reads
                     left = left[theirs.send(left) :]
                 drain()
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
     return got
 
 
@@ -242,11 +252,7 @@ def test_a_burst_of_small_packets_is_one_read_from_the_socket() -> None:
     got: list[bytes] = []
     ember = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
     ember.on_message = lambda _c, _u, message: got.append(bytes(message.payload))
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    counting = CountingSocket(ours)
-    ember._sock = counting  # type: ignore[assignment]
-    try:
+    with wired(ember, CountingSocket) as (counting, theirs):
         theirs.sendall(stream)
         assert ember.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
         assert got == [b"receipt %d" % i for i in range(50)]
@@ -256,10 +262,6 @@ def test_a_burst_of_small_packets_is_one_read_from_the_socket() -> None:
         theirs.sendall(stream[7 : len(stream) // 50])
         assert ember.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
         assert got[50:] == [b"receipt 0"]
-    finally:
-        ember._sock = None
-        ours.close()
-        theirs.close()
 
 
 def acknowledged(client: PahoClient, tail: bytes) -> list[tuple[int, Any, Any, int]]:
@@ -269,19 +271,12 @@ def acknowledged(client: PahoClient, tail: bytes) -> list[tuple[int, Any, Any, i
     client.on_publish = lambda _c, _u, mid, reason, props: got.append(
         (mid, reason.value, props.json(), len(client._out_messages))
     )
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client._sock = ours  # type: ignore[assignment]
-    try:
+    with wired(client) as (_, theirs):
         mid = client.publish("t/a", b"update", qos=1).mid
         body = mid.to_bytes(2, "big") + tail
         theirs.sendall(b"\x40" + remaining_length(len(body)) + body)
         assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
         return [*got, (mid, None, None, len(client._out_messages))]
-    finally:
-        client._sock = None
-        ours.close()
-        theirs.close()
 
 
 @pytest.mark.parametrize(
@@ -304,18 +299,12 @@ def test_a_puback_reaches_on_publish_as_paho_hands_it_over(
 
 def test_a_peer_that_closes_mid_packet_is_a_lost_connection() -> None:
     client = EmberPahoClient(CallbackAPIVersion.VERSION2, protocol=V311)
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client._sock = ours  # type: ignore[assignment]
-    try:
+    with wired(client) as (_, theirs):
         body = packet(b"t/a", 0, b"x" * 1000, None)
         theirs.sendall(b"\x30" + remaining_length(len(body)) + body[:500])
         assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
         theirs.close()
         assert client._packet_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST
-    finally:
-        client._sock = None
-        ours.close()
 
 
 def read_chunked_stream(
