@@ -117,6 +117,11 @@ class Timings:
     """Ask an agent again when it has not reported an assigned role within this time."""
     max_attempts: int = 3
     """Give up on an agent after this many unanswered assignments."""
+    finish_grace: float = 5.0
+    """Once the aggregator's role reports ``finished``, wait this long for its ``completed``
+    event (which carries the final version and the stop reason) before completing the job from
+    the role's state alone. The two travel apart: the state on the agent's retained roles
+    document (or in process, for the embedded agent), the event on the job's metrics topic."""
 
 
 @dataclass
@@ -472,7 +477,8 @@ class Dispatcher:
         # (a shard's slice of the model lives only in its checkpoints).
         agg = self._aggregator(job)
         if agg is not None and agg.state == "finished":
-            await self._finish(job, "completed", "the aggregator finished")
+            if now - agg.updated_at >= self.timings.finish_grace:
+                await self._finish(job, "completed", "the aggregator finished")
             return
         ended = ("failed", "refused", "cancelled")
         lost = next((a for a in self._aggregation(job) if a.state in ended), None)  # lead first

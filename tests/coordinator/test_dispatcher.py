@@ -3,7 +3,9 @@ stop rules, cancel and recovery after a crash."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -302,6 +304,51 @@ async def test_job_ending_events_count_only_from_the_aggregator(
     assert job.record.reason == "converged"
     assert (job.record.model_version, job.record.updates_applied) == (5, 50)
     assert job.record.metrics == {"accuracy": 0.8}
+
+
+async def test_a_finished_aggregator_role_waits_for_its_completed_event(
+    mosquitto: MosquittoProcess,
+    topics: Topics,
+    tmp_path: Path,
+    coordinator_key: Ed25519PrivateKey,
+    agents_transport: Transport,
+) -> None:
+    """The role's ``finished`` state and the ``completed`` event travel apart; the event names
+    the final version, so the job waits for it (for ``finish_grace``) before ending on the role
+    state alone."""
+    core = await start_core(
+        mosquitto.url, topics, tmp_path / "state", coordinator_key, finish_grace=1.5
+    )
+    try:
+        agents = await fleet(agents_transport, topics, {"a": 300})
+        job = await core.dispatcher.submit(job_spec(), artifacts())
+        bundle = await agents["gw"].accept(core.key)
+        await agents["a"].accept(core.key)
+        await eventually(lambda: job.record.phase == "running")
+        await agents["gw"].set_role(bundle.job, "aggregator", "finished", bundle=bundle.digest)
+        await eventually(lambda: job.assignments[("gw", "aggregator")].state == "finished")
+        await asyncio.sleep(0.5)  # five ticks
+        assert job.record.phase == "running"
+        completed = {"event": "completed", "reason": "max_versions reached (6)", "version": 6}
+        await agents_transport.publish(
+            topics.job_metrics(job.record.id, "gw"), json.dumps(completed)
+        )
+        await eventually(lambda: job.record.phase == "completed")
+        assert job.record.reason == "max_versions reached (6)"
+        assert job.record.model_version == 6
+
+        # The event lost (a broker failover): the role state ends the job after the grace.
+        second = await core.dispatcher.submit(job_spec(), artifacts())
+        bundle = await agents["gw"].accept(core.key)
+        await agents["a"].accept(core.key)
+        await eventually(lambda: second.record.phase == "running")
+        await agents["gw"].set_role(bundle.job, "aggregator", "finished", bundle=bundle.digest)
+        started = time.monotonic()
+        await eventually(lambda: second.record.phase == "completed", timeout=10)
+        assert time.monotonic() - started >= 1.0
+        assert second.record.reason == "the aggregator finished"
+    finally:
+        await core.stop()
 
 
 async def test_large_bundles_are_chunked(
