@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 LAYERS = (
-    ("reassembly (chunk CRC, copy)", ("agent/protocol/chunking.py",)),
+    ("reassembly (chunk check, copy)", ("agent/protocol/chunking.py",)),
     (
         "decode and validation",
         ("agent/protocol/codec.py", "agent/protocol/messages.py", "agent/protocol/msgpack_view"),

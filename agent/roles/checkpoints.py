@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.durable import fsync_directory, write_durably
-from agent.protocol.chunking import crc32
 from agent.protocol.codec import decode_tensors
+
+try:
+    # zlib-ng computes the same CRC-32 as zlib (slots written by either read back alike) about
+    # ten times faster (carry-less multiply on x86-64, the CRC instructions on ARMv8): a 4 MB
+    # slot is checked on every group commit.
+    from zlib_ng.zlib_ng import crc32 as crc32
+except ImportError:  # no zlib-ng wheel for this platform (32-bit Arm): the standard library's
+    from zlib import crc32 as crc32
 
 __all__ = ["KEEP_CHECKPOINTS", "MODEL_STATE", "Checkpoints", "split_model_state"]
 

@@ -1,7 +1,7 @@
 """Chunk frames under hostile input: the transport's own receive path (what paho hands it), a
 real connection to a real mosquitto.
 
-Forged headers (valid CRC, lying geometry), corrupt frames, huge declared sizes and chunk counts,
+Forged headers (valid check, lying geometry), corrupt frames, huge declared sizes and chunk counts,
 frames whose whole message does not match its digest: each is refused with a logged reason,
 costs no memory worth the name, and the honest chunked message after them arrives whole.
 """
@@ -108,7 +108,7 @@ async def test_forged_chunks_are_refused_and_cost_nothing(
         grown = psutil.Process().memory_info().rss - rss
         assert grown < 64 * MiB, f"RSS grew by {grown / MiB:.0f} MiB"
         for text in (
-            "CRC-32 mismatch",
+            "check mismatch",
             "is not below count",
             "above the limit of 67108864",
             "chunks, more than 65536",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import mmap
 import struct
-import zlib
 
 import numpy as np
 import pytest
+import xxhash
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -16,8 +16,8 @@ from agent.protocol.chunking import (
     MAGIC,
     Reassembler,
     build_frame,
+    check_digest,
     chunk_count,
-    crc_digest,
     is_chunk,
     parse_frame,
     split,
@@ -131,7 +131,7 @@ def test_corrupted_data_is_rejected_by_its_checksum(
     position = data.draw(st.integers(HEADER_SIZE, len(frame) - 1))
     frame[position] ^= data.draw(st.integers(1, 255))
     r = Reassembler()
-    with pytest.raises(ChunkError, match="CRC-32 mismatch"):
+    with pytest.raises(ChunkError, match="check mismatch"):
         r.add("t", bytes(frame))
     assert r.pending_messages == 0
     # The good copy of the same chunk is still accepted, and the message completes.
@@ -144,7 +144,7 @@ def test_corrupted_headers_are_rejected(
 ) -> None:
     frames = split(payload, chunk_size)
     frame = bytearray(data.draw(st.sampled_from(frames)))
-    # Flip one byte anywhere in the header: magic, id, index, count, sizes, crc or digest.
+    # Flip one byte anywhere in the header: magic, id, index, count, sizes, check or digest.
     position = data.draw(st.integers(0, HEADER_SIZE - 1))
     frame[position] ^= data.draw(st.integers(1, 255))
     with pytest.raises(ChunkError):
@@ -161,7 +161,7 @@ def test_a_wrong_digest_fails_the_whole_message() -> None:
     ]
     r = Reassembler()
     with pytest.raises(
-        ChunkError, match="digest of the reassembled 2560 bytes' chunk CRCs does not match"
+        ChunkError, match="digest of the reassembled 2560 bytes' chunk checks does not match"
     ):
         feed(r, frames)
     assert r.pending_bytes == 0
@@ -177,7 +177,7 @@ def test_one_substituted_chunk_in_any_order_fails_the_digest(
     payload: bytes, chunk_size: int, which: int, rnd: object
 ) -> None:
     """The digest is fed as chunks arrive (in order, early ones when their turn comes): a chunk
-    whose data was swapped for other bytes, its frame CRC redone to match, is caught whatever
+    whose data was swapped for other bytes, its frame check redone to match, is caught whatever
     the arrival order."""
     frames = split(payload, chunk_size)
     header, data = parse_frame(frames[which % len(frames)])
@@ -193,7 +193,7 @@ def test_one_substituted_chunk_in_any_order_fails_the_digest(
     )
     rnd.shuffle(frames)  # type: ignore[attr-defined]
     r = Reassembler()
-    with pytest.raises(ChunkError, match="chunk CRCs does not match"):
+    with pytest.raises(ChunkError, match="chunk checks does not match"):
         feed(r, frames)
     assert r.pending_bytes == 0
 
@@ -374,8 +374,8 @@ def test_a_duplicate_before_completion_is_counted_and_changes_nothing() -> None:
     assert feed(r, frames[1:]) == [bytearray(b"abcdefghij")]
 
 
-def test_forged_frames_with_valid_crc_are_still_checked() -> None:
-    """A frame can carry a correct CRC and still lie about where it belongs."""
+def test_forged_frames_with_a_valid_check_are_still_checked() -> None:
+    """A frame can carry a correct check and still lie about where it belongs."""
     mid, digest = b"\x05" * 16, b"\0" * 32
     with pytest.raises(ChunkError, match="index 3 is not below count 3"):
         Reassembler().add("t", build_frame(mid, 3, 3, 10, 4, digest, b"ab"))
@@ -487,21 +487,36 @@ def test_a_forged_chunk_count_is_bounded() -> None:
 
 
 def test_a_frame_of_another_format_is_refused_by_name() -> None:
-    """A sender on an older release (format 1: its CRC covered the header first) is told
-    apart from garbage, not taken for a whole message."""
-    frame = bytearray(split(b"x" * 100, 40)[0])
-    frame[3] = ord("1")
-    assert is_chunk(bytes(frame))
-    with pytest.raises(
-        ChunkError, match=r"chunk frame of format '1' \(this receiver reads format '2'\)"
-    ):
-        Reassembler().add("t", bytes(frame))
+    """A sender on an older release (format 2: CRC-32 checks; format 1: its CRC covered the
+    header first) is told apart from garbage, not taken for a whole message."""
+    for older in "21":
+        frame = bytearray(split(b"x" * 100, 40)[0])
+        frame[3] = ord(older)
+        assert is_chunk(bytes(frame))
+        with pytest.raises(
+            ChunkError,
+            match=rf"chunk frame of format '{older}' \(this receiver reads format '3'\)",
+        ):
+            Reassembler().add("t", bytes(frame))
 
 
-def test_each_frame_carries_its_datas_crc_and_the_digest_of_all() -> None:
+def test_each_frame_carries_its_datas_check_and_the_digest_of_all() -> None:
     payload = bytes(range(256)) * 3
     frames = split(payload, 100)
     headers = [parse_frame(f)[0] for f in frames]
-    crcs = [zlib.crc32(payload[i * 100 : (i + 1) * 100]) for i in range(len(frames))]
-    assert [h.data_crc for h in headers] == crcs
-    assert {h.digest for h in headers} == {crc_digest(crcs)}
+    # The low 32 bits of XXH3-64 (format 3), computed here by xxhash itself.
+    checks = [
+        xxhash.xxh3_64_intdigest(payload[i * 100 : (i + 1) * 100]) & 0xFFFFFFFF
+        for i in range(len(frames))
+    ]
+    assert [h.data_check for h in headers] == checks
+    assert {h.digest for h in headers} == {check_digest(checks)}
+    # The frame's own check goes on over its header, the check field left out.
+    frame = frames[1]
+    assert (
+        struct.unpack_from("<I", frame, 40)[0]
+        == xxhash.xxh3_64_intdigest(
+            frame[44:76], xxhash.xxh3_64_intdigest(frame[:40], checks[1]) & 0xFFFFFFFF
+        )
+        & 0xFFFFFFFF
+    )
