@@ -477,7 +477,8 @@ class Dispatcher:
         # (a shard's slice of the model lives only in its checkpoints).
         agg = self._aggregator(job)
         if agg is not None and agg.state == "finished":
-            if now - agg.updated_at >= self.timings.finish_grace:
+            waited = now - agg.updated_at
+            if waited >= self.timings.finish_grace or waited < 0:  # < 0: the clock went back
                 await self._finish(job, "completed", "the aggregator finished")
             return
         ended = ("failed", "refused", "cancelled")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 import struct
 
@@ -511,6 +512,7 @@ def test_each_frame_carries_its_datas_check_and_the_digest_of_all() -> None:
     ]
     assert [h.data_check for h in headers] == checks
     assert {h.digest for h in headers} == {check_digest(checks)}
+    assert check_digest(checks) == hashlib.sha256(struct.pack("<8I", *checks)).digest()
     # The frame's own check goes on over its header, the check field left out.
     frame = frames[1]
     assert (
