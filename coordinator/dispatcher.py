@@ -121,7 +121,8 @@ class Timings:
     """Once the aggregator's role reports ``finished``, wait this long for its ``completed``
     event (which carries the final version and the stop reason) before completing the job from
     the role's state alone. The two travel apart: the state on the agent's retained roles
-    document (or in process, for the embedded agent), the event on the job's metrics topic."""
+    topic, read by the registry, the event on the job's metrics topic, read by another task that
+    saves each event before it takes the next, so the state can overtake the last events."""
 
 
 @dataclass
