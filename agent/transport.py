@@ -73,7 +73,7 @@ from agent.protocol.chunking import (
 )
 from agent.protocol.errors import PayloadTooLarge, ProtocolError, ReassemblyFull
 from agent.protocol.limits import MiB
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 
 log = structlog.get_logger("ember.transport")
 
@@ -952,12 +952,10 @@ class Transport:
 
     async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until the broker has accepted the connection; ``NotConnectedError`` on timeout."""
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except asyncio.TimeoutError:
+        if not await wait_event(self._connected, timeout):
             raise NotConnectedError(
                 f"no broker reachable within {timeout:g} s (tried {self._describe_endpoints()})"
-            ) from None
+            )
 
     def on_connect(self, hook: ConnectHook) -> None:
         """Run ``await hook(session)`` after every (re)connection, subscriptions restored."""
@@ -1015,8 +1013,7 @@ class Transport:
                 next=str(self._endpoints[self._endpoint_index]),
             )
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: uniform in [0, min(cap, base·2^n)], never below a tenth of the base."""
@@ -1427,13 +1424,11 @@ class Transport:
         while pending:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             if not self.connected:
-                try:
-                    await asyncio.wait_for(self._connected.wait(), remaining)
-                except asyncio.TimeoutError:
+                if not await wait_event(self._connected, remaining):
                     raise NotConnectedError(
                         f"publish to {topic}: no broker connection within {timeout:g} s "
                         f"({len(pending)} of {len(frames)} frames unsent)"
-                    ) from None
+                    )
                 continue
             client, lost = self._client, self._lost
             assert client is not None
@@ -1485,16 +1480,13 @@ class Transport:
                 # (measured, tests/coordinator/test_clustered_broker.py). Then it is told to.
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 grace = STALL_GRACE if remaining is None else min(STALL_GRACE, remaining)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(lost.wait(), grace)
+                await wait_event(lost, grace)
                 if not lost.is_set() and self._client is client:
                     log.warning("mqtt_connection_stalled", topic=topic, error=str(error))
                     self._stalled.set()
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
-                try:
-                    await asyncio.wait_for(lost.wait(), remaining)
-                except asyncio.TimeoutError:
-                    raise NotConnectedError(f"publish to {topic}: connection failing") from None
+                if not await wait_event(lost, remaining):
+                    raise NotConnectedError(f"publish to {topic}: connection failing")
 
     async def _send_frames(
         self,

@@ -16,7 +16,6 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -54,7 +53,7 @@ from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.checkpoints import Checkpoints, split_model_state
 from agent.roles.trainer import RoleError
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.aggregator")
@@ -397,8 +396,7 @@ class Aggregator(Role):
             deadline = loop.time() + GROUP_COMMIT_WAIT
             while self._handled < target and (left := deadline - loop.time()) > 0:
                 self._progressed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._progressed.wait(), left)
+                await wait_event(self._progressed, left)
             async with self._state_lock:
                 acks, version = self._acks, self.algo.version
                 self._acks, self._acks_pending = {}, False

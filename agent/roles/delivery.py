@@ -41,7 +41,7 @@ import structlog
 from agent.protocol.errors import PayloadTooLarge
 from agent.roles.base import RoleContext
 from agent.spool import Spool, SpoolEntry
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 
 log = structlog.get_logger("ember.delivery")
 
@@ -218,13 +218,7 @@ class Delivery:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 return False
-            # asyncio.wait, not wait_for: Python 3.10/3.11's wait_for swallows a cancellation
-            # that arrives just as the awaited event is set, and the role would never stop.
-            waiter = asyncio.ensure_future(self._pulse.wait())
-            try:
-                await asyncio.wait({waiter}, timeout=left)
-            finally:
-                waiter.cancel()
+            await wait_event(self._pulse, left)
         return True
 
     async def put(self, update_id: str, topic: str, payload: bytes, base_version: int) -> None:

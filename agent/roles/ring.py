@@ -24,7 +24,7 @@ from agent.learning.arrays import Array
 from agent.learning.ring import chunk_bounds, gather_step, reduce_step
 from agent.protocol import ProtocolError, RingChunk, decode_message
 from agent.roles.base import RoleContext
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.ring")
@@ -135,10 +135,7 @@ class RingMember:
                     f"ring {ring}: nothing from {predecessor} for {phase} step {step} "
                     f"in {timeout:g} s"
                 )
-            try:
-                await asyncio.wait_for(self._arrived.wait(), left)
-            except asyncio.TimeoutError:
-                continue
+            await wait_event(self._arrived, left)
 
     async def _read(self, sub: Subscription) -> None:
         async for message in sub:

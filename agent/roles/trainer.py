@@ -49,7 +49,7 @@ from agent.protocol.codec import TensorMap, decode_tensors, encode_tensors
 from agent.roles.base import Role, RoleContext, register_role
 from agent.roles.delivery import ACK_TIMEOUT, Delivery
 from agent.roles.ring import RingError, RingMember
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.trainer")
@@ -361,9 +361,7 @@ class Trainer(Role):
             self._arrived.clear()
             slow = latest is not None and not between_rounds
             patience = MODEL_REQUEST_INTERVAL * (5 if slow else 1)
-            try:
-                await asyncio.wait_for(self._arrived.wait(), patience)
-            except asyncio.TimeoutError:
+            if not await wait_event(self._arrived, patience):
                 # Nothing (new) yet: the aggregator may have started after us, restarted, or
                 # published while we were away. Asking again costs one small message.
                 await self._request_model(topic, have=trained_on)
