@@ -225,6 +225,9 @@ class Trainer(Role):
             )
         except RingError as exc:
             log.warning("ring_failed", job=self.ctx.bundle.job, reason=str(exc))
+            # Say at once that this member is alive: the middle keeps it in the next ring
+            # rather than leaving it out with the member that failed the ring.
+            await self._request_model(self._channels()[0], have=version.version)
             return None
         if members[0] != self.ctx.agent_id:
             return None
@@ -343,7 +346,7 @@ class Trainer(Role):
     async def _next_version(self, trained_on: int, topic: str) -> ModelVersion:
         """The version to train on next: newer than ``trained_on`` in sync mode, and naming
         this agent when the round names participants; any newest in async mode."""
-        announced = -2
+        announced = ""
         while True:
             latest = self._latest
             if latest is not None and (latest.final or self._usable(latest, trained_on)):
@@ -355,8 +358,9 @@ class Trainer(Role):
                 and latest is not None
                 and not latest.participants
             )
-            if between_rounds and latest is not None and latest.version != announced:
-                announced = latest.version
+            cue = self._presence_cue(latest, between_rounds)
+            if cue and cue != announced:
+                announced = cue
                 await self._request_model(topic, have=trained_on)
             self._arrived.clear()
             slow = latest is not None and not between_rounds
@@ -365,6 +369,20 @@ class Trainer(Role):
                 # Nothing (new) yet: the aggregator may have started after us, restarted, or
                 # published while we were away. Asking again costs one small message.
                 await self._request_model(topic, have=trained_on)
+
+    def _presence_cue(self, latest: ModelVersion | None, between_rounds: bool) -> str:
+        """What in ``latest`` asks this trainer to say it is here ("" for nothing): a version
+        between rounds, or (hybrid) a ring that leaves this trainer out. Its group's middle
+        leaves out the members it did not hear from through a ring that failed, until they
+        ask again; new rings keep coming without them, so waiting for a quiet spell to ask
+        could wait for the job's end."""
+        if latest is None:
+            return ""
+        if between_rounds:
+            return f"version {latest.version}"
+        if self.ring is not None and self.ctx.agent_id not in latest.participants:
+            return f"ring {latest.id}"
+        return ""
 
     def _usable(self, version: ModelVersion, trained_on: int) -> bool:
         if self.ring is not None:  # hybrid: once per ring that names this trainer
