@@ -853,18 +853,23 @@ class Subscription:
 
     async def get(self, timeout: float | None = None) -> Inbound:
         """The next message; ``asyncio.TimeoutError`` after ``timeout`` seconds,
-        :class:`SubscriptionClosed` once the subscription or its transport is closed."""
+        :class:`SubscriptionClosed` once the subscription or its transport is closed.
 
-        async def next_message() -> Inbound:
-            while True:
-                message = self.get_nowait()
-                if message is not None:
-                    return message
-                if self._closed:
-                    raise SubscriptionClosed(self.topic_filter)
-                await self._ready.wait()
-
-        return await asyncio.wait_for(next_message(), timeout)
+        A message is taken off the queue only once it is returned: a cancellation (raised,
+        never lost: :func:`~agent.tasks.wait_event`) leaves it for the next reader. A queued
+        message is returned without waiting."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            message = self.get_nowait()
+            if message is not None:
+                return message
+            if self._closed:
+                raise SubscriptionClosed(self.topic_filter)
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                raise asyncio.TimeoutError
+            await wait_event(self._ready, left)
 
     def __aiter__(self) -> Subscription:
         return self

@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.protocol.messages import AssignRole, CancelRole, new_message_id
 from agent.protocol.topics import Topics
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, NotConnectedError, Subscription, Transport
 from coordinator import planner
 from coordinator.bundles import build_bundle, check_artifacts, sign
@@ -259,8 +259,7 @@ class Dispatcher:
                     except Exception:
                         log.exception("reconcile_failed", job=job.record.id)
             self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.timings.tick)
+            await wait_event(self._wake, self.timings.tick)
 
     # queries -----------------------------------------------------------------------------------
     def trainer_backends(self, job_id: str) -> dict[str, str]:

@@ -26,7 +26,6 @@ aggregator never waits for the coordinator.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import time
@@ -40,7 +39,7 @@ from agent.protocol.errors import ProtocolError
 from agent.protocol.limits import DEFAULT_LIMITS, KiB, ProtocolLimits
 from agent.protocol.messages import ModelVersion, UpdateAck, decode_message
 from agent.protocol.topics import Topics
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription, Transport
 from coordinator.store import TERMINAL_PHASES, Store, StoredWeights
 
@@ -153,7 +152,8 @@ class ModelKeeper:
         follower = self._followers.get(job)
         if follower is None:
             raise LookupError(f"job {job!r} is not followed")
-        await asyncio.wait_for(follower.subscribed.wait(), timeout)
+        if not await wait_event(follower.subscribed, timeout):
+            raise asyncio.TimeoutError
 
     async def flush(self, job: str) -> None:
         """Write the job's newest version now if it is newer than the stored one."""
@@ -265,8 +265,7 @@ class ModelKeeper:
                 left = (f.ended_at or now) + self.final_grace - now
                 timeout = left if timeout is None else min(timeout, left)
             f.wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(f.wake.wait(), timeout)
+            await wait_event(f.wake, timeout)
 
     async def _write(self, f: _Follower) -> bool:
         """Persist the newest version if it is newer than the stored one; False on failure."""

@@ -48,7 +48,7 @@ from agent.protocol.codec import TensorMap
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext, pump, register_role
 from agent.roles.trainer import RoleError
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, queue_get
 from agent.transport import Inbound
 
 log = structlog.get_logger("ember.assembler")
@@ -147,7 +147,7 @@ class ShardAssembler(Aggregator):
                 await self._send_commit(ShardCommit(job=job, version=self.algo.version, final=True))
                 return
             try:
-                message = await asyncio.wait_for(self._inbox.get(), 5.0)
+                message = await queue_get(self._inbox, 5.0)
             except asyncio.TimeoutError:
                 continue
             shard = topics.shard_of(message.topic)

@@ -50,7 +50,7 @@ from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext, pump, register_role
 from agent.roles.delivery import Delivery
 from agent.roles.trainer import MODEL_REQUEST_INTERVAL, RoleError
-from agent.tasks import cancel_and_wait
+from agent.tasks import cancel_and_wait, queue_get
 from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.middle")
@@ -186,7 +186,7 @@ class MiddleAggregator(Aggregator):
         last_request = time.monotonic()
         while not self._final:
             try:
-                message = await asyncio.wait_for(self._inbox.get(), self._wait_budget())
+                message = await queue_get(self._inbox, self._wait_budget())
             except asyncio.TimeoutError:
                 await self._on_timer()
                 if (

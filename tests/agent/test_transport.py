@@ -25,6 +25,7 @@ from agent.protocol.chunking import (
 from agent.transport import (
     BrokerConfig,
     BrokerEndpoint,
+    Inbound,
     NotConnectedError,
     Transport,
     WillMessage,
@@ -450,6 +451,30 @@ async def test_queue_bound_by_bytes(pair: tuple[Transport, Transport], topics: T
         await publisher.publish(topics.job_metrics("j", "a"), b"x" * 1000)
     await eventually(lambda: subscriber.stats.messages_in == 4)
     assert (len(sub), sub.dropped) == (2, 2)
+
+
+async def test_get_waits_times_out_and_a_cancelled_get_leaves_the_message(
+    pair: tuple[Transport, Transport], topics: Topics
+) -> None:
+    publisher, subscriber = pair
+    topic = topics.job_metrics("j", "a")
+    sub = await subscriber.subscribe(topic)
+    with pytest.raises(asyncio.TimeoutError):
+        await sub.get(0.05)
+    reader = asyncio.create_task(sub.get(10))
+    await asyncio.sleep(0.01)
+    await publisher.publish(topic, b"first")
+    assert (await reader).payload == b"first"
+    # Told to stop just as a message comes: the reader stops (Python 3.10/3.11's wait_for
+    # would return the message instead, gh-86296) and the message stays queued.
+    reader = asyncio.create_task(sub.get(10))
+    await asyncio.sleep(0.01)
+    sub.offer(Inbound(topic, b"second", False, 1))
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    assert len(sub) == 1
+    assert (await sub.get(0)).payload == b"second"
 
 
 async def test_corrupt_chunks_are_rejected_and_good_ones_still_arrive(
