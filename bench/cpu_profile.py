@@ -49,9 +49,11 @@ def py_spy() -> str | None:
 
 
 class Profile:
-    """``async with Profile(seconds) as p:`` samples this process; ``p.shares`` afterwards."""
+    """``async with Profile(seconds) as p:`` samples this process; ``p.shares`` afterwards
+    (empty when py-spy is missing or ``enabled`` is false)."""
 
-    def __init__(self, seconds: float, pid: int | None = None) -> None:
+    def __init__(self, seconds: float, pid: int | None = None, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.seconds = max(1, round(seconds))
         self.pid = pid or os.getpid()
         self.shares: dict[str, float] = {}
@@ -61,7 +63,7 @@ class Profile:
         self._out = Path(self._dir.name) / "stacks.txt"
 
     async def __aenter__(self) -> Profile:
-        tool = py_spy()
+        tool = py_spy() if self.enabled else None
         if tool is not None:
             self._process = await asyncio.create_subprocess_exec(
                 tool,
