@@ -7,7 +7,7 @@ baseline measured on the same machine: the broker's ceiling, Flower, or Ember's 
 
 ``--quick`` runs every part with tiny sizes and short windows (seconds each; the figures mean
 nothing) and writes to a scratch directory unless ``--results`` says otherwise. ``all`` takes
-about 20 minutes on a 2-core machine; Flower is installed into ``bench/.flower-venv`` the first
+about 30 minutes on a 2-core machine; Flower is installed into ``bench/.flower-venv`` the first
 time a part needs it.
 """
 

@@ -31,6 +31,12 @@ AGENTS = 8
 STRAGGLERS = 0.25
 SLOWDOWN = 10.0
 TARGET = 0.93
+MAX_SECONDS = 240.0
+FLOWER_MAX_SECONDS = 900.0
+"""Flower's limit of its own: at its deployment's round time here (13-15 s with eight
+SuperNodes: a SuperNode polls every 3 s and starts a ClientApp process per message) the 39
+rounds Ember's FedAvg needs take about 570 s; under Ember's 240 s the summary could only
+estimate Flower's time."""
 
 
 async def ember(algorithm: str, url: str, work: Path, max_seconds: float) -> dict[str, Any]:
@@ -105,13 +111,15 @@ async def flower(work: Path, max_seconds: float) -> dict[str, Any]:
 
 
 async def run() -> dict[str, Any]:
-    max_seconds = scaled(240.0, 20.0)
+    max_seconds = scaled(MAX_SECONDS, 20.0)
+    flower_max_seconds = scaled(FLOWER_MAX_SECONDS, 20.0)
     figures: dict[str, Any] = {
         "agents": AGENTS,
         "stragglers": round(AGENTS * STRAGGLERS),
         "slowdown": SLOWDOWN,
         "target": TARGET,
         "max_seconds": max_seconds,
+        "flower_max_seconds": flower_max_seconds,
     }
     with tempfile.TemporaryDirectory(prefix="ember-tta-") as tmp:
         work = Path(tmp)
@@ -122,7 +130,7 @@ async def run() -> dict[str, Any]:
         finally:
             broker.stop()
         if FLOWER:
-            figures.update(await flower(work, max_seconds))
+            figures.update(await flower(work, flower_max_seconds))
     buff, avg = figures["ember_fedbuff_s"], figures["ember_fedavg_s"]
     if buff and avg:
         figures["fedbuff_speedup_vs_fedavg"] = avg / buff
@@ -174,7 +182,9 @@ def summary(figures: dict[str, Any]) -> list[str]:
         f"Digits, {figures['agents']} clients (Dirichlet 0.5), {figures['stragglers']} of them "
         f"{figures['slowdown']:g}× slower; same MLP, initial weights, 20 local steps of 32, "
         f"lr 0.1. Time to {figures['target']} held-out accuracy (limit "
-        f"{figures['max_seconds']:g} s). Bar: FedBuff ≥ 2× faster than Ember FedAvg.",
+        f"{figures['max_seconds']:g} s for Ember, "
+        f"{figures.get('flower_max_seconds', figures['max_seconds']):g} s for Flower). "
+        "Bar: FedBuff ≥ 2× faster than Ember FedAvg.",
         "",
         "| system | seconds | final accuracy | FedBuff faster by |",
         "|---|---:|---:|---:|",
@@ -186,8 +196,9 @@ def summary(figures: dict[str, Any]) -> list[str]:
         estimate = figures.get(f"{key}_estimated_s")
         shown = time_to_target(seconds)
         if seconds is None and estimate:
+            limit = figures.get(f"{key.split('_')[0]}_max_seconds", figures["max_seconds"])
             shown = (
-                f"not reached in {figures['max_seconds']:g} "
+                f"not reached in {limit:g} "
                 f"({figures[f'{key}_rounds']} rounds); ≈ {estimate:.0f} estimated"
             )
             seconds = estimate
