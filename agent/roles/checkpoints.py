@@ -1,13 +1,12 @@
 """The aggregator's checkpoints: what it has accepted, on disk before any receipt names it.
 
-A checkpoint has two parts. A version's model part (:data:`MODEL_STATE`: the weights, the
-server optimizer's state and the ids of the updates applied before the version) changes only
-when a version is made, so it is written once per version, in its own file
-(``v<version>.model.tensors``, written durably: temporary name, fsync, rename, directory fsync);
-the newest few are kept. The rest (FedBuff's buffer or the open FedAvg round, the counters, the
-ids of the updates applied since the version) and a small JSON of metadata change with every
-accepted update and are written on every group commit, so they go into one of two slot files
-overwritten in place, in turn, with one ``pwritev`` and one ``fdatasync``.
+A checkpoint has two parts. A version's model part (:data:`MODEL_STATE`: the weights and the
+server optimizer's state) changes only when a version is made, so it is written once per
+version, in its own file (``v<version>.model.tensors``, written durably: temporary name, fsync,
+rename, directory fsync); the newest few are kept. The rest (FedBuff's buffer or the open
+FedAvg round, the counters, the applied update ids) and a small JSON of metadata change with
+every accepted update and are written on every group commit, so they go into one of two slot
+files overwritten in place, in turn, with one ``pwritev`` and one ``fdatasync``.
 
 A slot is whole or it is not believed: its header carries a sequence number, the lengths of
 its two parts and a CRC-32 over all of it, and a write that a crash or a power cut tore fails
@@ -44,10 +43,10 @@ __all__ = ["KEEP_CHECKPOINTS", "MODEL_STATE", "Checkpoints", "split_model_state"
 KEEP_CHECKPOINTS = 3
 """Model files kept: the newest versions'."""
 
-MODEL_STATE = ("weights/", "optimizer/", "ids_before_version")
-"""State keys that change only when a version is made: the model, the server optimizer's state
-and the ids of the updates applied before the version. A checkpoint writes them once per
-version, the rest (buffer, counters, the ids applied since) on every save."""
+MODEL_STATE = ("weights/", "optimizer/")
+"""State keys that change only when a version is made: the model and the server optimizer's
+state. A checkpoint writes them once per version, the rest (buffer, counters, applied ids) on
+every save."""
 
 SLOT_MAGIC = b"EMBCKPT1"
 SLOT_HEADER = struct.Struct("<8sQQQI")

@@ -19,7 +19,7 @@ def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
 ) -> None:
     algo = FedBuffAggregator({"w": np.ones(4, np.float32)}, buffer_size=2)
     model, rest = split_model_state(algo.state_dict())
-    assert sorted(model) == ["ids_before_version", "optimizer/step", "weights/w"]
+    assert sorted(model) == ["optimizer/step", "weights/w"]
     assert "buffer/sums/w" in rest
     assert "applied_ids" in rest
     checkpoints = Checkpoints(tmp_path, keep=2)
