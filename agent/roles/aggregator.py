@@ -51,12 +51,27 @@ from agent.protocol.codec import TensorMap, encode_tensors
 from agent.protocol.errors import PayloadTooLarge
 from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
-from agent.roles.checkpoints import Checkpoints, split_model_state
+from agent.roles.checkpoints import Checkpoints, split_state
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
 
 log = structlog.get_logger("ember.aggregator")
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """The state taken for one checkpoint (:meth:`Aggregator._snapshot`), encoded: the model
+    part and the older ids only when their files are not on disk yet."""
+
+    seq: int
+    version: int
+    state: bytes
+    meta: dict[str, Any]
+    model: bytes | None
+    ids_generation: int
+    older_ids: bytes | None
+
 
 RECEIPT_SPACING_PER_TRAINER = 0.25e-3
 RECEIPT_SPACING_MAX = 0.05
@@ -137,6 +152,8 @@ class Aggregator(Role):
         """When the last group commit began (the event loop's clock)."""
         self._model_on_disk = -1
         """The version whose model part the checkpoint directory holds."""
+        self._ids_on_disk = -1
+        """The generation of older ids on disk (:data:`~agent.roles.checkpoints.OLDER_IDS`)."""
         self._handled = 0
         """Messages the serve loop has handled."""
         self._progressed = asyncio.Event()
@@ -224,6 +241,13 @@ class Aggregator(Role):
         if resumed is not None:
             state, meta = resumed
             self.algo.load_state_dict(state)
+            # The files the checkpoint named hold this version's model and this generation's
+            # older ids: written again, with ids forgotten since, a crash before the next slot
+            # would pair the older slot with fewer ids than it was written with.
+            if "model_file" in meta:
+                self._model_on_disk = self.algo.version
+            if "ids_file" in meta:
+                self._ids_on_disk = self.algo.ids_generation
             self.history = list(meta.get("history", []))
             self.started_at = float(meta.get("started_at", self.started_at))
             self.trainers = set(meta.get("trainers", []))
@@ -402,7 +426,7 @@ class Aggregator(Role):
                 self._acks, self._acks_pending = {}, False
                 snapshot = await self._snapshot() if self._unsaved else None
             if snapshot is not None:
-                await self._write(*snapshot)
+                await self._write(snapshot)
             ack = UpdateAck(job=self.ctx.bundle.job, version=version, acks=acks)
             await self.ctx.publish(self._model_topic(), ack.to_msgpack())
 
@@ -661,20 +685,26 @@ class Aggregator(Role):
     async def _checkpoint(self) -> None:
         """Save the whole state now; the caller keeps it still (the serve loop's state lock,
         or no other task changing it)."""
-        await self._write(*await self._snapshot())
+        await self._write(await self._snapshot())
 
-    async def _snapshot(self) -> tuple[int, int, bytes, dict[str, Any], bytes | None]:
+    async def _snapshot(self) -> Snapshot:
         """The state as it is now, encoded, with a copy of its metadata and a sequence number;
-        the model part is encoded only while this version's is not on disk yet (between
-        versions only the buffer, counters and applied ids change: half of the bytes or less)."""
-        version = self.algo.version
+        the model part is encoded only while this version's is not on disk yet, the older
+        ids only while this generation's are not (between versions only the buffer, counters
+        and the newer ids change: half of the bytes or less)."""
+        version, generation = self.algo.version, self.algo.ids_generation
         with_model = self._model_on_disk != version
+        with_ids = self._ids_on_disk != generation
 
-        def encode() -> tuple[bytes, bytes | None]:
-            model, rest = split_model_state(self.algo.state_dict())
-            return encode_tensors(rest), encode_tensors(model) if with_model else None
+        def encode() -> tuple[bytes, bytes | None, bytes | None]:
+            model, older, rest = split_state(self.algo.state_dict())
+            return (
+                encode_tensors(rest),
+                encode_tensors(model) if with_model else None,
+                encode_tensors(older) if with_ids else None,
+            )
 
-        state, model = await self.ctx.run_cpu(encode)
+        state, model, older_ids = await self.ctx.run_cpu(encode)
         meta = copy.deepcopy(
             {
                 "history": self.history,
@@ -686,23 +716,32 @@ class Aggregator(Role):
         )
         self._unsaved = False
         self._snapshots += 1
-        return self._snapshots, version, state, meta, model
+        return Snapshot(self._snapshots, version, state, meta, model, generation, older_ids)
 
-    async def _write(
-        self, seq: int, version: int, state: bytes, meta: dict[str, Any], model: bytes | None
-    ) -> None:
-        """Put snapshot ``seq`` on disk unless a newer one already is (it holds all of this
+    async def _write(self, snapshot: Snapshot) -> None:
+        """Put ``snapshot`` on disk unless a newer one already is (it holds all of this
         one: the state only grows between versions, and a version's checkpoint holds its
         buffer): a checkpoint never goes back in time."""
         async with self._save_lock:
-            if seq < self._written:
+            if snapshot.seq < self._written:
                 return
             await self.ctx.run_cpu(
-                functools.partial(self.checkpoints.save, version, state, meta, model, split=True)
+                functools.partial(
+                    self.checkpoints.save,
+                    snapshot.version,
+                    snapshot.state,
+                    snapshot.meta,
+                    snapshot.model,
+                    split=True,
+                    older_ids=snapshot.older_ids,
+                    ids_generation=snapshot.ids_generation,
+                )
             )
-            self._written = seq
-            if model is not None:
-                self._model_on_disk = version
+            self._written = snapshot.seq
+            if snapshot.model is not None:
+                self._model_on_disk = snapshot.version
+            if snapshot.older_ids is not None:
+                self._ids_on_disk = snapshot.ids_generation
 
     def _extra_meta(self) -> dict[str, Any]:
         """More to keep in each checkpoint's JSON (read back by :meth:`_resume_meta`)."""

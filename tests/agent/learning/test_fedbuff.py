@@ -389,6 +389,72 @@ def test_applied_ids_packed_as_they_come_and_go(
     assert decode_strings(ids.packed()) == ids.export()
 
 
+@given(
+    capacity=st.integers(1, 6),
+    added=st.lists(st.sampled_from(["a", "bb", "ccc", "é", "u-17", "x" * 40]), max_size=40),
+    at=st.integers(0, 40),
+)
+def test_applied_ids_cut_at_a_mark_read_back_whole(
+    capacity: int, added: list[str], at: int
+) -> None:
+    """A checkpoint keeps the ids older than its version apart from the newer ones: the two
+    parts, read back older first, remember exactly the ids, in order; the newer part holds
+    only ids added after the mark unless an id added again reordered them."""
+    ids = AppliedIds(capacity=capacity)
+    mark = ids.mark()
+    for step, update_id in enumerate(added):
+        if step == at:
+            mark = ids.mark()
+        ids.add(update_id)
+    if at >= len(added):
+        mark = ids.mark()
+    older, newer = ids.packed_split(mark)
+    resumed = AppliedIds(capacity, decode_strings(older))
+    for update_id in decode_strings(newer):
+        resumed.add(update_id)
+    assert resumed.export() == ids.export()
+    if len(set(added)) == len(added):  # nothing added again
+        assert decode_strings(newer) == [i for i in ids.export() if i in added[at:]]
+
+
+def test_a_checkpoint_keeps_older_ids_apart_from_newer_ones() -> None:
+    agg = FedBuffAggregator(model(), buffer_size=2)
+    ds = deltas(5)
+    for i in range(2):
+        agg.offer(f"u{i}", agg.version, ds[i])
+    assert agg.version == 1
+    first_save = agg.state_dict()  # the generation's older ids go to disk with this one
+    agg.offer("u2", agg.version, ds[2])
+    later = agg.state_dict()  # and later commits of the generation write the rest only
+    assert int(later["ids_generation"]) == int(first_save["ids_generation"])
+    assert decode_strings(first_save["older_ids"]) == ["u0", "u1"]
+    assert decode_strings(later["applied_ids"]) == ["u2"]
+    state = {k: v for k, v in later.items() if k != "older_ids"}
+    state["older_ids"] = first_save["older_ids"]
+    resumed = FedBuffAggregator(model(), buffer_size=2)
+    resumed.load_state_dict(decode_tensors(encode_tensors(state)))
+    assert resumed.applied_ids.export() == ["u0", "u1", "u2"]
+    assert resumed.offer("u0", 0, ds[0]).status is Status.DUPLICATE
+    again = resumed.state_dict()  # cut where the checkpoint it came from was cut
+    assert decode_strings(again["older_ids"]) == ["u0", "u1"]
+    assert decode_strings(again["applied_ids"]) == ["u2"]
+
+
+def test_a_checkpoint_with_every_id_in_one_part_still_resumes() -> None:
+    # As checkpoints were written before the ids were split.
+    agg = FedBuffAggregator(model(), buffer_size=2)
+    ds = deltas(3)
+    for i in range(3):
+        agg.offer(f"u{i}", agg.version, ds[i])
+    state = dict(agg.state_dict())
+    state["applied_ids"] = encode_strings(agg.applied_ids.export())
+    del state["older_ids"]
+    resumed = FedBuffAggregator(model(), buffer_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.applied_ids.export() == ["u0", "u1", "u2"]
+    assert resumed.offer("u1", 0, ds[1]).status is Status.DUPLICATE
+
+
 def test_an_id_with_a_newline_is_refused() -> None:
     with pytest.raises(ValueError, match="newline"):
         AppliedIds().add("a\nb")

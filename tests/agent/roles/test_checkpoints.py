@@ -3,32 +3,55 @@ into one of two slots in turn (a torn or damaged slot is never believed)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from agent.learning import aggregation
+from agent.learning.assets import load_demo_model
 from agent.learning.fedbuff import FedBuffAggregator
+from agent.protocol import Topics
+from agent.protocol.bundle import RoleBundle
 from agent.protocol.codec import encode_tensors
-from agent.roles.checkpoints import SLOT_HEADER, Checkpoints, split_model_state
+from agent.roles.aggregator import Aggregator
+from agent.roles.base import RoleContext
+from agent.roles.checkpoints import SLOT_HEADER, Checkpoints, split_state
+from agent.transport import BrokerConfig, Transport
 
 
 def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
     tmp_path: Path,
 ) -> None:
     algo = FedBuffAggregator({"w": np.ones(4, np.float32)}, buffer_size=2)
-    model, rest = split_model_state(algo.state_dict())
+    model, older, rest = split_state(algo.state_dict())
     assert sorted(model) == ["optimizer/step", "weights/w"]
+    assert sorted(older) == ["older_ids"]
     assert "buffer/sums/w" in rest
     assert "applied_ids" in rest
+    assert "ids_generation" in rest
     checkpoints = Checkpoints(tmp_path, keep=2)
-    checkpoints.save(0, encode_tensors(rest), {"a": 1}, encode_tensors(model), split=True)
+    generation = algo.ids_generation
+    checkpoints.save(
+        0,
+        encode_tensors(rest),
+        {"a": 1},
+        encode_tensors(model),
+        split=True,
+        older_ids=encode_tensors(older),
+        ids_generation=generation,
+    )
     written = (tmp_path / Checkpoints.model_name(0)).stat().st_mtime_ns
+    ids_written = (tmp_path / Checkpoints.ids_name(generation)).stat().st_mtime_ns
     algo.offer("u1", 0, {"w": np.full(4, 0.5, np.float32)})
-    _, rest = split_model_state(algo.state_dict())
-    checkpoints.save(0, encode_tensors(rest), {"a": 2}, None, split=True)
+    _, _, rest = split_state(algo.state_dict())
+    checkpoints.save(0, encode_tensors(rest), {"a": 2}, None, split=True, ids_generation=generation)
     assert (tmp_path / Checkpoints.model_name(0)).stat().st_mtime_ns == written
+    assert (tmp_path / Checkpoints.ids_name(generation)).stat().st_mtime_ns == ids_written
     loaded = checkpoints.load_latest()
     assert loaded is not None
     state, meta = loaded
@@ -172,3 +195,130 @@ def test_a_checkpoint_of_the_layout_before_slots_is_resumed_then_replaced(
         "v00000002.model.tensors",
     ]
     assert _saved_value(tmp_path) == 8
+
+
+def test_a_generation_s_older_ids_must_be_saved_first_and_the_newest_few_are_kept(
+    tmp_path: Path,
+) -> None:
+    checkpoints = Checkpoints(tmp_path, keep=2)
+    with pytest.raises(FileNotFoundError, match="older ids must be saved first"):
+        checkpoints.save(0, encode_tensors({}), {}, ids_generation=7)
+    for generation in (1, 2, 10):
+        older = encode_tensors({"older_ids": np.frombuffer(b"u%d" % generation, np.uint8)})
+        checkpoints.save(0, encode_tensors({}), {}, older_ids=older, ids_generation=generation)
+    assert sorted(p.name for p in tmp_path.glob("ids-g*")) == [
+        Checkpoints.ids_name(2),
+        Checkpoints.ids_name(10),
+    ]
+
+
+def _aggregator(state_dir: Path, topics: Topics) -> Aggregator:
+    """An aggregator role on ``state_dir`` that is never connected: its checkpoints only."""
+    model = load_demo_model()
+    config = {"name": "ids", "algorithm": {"mode": "async", "buffer_size": 2}, "stop": {}}
+    bundle = RoleBundle(
+        job="ids", role="aggregator", config=config, dataset={}, artifacts=model.to_artifacts()
+    )
+
+    async def report(event: object) -> None:
+        return None
+
+    return Aggregator(
+        RoleContext(
+            agent_id="agg",
+            bundle=bundle,
+            transport=Transport(BrokerConfig(urls=("mqtt://127.0.0.1:9",))),
+            topics=topics,
+            state_dir=state_dir,
+            datasets={},
+            run_cpu=asyncio.to_thread,
+            report=report,
+        )
+    )
+
+
+async def test_ids_survive_a_version_that_goes_back_as_a_middle_aggregator_s_does(
+    tmp_path: Path, topics: Topics
+) -> None:
+    # A middle aggregator makes version v + 1 from each batch it sends upstream, then follows
+    # the global version v again: v's model file is on disk already, and the ids of the batch
+    # must still reach the disk (they move to the older part when the version is followed).
+    role = _aggregator(tmp_path, topics)
+    await role.prepare()
+    weights = dict(role.algo.weights)
+    delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+    role.algo.follow(weights, 5)
+    await role._checkpoint()
+    role.algo.offer("u1", 5, delta)
+    await role._checkpoint()
+    role.algo.offer("u2", 5, delta)  # K = 2: version 6 ...
+    assert role.algo.version == 6
+    role.algo.follow(weights, 5)  # ... and the global version 5 again
+    await role._checkpoint()
+    resumed = _aggregator(tmp_path, topics)
+    assert await resumed.prepare()
+    assert resumed.algo.applied_ids.export() == ["u1", "u2"]
+    assert resumed.algo.offer("u1", 5, delta).status.value == "duplicate"
+    # After a resume the files the checkpoint named are not written again: a crash before the
+    # next slot then leaves the older slot with the very files it was written with.
+    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.tensors")}
+    resumed.algo.offer("u3", 5, delta)
+    await resumed._checkpoint()
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.tensors")}
+    assert after == files
+    again = _aggregator(tmp_path, topics)
+    assert await again.prepare()
+    assert again.algo.applied_ids.export() == ["u1", "u2", "u3"]
+
+
+@pytest.mark.parametrize("capacity", [1, 3, 100_000])
+async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
+    tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch, capacity: int
+) -> None:
+    """Random runs of updates, versions made, versions followed (forward, and back as a middle
+    aggregator does after each batch), checkpoints, crashes between a checkpoint's files and
+    its slot, and resumes: a resumed aggregator always remembers exactly the ids, in their
+    order of eviction, that its newest whole checkpoint had."""
+    made = aggregation.AppliedIds.__init__
+
+    def small(self: aggregation.AppliedIds, capacity_: int = 0, ids: Any = ()) -> None:
+        made(self, capacity, ids)
+
+    monkeypatch.setattr(aggregation.AppliedIds, "__init__", small)
+    write_slot = Checkpoints._write_slot
+
+    def torn(*args: Any) -> None:
+        raise OSError("the power went before the slot was written")
+
+    for seed in range(80 if capacity < 100 else 20):
+        rng = random.Random(seed)
+        state_dir = tmp_path / str(seed)
+        role = _aggregator(state_dir, topics)
+        await role.prepare()
+        weights = dict(role.algo.weights)
+        delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+        saved: list[str] | None = None
+        for n in range(60):
+            step = rng.random()
+            if step < 0.45:
+                before = role.algo.version
+                role.algo.offer(f"u{n}", before, delta)
+                if role.algo.version > before and rng.random() < 0.5:
+                    role.algo.follow(weights, before)  # a middle: back to the global version
+            elif step < 0.55:
+                role.algo.follow(weights, role.algo.version + 1)
+            else:
+                crash = rng.random() < 0.2
+                monkeypatch.setattr(
+                    Checkpoints, "_write_slot", staticmethod(torn if crash else write_slot)
+                )
+                try:
+                    await role._checkpoint()
+                    saved = role.algo.applied_ids.export()
+                except OSError:
+                    assert crash
+                monkeypatch.setattr(Checkpoints, "_write_slot", staticmethod(write_slot))
+                if saved is not None and (crash or rng.random() < 0.3):
+                    role = _aggregator(state_dir, topics)
+                    assert await role.prepare()
+                    assert role.algo.applied_ids.export() == saved, (seed, n)
