@@ -690,11 +690,7 @@ class BaseAggregator:
         self._spec.check_weights(weights, "checkpoint weights")
         counters = unprefixed("counters", arrays)
         values = {f.name: read_int(counters, f.name) for f in fields(Counters)}
-        if "applied_ids" not in arrays:
-            raise ValueError("state lacks 'applied_ids'")
-        ids = decode_strings(arrays["applied_ids"])
-        # Checkpoints before the split kept every id in 'applied_ids'.
-        older = decode_strings(arrays.get("older_ids", np.zeros(0, np.uint8)))
+        older, ids = _stored_id_parts(arrays)
         generation = read_int(arrays, "ids_generation") if "ids_generation" in arrays else 0
         # Everything checked that can be: now the parts that validate themselves.
         self._buffer.load_state_dict(unprefixed("buffer", arrays))
@@ -708,3 +704,26 @@ class BaseAggregator:
         self._ids_generation = generation
         for update_id in ids:
             self._ids.add(update_id)
+
+
+def stored_applied_ids(state: Mapping[str, npt.ArrayLike]) -> list[str]:
+    """The applied update ids a :meth:`BaseAggregator.state_dict` (or a checkpoint of it)
+    holds, oldest first, as the aggregator that resumes from it remembers them."""
+    ordered: dict[str, None] = {}
+    for part in _stored_id_parts({k: np.asarray(v) for k, v in state.items()}):
+        for update_id in part:
+            ordered.pop(update_id, None)
+            ordered[update_id] = None
+    return list(ordered)
+
+
+def _stored_id_parts(arrays: Mapping[str, Array]) -> tuple[list[str], list[str]]:
+    """(``older_ids``, ``applied_ids``) decoded; checkpoints from before the ids were split
+    keep every id in ``applied_ids``."""
+    if "applied_ids" not in arrays:
+        raise ValueError("state lacks 'applied_ids'")
+    older = arrays.get("older_ids")
+    return (
+        [] if older is None else decode_strings(older),
+        decode_strings(arrays["applied_ids"]),
+    )

@@ -725,22 +725,27 @@ class Aggregator(Role):
         async with self._save_lock:
             if snapshot.seq < self._written:
                 return
+            # Two snapshots of one version or generation may both carry its part (taken before
+            # either was written): only the first writes it. Written again, with ids forgotten
+            # since, a crash before this slot would pair the newest slot with fewer ids.
+            model = None if snapshot.version == self._model_on_disk else snapshot.model
+            older = None if snapshot.ids_generation == self._ids_on_disk else snapshot.older_ids
             await self.ctx.run_cpu(
                 functools.partial(
                     self.checkpoints.save,
                     snapshot.version,
                     snapshot.state,
                     snapshot.meta,
-                    snapshot.model,
+                    model,
                     split=True,
-                    older_ids=snapshot.older_ids,
+                    older_ids=older,
                     ids_generation=snapshot.ids_generation,
                 )
             )
             self._written = snapshot.seq
-            if snapshot.model is not None:
+            if model is not None:
                 self._model_on_disk = snapshot.version
-            if snapshot.older_ids is not None:
+            if older is not None:
                 self._ids_on_disk = snapshot.ids_generation
 
     def _extra_meta(self) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from typing import IO, Any
 
 import pytest
 
-from agent.learning.arrays import decode_strings, read_int, unprefixed
+from agent.learning.aggregation import stored_applied_ids
+from agent.learning.arrays import read_int, unprefixed
 from agent.process import spawn_agent, stop_process
 from agent.protocol import Topics
 from agent.roles.checkpoints import Checkpoints
@@ -357,7 +358,7 @@ class Fleet:
             acked=acked,
             discarded=discarded,
             pending=pending,
-            applied=decode_strings(state["applied_ids"]),
+            applied=stored_applied_ids(state),
             applied_count=read_int(counters, "applied"),
             duplicates_refused=read_int(counters, "duplicates"),
         )

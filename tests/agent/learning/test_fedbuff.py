@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.learning.aggregation import AppliedIds, Counters, Status
+from agent.learning.aggregation import AppliedIds, Counters, Status, stored_applied_ids
 from agent.learning.arrays import decode_strings, encode_strings
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.learning.optimizers import FedAdam, FedAvg, make_server_optimizer
@@ -431,6 +431,7 @@ def test_a_checkpoint_keeps_older_ids_apart_from_newer_ones() -> None:
     assert decode_strings(later["applied_ids"]) == ["u2"]
     state = {k: v for k, v in later.items() if k != "older_ids"}
     state["older_ids"] = first_save["older_ids"]
+    assert stored_applied_ids(state) == ["u0", "u1", "u2"]
     resumed = FedBuffAggregator(model(), buffer_size=2)
     resumed.load_state_dict(decode_tensors(encode_tensors(state)))
     assert resumed.applied_ids.export() == ["u0", "u1", "u2"]
@@ -449,6 +450,7 @@ def test_a_checkpoint_with_every_id_in_one_part_still_resumes() -> None:
     state = dict(agg.state_dict())
     state["applied_ids"] = encode_strings(agg.applied_ids.export())
     del state["older_ids"]
+    assert stored_applied_ids(state) == ["u0", "u1", "u2"]
     resumed = FedBuffAggregator(model(), buffer_size=2)
     resumed.load_state_dict(state)
     assert resumed.applied_ids.export() == ["u0", "u1", "u2"]

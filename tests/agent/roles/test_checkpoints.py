@@ -45,13 +45,13 @@ def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
         older_ids=encode_tensors(older),
         ids_generation=generation,
     )
-    written = (tmp_path / Checkpoints.model_name(0)).stat().st_mtime_ns
-    ids_written = (tmp_path / Checkpoints.ids_name(generation)).stat().st_mtime_ns
+    written = (tmp_path / Checkpoints.model_name(0)).stat().st_ino
+    ids_written = (tmp_path / Checkpoints.ids_name(generation)).stat().st_ino
     algo.offer("u1", 0, {"w": np.full(4, 0.5, np.float32)})
     _, _, rest = split_state(algo.state_dict())
     checkpoints.save(0, encode_tensors(rest), {"a": 2}, None, split=True, ids_generation=generation)
-    assert (tmp_path / Checkpoints.model_name(0)).stat().st_mtime_ns == written
-    assert (tmp_path / Checkpoints.ids_name(generation)).stat().st_mtime_ns == ids_written
+    assert (tmp_path / Checkpoints.model_name(0)).stat().st_ino == written
+    assert (tmp_path / Checkpoints.ids_name(generation)).stat().st_ino == ids_written
     loaded = checkpoints.load_latest()
     assert loaded is not None
     state, meta = loaded
@@ -261,14 +261,33 @@ async def test_ids_survive_a_version_that_goes_back_as_a_middle_aggregator_s_doe
     assert resumed.algo.offer("u1", 5, delta).status.value == "duplicate"
     # After a resume the files the checkpoint named are not written again: a crash before the
     # next slot then leaves the older slot with the very files it was written with.
-    files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.tensors")}
+    files = {p.name: p.stat().st_ino for p in (tmp_path / "checkpoints").glob("*.tensors")}
     resumed.algo.offer("u3", 5, delta)
     await resumed._checkpoint()
-    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "checkpoints").glob("*.tensors")}
+    after = {p.name: p.stat().st_ino for p in (tmp_path / "checkpoints").glob("*.tensors")}
     assert after == files
     again = _aggregator(tmp_path, topics)
     assert await again.prepare()
     assert again.algo.applied_ids.export() == ["u1", "u2", "u3"]
+
+
+async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
+    tmp_path: Path, topics: Topics
+) -> None:
+    # Both were taken before either was written, so both carry the generation's older ids:
+    # the second must not write the file again (the newest slot names it as the first wrote it).
+    role = _aggregator(tmp_path, topics)
+    await role.prepare()
+    delta = {name: np.full_like(value, 1e-3) for name, value in role.algo.weights.items()}
+    role.algo.offer("u1", 0, delta)
+    first, second = await role._snapshot(), await role._snapshot()
+    assert first.older_ids is not None
+    assert second.older_ids is not None
+    await role._write(first)
+    ids_file = tmp_path / "checkpoints" / Checkpoints.ids_name(first.ids_generation)
+    written = ids_file.stat().st_ino  # a file written again is renamed into place: a new inode
+    await role._write(second)
+    assert ids_file.stat().st_ino == written
 
 
 @pytest.mark.parametrize("capacity", [1, 3, 100_000])
