@@ -343,7 +343,7 @@ class AppliedIds:
         second part when the mark no longer applies (an id added again reorders them all)."""
         packed = self._packed_now()
         if mark is None or mark[0] != self._rebuilds:
-            return np.zeros(0, np.uint8), _strings(packed[self._head :])
+            return np.zeros(0, np.uint8), self.packed()
         at = max(self._head, mark[1] - self._start)
         return _strings(packed[self._head : at]), _strings(packed[at:])
 
@@ -709,12 +709,9 @@ class BaseAggregator:
 def stored_applied_ids(state: Mapping[str, npt.ArrayLike]) -> list[str]:
     """The applied update ids a :meth:`BaseAggregator.state_dict` (or a checkpoint of it)
     holds, oldest first, as the aggregator that resumes from it remembers them."""
-    ordered: dict[str, None] = {}
-    for part in _stored_id_parts({k: np.asarray(v) for k, v in state.items()}):
-        for update_id in part:
-            ordered.pop(update_id, None)
-            ordered[update_id] = None
-    return list(ordered)
+    older, newer = _stored_id_parts({k: np.asarray(v) for k, v in state.items()})
+    # The ledger's own rule for an id met again (it moves to the end), with room for all.
+    return AppliedIds(max(1, len(older) + len(newer)), [*older, *newer]).export()
 
 
 def _stored_id_parts(arrays: Mapping[str, Array]) -> tuple[list[str], list[str]]:
