@@ -646,7 +646,10 @@ class BaseAggregator:
     @property
     def ids_generation(self) -> int:
         """Which cut of the applied ids :meth:`state_dict` gives: its ``older_ids`` are the
-        same for as long as this number is (a checkpoint writes them once per generation)."""
+        same for as long as this number is (a checkpoint writes them once per generation).
+        A cut is made exactly where the model changes (a version made or followed), so the
+        number also tells the models of one version apart (a checkpoint names its model file
+        by both)."""
         return self._ids_generation
 
     def _cut_ids(self) -> None:

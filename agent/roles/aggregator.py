@@ -150,8 +150,8 @@ class Aggregator(Role):
         self._saver: asyncio.Task[None] | None = None
         self._last_commit = 0.0
         """When the last group commit began (the event loop's clock)."""
-        self._model_on_disk = -1
-        """The version whose model part the checkpoint directory holds."""
+        self._model_on_disk: tuple[int, int] | None = None
+        """The version and cut generation whose model part the checkpoint directory holds."""
         self._ids_on_disk = -1
         """The generation of older ids on disk (:data:`~agent.roles.checkpoints.OLDER_IDS`)."""
         self._handled = 0
@@ -244,8 +244,9 @@ class Aggregator(Role):
             # The files the checkpoint named hold this version's model and this generation's
             # older ids: written again, with ids forgotten since, a crash before the next slot
             # would pair the older slot with fewer ids than it was written with.
-            if "model_file" in meta:
-                self._model_on_disk = self.algo.version
+            cut = (self.algo.version, self.algo.ids_generation)
+            if meta.get("model_file") == Checkpoints.model_name(*cut):
+                self._model_on_disk = cut  # else written anew, under this cut's name
             if "ids_file" in meta:
                 self._ids_on_disk = self.algo.ids_generation
             self.history = list(meta.get("history", []))
@@ -689,11 +690,11 @@ class Aggregator(Role):
 
     async def _snapshot(self) -> Snapshot:
         """The state as it is now, encoded, with a copy of its metadata and a sequence number;
-        the model part is encoded only while this version's is not on disk yet, the older
+        the model part is encoded only while this cut's is not on disk yet, the older
         ids only while this generation's are not (between versions only the buffer, counters
         and the newer ids change: half of the bytes or less)."""
         version, generation = self.algo.version, self.algo.ids_generation
-        with_model = self._model_on_disk != version
+        with_model = self._model_on_disk != (version, generation)
         with_ids = self._ids_on_disk != generation
 
         def encode() -> tuple[bytes, bytes | None, bytes | None]:
@@ -728,7 +729,8 @@ class Aggregator(Role):
             # Two snapshots of one version or generation may both carry its part (taken before
             # either was written): only the first writes it. Written again, with ids forgotten
             # since, a crash before this slot would pair the newest slot with fewer ids.
-            model = None if snapshot.version == self._model_on_disk else snapshot.model
+            cut = (snapshot.version, snapshot.ids_generation)
+            model = None if cut == self._model_on_disk else snapshot.model
             older = None if snapshot.ids_generation == self._ids_on_disk else snapshot.older_ids
             await self.ctx.run_cpu(
                 functools.partial(
@@ -744,7 +746,7 @@ class Aggregator(Role):
             )
             self._written = snapshot.seq
             if model is not None:
-                self._model_on_disk = snapshot.version
+                self._model_on_disk = cut
             if older is not None:
                 self._ids_on_disk = snapshot.ids_generation
 

@@ -1,17 +1,18 @@
 """The aggregator's checkpoints: what it has accepted, on disk before any receipt names it.
 
-A checkpoint has three parts. A version's model part (:data:`MODEL_STATE`: the weights and the
-server optimizer's state) changes only when a version is made, so it is written once per
-version, in its own file (``v<version>.model.tensors``, written durably: temporary name, fsync,
-rename, directory fsync). The ids of the updates applied before the aggregator's last version
-(:data:`OLDER_IDS`, 3.3 MB at the 100,000 it remembers) change only when it makes or follows a
-version: they are written once per such cut, durably, in a file named by the cut's generation
-(``ids-g<generation>.tensors``: a cut moved again within one version, as a middle aggregator's
-does, gets a new name, so a file a slot names never changes under it). The newest few of both
-are kept. The rest (FedBuff's buffer or the open FedAvg round, the counters, the ids applied
-since the cut) and a small JSON of metadata change with every accepted update and are written
-on every group commit, so they go into one of two slot files overwritten in place, in turn,
-with one ``pwritev`` and one ``fdatasync``.
+A checkpoint has three parts. The model part (:data:`MODEL_STATE`: the weights and the
+server optimizer's state) changes only when the aggregator makes or follows a version, so it is
+written once per such cut, in its own file named by the version and the cut's generation
+(``v<version>-g<generation>.model.tensors``, written durably: temporary name, fsync, rename,
+directory fsync). The version alone does not name a model: a middle aggregator makes its own
+v + 1 from a batch it sends upstream, then follows the global v + 1, whose weights differ.
+The ids of the updates applied before the aggregator's last cut (:data:`OLDER_IDS`, 3.3 MB at
+the 100,000 it remembers) change at the same points: they are written once per cut, durably,
+in a file named by its generation (``ids-g<generation>.tensors``). So a file a slot names
+never changes under it. The newest few of both are kept. The rest (FedBuff's buffer or the
+open FedAvg round, the counters, the ids applied since the cut) and a small JSON of metadata
+change with every accepted update and are written on every group commit, so they go into one
+of two slot files overwritten in place, in turn, with one ``pwritev`` and one ``fdatasync``.
 
 A slot is whole or it is not believed: its header carries a sequence number, the lengths of
 its two parts and a CRC-32 over all of it, and a write that a crash or a power cut tore fails
@@ -93,8 +94,12 @@ class Checkpoints:
         """Slot index → the model and older-ids files its checkpoint names (never pruned)."""
 
     @staticmethod
-    def model_name(version: int) -> str:
-        return f"v{version:08d}.model.tensors"
+    def model_name(version: int, generation: int | None = None) -> str:
+        """The model file of ``version`` as made or followed at cut ``generation`` (``None``:
+        the name before generations, read back still)."""
+        if generation is None:
+            return f"v{version:08d}.model.tensors"
+        return f"v{version:08d}-g{generation:012d}.model.tensors"
 
     @staticmethod
     def ids_name(generation: int) -> str:
@@ -112,14 +117,14 @@ class Checkpoints:
         ids_generation: int | None = None,
     ) -> Path:
         """Write ``state`` (and ``meta``) for ``version`` into the older slot; with ``split``
-        the version's model part is in its model file, written now from ``model`` or by an
-        earlier save of the same version; with ``ids_generation`` the older ids are in that
-        generation's file, written now from ``older_ids`` or by an earlier save. On return
-        the slot is on disk; returns its path."""
+        the model part is in the model file of this version and cut (``ids_generation``),
+        written now from ``model`` or by an earlier save of the same cut; with
+        ``ids_generation`` the older ids are in that generation's file, written now from
+        ``older_ids`` or by an earlier save. On return the slot is on disk; returns its path."""
         self.directory.mkdir(parents=True, exist_ok=True)
         pointer = {**meta, "version": version}
         if split:
-            model_path = self.directory / self.model_name(version)
+            model_path = self.directory / self.model_name(version, ids_generation)
             self._write_part(model_path, model, "a version's model part")
             pointer["model_file"] = model_path.name
         if ids_generation is not None:

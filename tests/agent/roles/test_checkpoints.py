@@ -45,12 +45,12 @@ def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
         older_ids=encode_tensors(older),
         ids_generation=generation,
     )
-    written = (tmp_path / Checkpoints.model_name(0)).stat().st_ino
+    written = (tmp_path / Checkpoints.model_name(0, generation)).stat().st_ino
     ids_written = (tmp_path / Checkpoints.ids_name(generation)).stat().st_ino
     algo.offer("u1", 0, {"w": np.full(4, 0.5, np.float32)})
     _, _, rest = split_state(algo.state_dict())
     checkpoints.save(0, encode_tensors(rest), {"a": 2}, None, split=True, ids_generation=generation)
-    assert (tmp_path / Checkpoints.model_name(0)).stat().st_ino == written
+    assert (tmp_path / Checkpoints.model_name(0, generation)).stat().st_ino == written
     assert (tmp_path / Checkpoints.ids_name(generation)).stat().st_ino == ids_written
     loaded = checkpoints.load_latest()
     assert loaded is not None
@@ -271,6 +271,32 @@ async def test_ids_survive_a_version_that_goes_back_as_a_middle_aggregator_s_doe
     assert again.algo.applied_ids.export() == ["u1", "u2", "u3"]
 
 
+async def test_a_followed_version_is_resumed_with_its_own_weights(
+    tmp_path: Path, topics: Topics
+) -> None:
+    # A middle aggregator's own version v + 1 (made from a batch it sends upstream) and the
+    # global v + 1 it follows later carry one number and different weights: a resume must give
+    # back the weights it followed, not the ones it made.
+    role = _aggregator(tmp_path, topics)
+    await role.prepare()
+    weights = dict(role.algo.weights)
+    delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+    role.algo.follow(weights, 5)
+    role.algo.offer("u1", 5, delta)
+    role.algo.offer("u2", 5, delta)  # K = 2: its own version 6
+    assert role.algo.version == 6
+    await role._checkpoint()
+    global_6 = {name: value + np.float32(0.25) for name, value in weights.items()}
+    role.algo.follow(global_6, 6)
+    await role._checkpoint()
+    resumed = _aggregator(tmp_path, topics)
+    assert await resumed.prepare()
+    assert resumed.algo.version == 6
+    for name, value in global_6.items():
+        np.testing.assert_array_equal(resumed.algo.weights[name], value)
+    assert resumed.algo.applied_ids.export() == ["u1", "u2"]
+
+
 async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
     tmp_path: Path, topics: Topics
 ) -> None:
@@ -290,14 +316,20 @@ async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
     assert ids_file.stat().st_ino == written
 
 
+def _moved(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
+    """A global model to follow: ``weights`` moved by ``by`` (weights of its own)."""
+    return {name: value + np.float32(by) for name, value in weights.items()}
+
+
 @pytest.mark.parametrize("capacity", [1, 3, 100_000])
 async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
     tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch, capacity: int
 ) -> None:
-    """Random runs of updates, versions made, versions followed (forward, and back as a middle
-    aggregator does after each batch), checkpoints, crashes between a checkpoint's files and
-    its slot, and resumes: a resumed aggregator always remembers exactly the ids, in their
-    order of eviction, that its newest whole checkpoint had."""
+    """Random runs of updates, versions made, versions followed (forward, to the number of
+    its own newest version, and back as a middle aggregator does after each batch),
+    checkpoints, crashes between a checkpoint's files and its slot, and resumes: a resumed
+    aggregator always remembers exactly the ids, in their order of eviction, and has exactly
+    the weights that its newest whole checkpoint had."""
     made = aggregation.AppliedIds.__init__
 
     def small(self: aggregation.AppliedIds, capacity_: int = 0, ids: Any = ()) -> None:
@@ -316,16 +348,19 @@ async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
         await role.prepare()
         weights = dict(role.algo.weights)
         delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+
         saved: list[str] | None = None
+        saved_weights: dict[str, np.ndarray] = {}
         for n in range(60):
             step = rng.random()
             if step < 0.45:
                 before = role.algo.version
                 role.algo.offer(f"u{n}", before, delta)
                 if role.algo.version > before and rng.random() < 0.5:
-                    role.algo.follow(weights, before)  # a middle: back to the global version
+                    role.algo.follow(_moved(weights, n), before)  # a middle: back to the global one
             elif step < 0.55:
-                role.algo.follow(weights, role.algo.version + 1)
+                # The next global version, or the global one of its own version's number.
+                role.algo.follow(_moved(weights, n), role.algo.version + rng.choice((0, 1)))
             else:
                 crash = rng.random() < 0.2
                 monkeypatch.setattr(
@@ -334,6 +369,7 @@ async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
                 try:
                     await role._checkpoint()
                     saved = role.algo.applied_ids.export()
+                    saved_weights = {k: np.array(v) for k, v in role.algo.weights.items()}
                 except OSError:
                     assert crash
                 monkeypatch.setattr(Checkpoints, "_write_slot", staticmethod(write_slot))
@@ -341,3 +377,5 @@ async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
                     role = _aggregator(state_dir, topics)
                     assert await role.prepare()
                     assert role.algo.applied_ids.export() == saved, (seed, n)
+                    for name, value in saved_weights.items():
+                        np.testing.assert_array_equal(role.algo.weights[name], value, f"{seed} {n}")
