@@ -268,12 +268,12 @@ class SyncFedAvg(BaseAggregator):
         )
         return self._last
 
-    def state_dict(self) -> State:
+    def state_dict(self, *, older_ids: bool = True) -> State:
         """:meth:`BaseAggregator.state_dict` plus the open round (``round/open``,
         ``round/participants``, ``round/reported``, ``round/excused``)."""
         current = self._round
         return {
-            **super().state_dict(),
+            **super().state_dict(older_ids=older_ids),
             **prefixed(
                 "round",
                 {

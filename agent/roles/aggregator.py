@@ -698,7 +698,7 @@ class Aggregator(Role):
         with_ids = self._ids_on_disk != generation
 
         def encode() -> tuple[bytes, bytes | None, bytes | None]:
-            model, older, rest = split_state(self.algo.state_dict())
+            model, older, rest = split_state(self.algo.state_dict(older_ids=with_ids))
             return (
                 encode_tensors(rest),
                 encode_tensors(model) if with_model else None,

@@ -409,6 +409,7 @@ def test_applied_ids_cut_at_a_mark_read_back_whole(
     if at >= len(added):
         mark = ids.mark()
     older, newer = ids.packed_split(mark)
+    assert ids.packed_since(mark).tobytes() == newer.tobytes()
     resumed = AppliedIds(capacity, decode_strings(older))
     for update_id in decode_strings(newer):
         resumed.add(update_id)
@@ -427,6 +428,9 @@ def test_a_checkpoint_keeps_older_ids_apart_from_newer_ones() -> None:
     agg.offer("u2", agg.version, ds[2])
     later = agg.state_dict()  # and later commits of the generation write the rest only
     assert int(later["ids_generation"]) == int(first_save["ids_generation"])
+    without = agg.state_dict(older_ids=False)  # what such a commit takes: no copy of the rest
+    assert "older_ids" not in without
+    assert without["applied_ids"].tobytes() == later["applied_ids"].tobytes()
     assert decode_strings(first_save["older_ids"]) == ["u0", "u1"]
     assert decode_strings(later["applied_ids"]) == ["u2"]
     state = {k: v for k, v in later.items() if k != "older_ids"}
