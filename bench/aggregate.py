@@ -8,6 +8,12 @@ Ingest is the aggregator's ``received`` counter (decoded, validated, staleness-w
 buffer, checkpointed before the receipt) over a window after a warm-up; the best of
 :data:`TRIALS` runs, as the ceiling is the best of its runs.
 
+The ceiling each ratio divides by is measured here too, alternating with Ember's runs: before
+each trial of a model, one :mod:`bench.ceiling` run of the update's size (best of the trials).
+This machine's speed drifted by a quarter between sittings (the 4 MB ceiling measured 1,370
+and 1,713 MB/s on one day), and a ceiling measured minutes before the ingest moved the ratio
+with it: 0.48 in a run where one sitting's alternating runs gave 0.61.
+
 The buffer size K is set above what the window can fill, so no model version is made during
 it: ingest is the receive path alone. The cost of a version (server optimizer, encode, publish
 to every trainer) is what :mod:`bench.latency` measures. The ratio compares the ingest in MB/s
@@ -26,10 +32,12 @@ from typing import Any
 import psutil
 
 from agent.logs import configure_logging
+from bench import ceiling
 from bench.common import (
     Flood,
-    best_run,
+    best_mb_s,
     cpu_seconds,
+    own_broker_run,
     read_results,
     scaled,
     show,
@@ -144,38 +152,61 @@ async def run() -> dict[str, Any]:
     }
     trials = scaled(TRIALS, 1)
     figures["trials"] = trials
+    ceiling_seconds = scaled(8.0, 0.5)  # as bench.ceiling's own runs
     for label, parameters in models.items():
-        for trainers in trainer_counts[label]:
-            key = f"{label}_{trainers}"
-            for profile in (False, True) if py_spy() else (False,):
-                found = await best_run(
-                    1 if profile else trials,
-                    key,
-                    lambda broker, workdir, m=label, p=parameters, n=trainers, on=profile: measure(
-                        broker.url, workdir, m, p, n, warmup, window, on
-                    ),
+        counts = trainer_counts[label]
+        paired: list[dict[str, Any]] = []
+        runs: dict[int, list[dict[str, Any]]] = {trainers: [] for trainers in counts}
+        for _ in range(trials):
+            paired.append(
+                await own_broker_run(
+                    lambda broker, _workdir, m=label, p=parameters: ceiling.measure(
+                        broker.host,
+                        broker.port,
+                        f"{m}_paired_ceiling",
+                        ceiling.update_payload_bytes(p),
+                        ceiling_seconds,
+                    )
                 )
-                if profile:  # a run of its own, after the measured ones
-                    figures[f"{key}_profile"] = found[f"{key}_profile"]
-                else:
-                    figures.update(found)
+            )
+            for trainers in counts:
+                runs[trainers].append(
+                    await own_broker_run(
+                        lambda broker, workdir, m=label, p=parameters, n=trainers: measure(
+                            broker.url, workdir, m, p, n, warmup, window
+                        )
+                    )
+                )
+        figures.update(best_mb_s(paired, f"{label}_paired_ceiling"))
+        for trainers in counts:
+            figures.update(best_mb_s(runs[trainers], f"{label}_{trainers}"))
+        for trainers in counts if py_spy() else ():  # runs of their own, after the measured ones
+            key = f"{label}_{trainers}"
+            profiled = await own_broker_run(
+                lambda broker, workdir, m=label, p=parameters, n=trainers: measure(
+                    broker.url, workdir, m, p, n, warmup, window, profile=True
+                )
+            )
+            figures[f"{key}_profile"] = profiled[f"{key}_profile"]
     return with_ceiling(figures)
 
 
 def with_ceiling(figures: dict[str, Any]) -> dict[str, Any]:
-    """Add the ratio to the broker's ceiling (from ``ceiling.json``) for every measurement."""
-    from bench.ceiling import ceiling_for
-
-    ceiling = read_results("ceiling")
-    if ceiling is None:
-        return figures
+    """Add the ratio to the broker's ceiling for every measurement: the ceiling measured in
+    this part, alternating with the ingest runs, or else ``ceiling.json``'s for the payload
+    size closest to the update's."""
+    stored = read_results("ceiling")
     for label in figures["models"]:
+        paired = figures.get(f"{label}_paired_ceiling_mb_s")
         for trainers in figures["trainer_counts"][label]:
             key = f"{label}_{trainers}"
-            found = ceiling_for(ceiling, figures[f"{key}_update_bytes"])
-            if found is not None:
-                figures[f"{key}_ceiling_mb_s"] = found[1]
-                figures[f"{key}_vs_ceiling"] = figures[f"{key}_mb_s"] / found[1]
+            found = paired
+            if found is None and stored is not None:
+                closest = ceiling.ceiling_for(stored, figures[f"{key}_update_bytes"])
+                found = None if closest is None else closest[1]
+            if found:
+                figures[f"{key}_ceiling_mb_s"] = found
+                figures[f"{key}_vs_ceiling"] = figures[f"{key}_mb_s"] / found
     return figures
 
 
@@ -211,12 +242,15 @@ def summary(figures: dict[str, Any]) -> list[str]:
         "Ember's aggregator role (FedBuff) in one process; simulated trainers in another send "
         "real updates, each waiting for the aggregator's receipt before the next. "
         f"Window {figures['window_s']:g} s after a warm-up; the best of "
-        f"{figures.get('trials', 1)} runs, each on a broker of its own, as the ceiling is the "
-        "best of its runs. Bar: ≥ 0.80 of the ceiling for 1M and 11M.",
+        f"{figures.get('trials', 1)} runs, each on a broker of its own. The ceiling column is "
+        "measured in this part, alternating with the ingest runs: before each trial of a "
+        "model, a raw run of the update's size (as the ceiling part measures it), best of "
+        f"{figures.get('trials', 1)}; the ceiling part's own figure for that size, measured "
+        "minutes apart, is in its table. Bar: ≥ 0.80 of the ceiling for 1M and 11M.",
         "",
         "| model | parameters | trainers | updates/s | MB/s | every run, MB/s | ceiling MB/s | "
-        "vs ceiling | unacknowledged | cores: aggregator, broker, trainers |",
-        "|---|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "ceiling, every run | vs ceiling | unacknowledged | cores: aggregator, broker, trainers |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|---:|---|",
     ]
     for label, parameters in figures["models"].items():
         for trainers in figures["trainer_counts"][label]:
@@ -226,8 +260,9 @@ def summary(figures: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {label} | {parameters:,} | {trainers} | {figures[f'{key}_updates_s']:,.1f} | "
                 f"{figures[f'{key}_mb_s']:,.1f} | "
-                f"{', '.join(f'{r:,.0f}' for r in figures.get(f'{key}_runs_mb_s', []))} | "
+                f"{_runs(figures.get(f'{key}_runs_mb_s', []))} | "
                 f"{'n/a' if ceiling is None else f'{ceiling:,.1f}'} | "
+                f"{_runs(figures.get(f'{label}_paired_ceiling_runs_mb_s', []))} | "
                 f"{'n/a' if ratio is None else f'{ratio:.2f}'} | "
                 f"{figures[f'{key}_unacknowledged']} | {_cores(figures.get(f'{key}_cores'))} |"
             )
@@ -242,6 +277,10 @@ def summary(figures: dict[str, Any]) -> list[str]:
     if short:
         lines += ["", *SHORTFALL]
     return lines
+
+
+def _runs(runs: list[float]) -> str:
+    return ", ".join(f"{r:,.0f}" for r in runs)
 
 
 def _cores(cores: dict[str, float] | None) -> str:

@@ -12,7 +12,8 @@ until mosquitto spent a whole core on it, and 4 MB runs landed anywhere from 390
 with the window, 1,140 to 1,510. Each payload is measured in :data:`TRIALS` runs, each on a
 broker of its own, and the ceiling is the best: what the broker can do.
 Payloads: 1 KB, 1 MB, 44 MB (an 11 M-parameter float32 update) and the other update sizes
-:mod:`bench.aggregate` sends, so every ingest figure has the ceiling of its own payload size.
+:mod:`bench.aggregate` sends. That part also measures the ceiling of its own update sizes,
+alternating with its ingest runs, and divides by those (:func:`measure` is the same run).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ WINDOW_BYTES = 16_000_000
 four 4 MB messages. With 64 MB mosquitto still spent a core on its queue (630-760 MB/s)."""
 
 
+def update_payload_bytes(parameters: int) -> int:
+    """The raw payload standing for a float32 update of ``parameters`` (with its framing)."""
+    return 4 * parameters + 600
+
+
 def model_payloads() -> dict[str, int]:
     """The update sizes of :mod:`bench.aggregate`'s models (float32, with a little framing)
     that no standard payload is within 10 % of (the 11 M update is the 44 MB one)."""
@@ -44,7 +50,7 @@ def model_payloads() -> dict[str, int]:
     from bench.models import parameter_count
 
     sizes = {
-        f"update_{label}": 4 * parameter_count(parameters) + 600
+        f"update_{label}": update_payload_bytes(parameter_count(parameters))
         for label, parameters in MODELS.items()
     }
     return {

@@ -107,22 +107,30 @@ def show(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     console.print(table)
 
 
-async def best_run(
-    trials: int,
-    key: str,
-    measure: Callable[[MosquittoProcess, Path], Awaitable[dict[str, Any]]],
-) -> dict[str, Any]:
+Measure = Callable[[MosquittoProcess, Path], Awaitable[dict[str, Any]]]
+"""One run of a measurement, given a broker of its own and a working directory."""
+
+
+async def best_run(trials: int, key: str, measure: Measure) -> dict[str, Any]:
     """``measure(broker, workdir)`` run ``trials`` times, each on a broker of its own (nothing
-    queued from the last run): the figures of the run with the most ``<key>_mb_s``, and every
-    run's under ``<key>_runs_mb_s``. Runs of the same code here differ by up to a tenth."""
-    runs = []
-    for _ in range(trials):
-        with tempfile.TemporaryDirectory(prefix="ember-bench-") as tmp:
-            broker = bench_broker(Path(tmp) / "broker")
-            try:
-                runs.append(await measure(broker, Path(tmp)))
-            finally:
-                broker.stop()
+    queued from the last run): see :func:`best_mb_s`. Runs of the same code here differ by up to
+    a tenth."""
+    return best_mb_s([await own_broker_run(measure) for _ in range(trials)], key)
+
+
+async def own_broker_run(measure: Measure) -> dict[str, Any]:
+    """``measure(broker, workdir)`` once, on a broker of its own in a fresh directory."""
+    with tempfile.TemporaryDirectory(prefix="ember-bench-") as tmp:
+        broker = bench_broker(Path(tmp) / "broker")
+        try:
+            return await measure(broker, Path(tmp))
+        finally:
+            broker.stop()
+
+
+def best_mb_s(runs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The figures of the run with the most ``<key>_mb_s``, and every run's under
+    ``<key>_runs_mb_s``."""
     best = dict(max(runs, key=lambda run: run[f"{key}_mb_s"]))
     best[f"{key}_runs_mb_s"] = [round(run[f"{key}_mb_s"], 1) for run in runs]
     return best

@@ -33,6 +33,10 @@ def test_parts_run_and_the_summary_is_generated(tmp_path: Path) -> None:
     results = {part: json.loads((tmp_path / f"{part}.json").read_text()) for part in PARTS}
     assert all(r["quick"] for r in results.values())
     assert results["aggregate"]["10k_2_updates_s"] > 0
+    # The ratio divides by a ceiling measured alternately with the ingest runs, in this part.
+    ceiling = results["aggregate"]["10k_paired_ceiling_mb_s"]
+    assert results["aggregate"]["10k_2_ceiling_mb_s"] == ceiling > 0
+    assert "10k_2_vs_ceiling" in results["aggregate"]
     assert 0 < results["latency"]["fedbuff_k1_p50_ms"] < results["latency"]["fedbuff_k1_p99_ms"] + 1
     assert results["fleet"]["dispatch_20_trainers"] == 20
     summary = (tmp_path / "SUMMARY.md").read_text()
