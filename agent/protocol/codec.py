@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.protocol.errors import ProtocolError, preview
 from agent.protocol.limits import DEFAULT_LIMITS, ProtocolLimits
-from agent.protocol.msgpack_view import ALIGN_NEXT, Buffer, pack, unpack
+from agent.protocol.msgpack_view import ALIGN_NEXT, Buffer, pack, pack_segments, unpack
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -166,6 +166,12 @@ def _tensor_from_wire(item: Any, limits: ProtocolLimits, where: str) -> tuple[Ar
 def encode_tensors(tensors: Mapping[str, npt.ArrayLike]) -> bytes:
     """A bare tensor list as msgpack (for checkpoints, benchmarks and tests)."""
     return pack(tensors_to_wire(tensors))
+
+
+def encode_tensor_segments(tensors: Mapping[str, npt.ArrayLike]) -> list[Buffer]:
+    """:func:`encode_tensors` as the pieces it joins: the data of C-contiguous little-endian
+    arrays over 64 KiB is a view of the array, valid while the array stays unchanged."""
+    return pack_segments(tensors_to_wire(tensors))
 
 
 def decode_tensors(

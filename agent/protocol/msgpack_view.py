@@ -81,9 +81,16 @@ def pack(obj: Any) -> bytes:
 
     Buffers larger than 64 KiB are not copied until the final join.
     """
+    return b"".join(pack_segments(obj))
+
+
+def pack_segments(obj: Any) -> list[Buffer]:
+    """:func:`pack`'s output before the join: small pieces packed, and every buffer larger than
+    64 KiB as a view of the caller's memory (to write with ``pwritev`` without a copy; the
+    views are only valid while that memory stays unchanged)."""
     writer = _Writer()
     writer.value(obj)
-    return b"".join(writer.segments)
+    return writer.segments
 
 
 class _Writer:

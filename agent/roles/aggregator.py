@@ -47,11 +47,11 @@ from agent.protocol import (
     UpdateAck,
     decode_message,
 )
-from agent.protocol.codec import TensorMap, encode_tensors
+from agent.protocol.codec import TensorMap, encode_tensor_segments, encode_tensors
 from agent.protocol.errors import PayloadTooLarge
 from agent.ratelimit import TokenBucket
 from agent.roles.base import Role, RoleContext, register_role
-from agent.roles.checkpoints import Checkpoints, split_state
+from agent.roles.checkpoints import Checkpoints, WrittenSlot, split_state
 from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
@@ -422,11 +422,27 @@ class Aggregator(Role):
             while self._handled < target and (left := deadline - loop.time()) > 0:
                 self._progressed.clear()
                 await wait_event(self._progressed, left)
+            snapshot = written = None
             async with self._state_lock:
                 acks, version = self._acks, self.algo.version
                 self._acks, self._acks_pending = {}, False
-                snapshot = await self._snapshot() if self._unsaved else None
-            if snapshot is not None:
+                if self._unsaved and self._cut_on_disk():
+                    # Straight from the live state into the slot, then synced while the serve
+                    # loop goes on: the lock order (state, then save) is the serve loop's too.
+                    await self._save_lock.acquire()
+                    try:
+                        written = await self._write_live()
+                    except BaseException:
+                        self._save_lock.release()
+                        raise
+                elif self._unsaved:
+                    snapshot = await self._snapshot()
+            if written is not None:
+                try:
+                    await self._sync_live(written)
+                finally:
+                    self._save_lock.release()
+            elif snapshot is not None:
                 await self._write(snapshot)
             ack = UpdateAck(job=self.ctx.bundle.job, version=version, acks=acks)
             await self.ctx.publish(self._model_topic(), ack.to_msgpack())
@@ -686,7 +702,59 @@ class Aggregator(Role):
     async def _checkpoint(self) -> None:
         """Save the whole state now; the caller keeps it still (the serve loop's state lock,
         or no other task changing it)."""
-        await self._write(await self._snapshot())
+        if not self._cut_on_disk():
+            await self._write(await self._snapshot())
+            return
+        async with self._save_lock:
+            await self._sync_live(await self._write_live())
+
+    def _cut_on_disk(self) -> bool:
+        """The files of the current cut (model part, older ids) are on disk: a checkpoint
+        needs to write its slot only."""
+        generation = self.algo.ids_generation
+        return self._model_on_disk == (self.algo.version, generation) and (
+            self._ids_on_disk == generation
+        )
+
+    async def _write_live(self) -> tuple[WrittenSlot, int]:
+        """The state as it is now written into the older slot from the live arrays (no copy
+        of the buffer), not yet synced, with its sequence number. The caller keeps the state
+        still until this returns, holds the save lock, and then calls :meth:`_sync_live`."""
+        version, generation = self.algo.version, self.algo.ids_generation
+        meta = self._meta()
+        self._unsaved = False
+        self._snapshots += 1
+        seq = self._snapshots
+
+        def write() -> WrittenSlot:
+            _, _, rest = split_state(self.algo.state_dict(older_ids=False))
+            return self.checkpoints.write(
+                version,
+                encode_tensor_segments(rest),
+                meta,
+                split=True,
+                ids_generation=generation,
+            )
+
+        return await self.ctx.run_cpu(write), seq
+
+    async def _sync_live(self, written: tuple[WrittenSlot, int]) -> None:
+        """Finish :meth:`_write_live`'s slot; the state may change meanwhile."""
+        slot, seq = written
+        await self.ctx.run_cpu(self.checkpoints.sync, slot)
+        self._written = max(self._written, seq)
+
+    def _meta(self) -> dict[str, Any]:
+        """A copy of what a checkpoint keeps besides the state."""
+        return copy.deepcopy(
+            {
+                "history": self.history,
+                "started_at": self.started_at,
+                "trainers": sorted(self.trainers),
+                "rejections": self.rejections,
+                **self._extra_meta(),
+            }
+        )
 
     async def _snapshot(self) -> Snapshot:
         """The state as it is now, encoded, with a copy of its metadata and a sequence number;
@@ -706,15 +774,7 @@ class Aggregator(Role):
             )
 
         state, model, older_ids = await self.ctx.run_cpu(encode)
-        meta = copy.deepcopy(
-            {
-                "history": self.history,
-                "started_at": self.started_at,
-                "trainers": sorted(self.trainers),
-                "rejections": self.rejections,
-                **self._extra_meta(),
-            }
-        )
+        meta = self._meta()
         self._unsaved = False
         self._snapshots += 1
         return Snapshot(self._snapshots, version, state, meta, model, generation, older_ids)

@@ -22,6 +22,13 @@ LMDB's meta pages and of SQLite's rollback journal header, with a checksum in th
 their ordering). Against writing a new file per commit, with a rename and two directory syncs
 for it and its pointer, a 4 MB commit costs 1.2 ms instead of 6 ms of wall time and a seventh
 of the CPU here (bench/aggregate: every receipt waits for it).
+
+A save is two steps, :meth:`Checkpoints.write` and :meth:`Checkpoints.sync`: the slot can be
+written from views of the live state (the kernel copies them into the page cache, so the state
+may change as soon as ``write`` returns), and the ``fdatasync`` waits without holding the state
+still. The aggregator does so between cuts: no copy of the buffer per commit (44 MB for an
+11 M-parameter model); its serve loop waits while the slot goes into the page cache, where it
+waited for that copy (14 against 30 ms for 11 M here, 64 against 100 ms for the whole commit).
 """
 
 from __future__ import annotations
@@ -29,12 +36,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.durable import fsync_directory, write_durably
 from agent.protocol.codec import decode_tensors
+from agent.protocol.msgpack_view import Buffer
 
 try:
     # zlib-ng computes the same CRC-32 as zlib (slots written by either read back alike) about
@@ -44,7 +53,14 @@ try:
 except ImportError:  # no zlib-ng wheel for this platform (32-bit Arm): the standard library's
     from zlib import crc32 as crc32
 
-__all__ = ["KEEP_CHECKPOINTS", "MODEL_STATE", "OLDER_IDS", "Checkpoints", "split_state"]
+__all__ = [
+    "KEEP_CHECKPOINTS",
+    "MODEL_STATE",
+    "OLDER_IDS",
+    "Checkpoints",
+    "WrittenSlot",
+    "split_state",
+]
 
 KEEP_CHECKPOINTS = 3
 """Model files kept (the newest versions'), and older-ids files (the newest generations')."""
@@ -63,6 +79,8 @@ SLOT_HEADER = struct.Struct("<8sQQQI")
 """magic, sequence number, metadata bytes, state bytes, CRC-32 of the header's first four
 fields, the metadata and the state, in this order."""
 SLOT_NAMES = ("state-a.slot", "state-b.slot")
+IOV_MAX = 1024
+"""Pieces one ``pwritev`` takes at most (Linux's ``UIO_MAXIOV``)."""
 LEGACY_POINTER = "latest.json"
 """The pointer of the layout before slots (a state file per save): read when no slot is
 whole, so an aggregator resumes across an upgrade, and removed by the first slot written."""
@@ -108,7 +126,7 @@ class Checkpoints:
     def save(
         self,
         version: int,
-        state: bytes,
+        state: Buffer | Sequence[Buffer],
         meta: Mapping[str, Any],
         model: bytes | None = None,
         *,
@@ -121,6 +139,33 @@ class Checkpoints:
         written now from ``model`` or by an earlier save of the same cut; with
         ``ids_generation`` the older ids are in that generation's file, written now from
         ``older_ids`` or by an earlier save. On return the slot is on disk; returns its path."""
+        return self.sync(
+            self.write(
+                version,
+                state,
+                meta,
+                model,
+                split=split,
+                older_ids=older_ids,
+                ids_generation=ids_generation,
+            )
+        )
+
+    def write(
+        self,
+        version: int,
+        state: Buffer | Sequence[Buffer],
+        meta: Mapping[str, Any],
+        model: bytes | None = None,
+        *,
+        split: bool = False,
+        older_ids: bytes | None = None,
+        ids_generation: int | None = None,
+    ) -> WrittenSlot:
+        """:meth:`save` up to the slot's ``fdatasync``: the model and older-ids parts on disk,
+        the slot written (``state`` may be the pieces of an encoding, views of live arrays:
+        they are read only here, so the arrays may change once this returns). :meth:`sync`
+        finishes it; one written slot at a time."""
         self.directory.mkdir(parents=True, exist_ok=True)
         pointer = {**meta, "version": version}
         if split:
@@ -133,12 +178,24 @@ class Checkpoints:
             pointer["ids_file"] = ids_path.name
         seq = self._seq if self._seq is not None else self._newest_slot()[0]
         path = self.directory / SLOT_NAMES[self._next]
-        self._write_slot(path, seq + 1, json.dumps(pointer).encode(), state)
-        self._named[self._next] = _named_files(pointer)
-        self._seq = seq + 1
-        self._next = 1 - self._next
+        pieces = [state] if isinstance(state, bytes | bytearray | memoryview) else list(state)
+        fd, created = self._write_slot(path, seq + 1, json.dumps(pointer).encode(), pieces)
+        return WrittenSlot(path, fd, created, seq + 1, self._next, _named_files(pointer))
+
+    def sync(self, written: WrittenSlot) -> Path:
+        """Put a slot :meth:`write` wrote on disk (``fdatasync``, and the directory's entry if
+        the slot file is new); from now on it is the newest. Returns its path."""
+        try:
+            os.fdatasync(written.fd)
+        finally:
+            os.close(written.fd)
+        if written.created:
+            fsync_directory(written.path.parent)
+        self._named[written.index] = written.named
+        self._seq = written.seq
+        self._next = 1 - written.index
         self._prune()
-        return path
+        return written.path
 
     @staticmethod
     def _write_part(path: Path, data: bytes | None, what: str) -> None:
@@ -182,21 +239,22 @@ class Checkpoints:
         return newest
 
     @staticmethod
-    def _write_slot(path: Path, seq: int, meta: bytes, state: bytes) -> None:
+    def _write_slot(path: Path, seq: int, meta: bytes, state: list[Buffer]) -> tuple[int, bool]:
+        """The slot written (not synced): its open descriptor, and whether the file is new."""
         created = not path.exists()
-        header = SLOT_HEADER.pack(SLOT_MAGIC, seq, len(meta), len(state), 0)
-        check = crc32(state, crc32(meta, crc32(header[:-4])))
+        state_len = sum(memoryview(piece).nbytes for piece in state)
+        header = SLOT_HEADER.pack(SLOT_MAGIC, seq, len(meta), state_len, 0)
+        check = crc32(meta, crc32(header[:-4]))
+        for piece in state:
+            check = crc32(piece, check)
         header = header[:-4] + struct.pack("<I", check)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            written = os.pwritev(fd, [header, meta, state], 0)
-            if written != len(header) + len(meta) + len(state):
-                raise OSError(f"{path}: short write ({written} bytes)")
-            os.fdatasync(fd)
-        finally:
+            _pwrite_all(fd, path, [header, meta, *state])
+        except BaseException:
             os.close(fd)
-        if created:
-            fsync_directory(path.parent)
+            raise
+        return fd, created
 
     def _prune(self) -> None:
         """Keep the model and older-ids files either slot names, and the newest ``keep`` of
@@ -214,6 +272,31 @@ class Checkpoints:
             for old in self.directory.glob("v*.tensors"):
                 if not old.name.endswith(".model.tensors"):
                     old.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True)
+class WrittenSlot:
+    """A slot :meth:`Checkpoints.write` wrote and :meth:`Checkpoints.sync` has yet to sync."""
+
+    path: Path
+    fd: int
+    created: bool
+    seq: int
+    index: int
+    named: set[str]
+
+
+def _pwrite_all(fd: int, path: Path, pieces: list[Buffer]) -> None:
+    """``pieces`` one after another from the start of ``fd``, in ``pwritev`` calls of at most
+    ``IOV_MAX`` pieces (a model of many tensors has more)."""
+    offset = 0
+    for start in range(0, len(pieces), IOV_MAX):
+        batch = pieces[start : start + IOV_MAX]
+        expected = sum(memoryview(piece).nbytes for piece in batch)
+        written = os.pwritev(fd, batch, offset)
+        if written != expected:
+            raise OSError(f"{path}: short write ({written} of {expected} bytes)")
+        offset += written
 
 
 def _named_files(pointer: Mapping[str, Any]) -> set[str]:

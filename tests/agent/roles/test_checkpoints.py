@@ -297,6 +297,35 @@ async def test_a_followed_version_is_resumed_with_its_own_weights(
     assert resumed.algo.applied_ids.export() == ["u1", "u2"]
 
 
+async def test_a_commit_between_cuts_is_written_from_the_live_state_without_a_copy(
+    tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Once the cut's files are on disk a commit writes its slot straight from the buffer: the
+    # state may change as soon as the slot is written, before it is synced, and the checkpoint
+    # holds the state as it was when written.
+    role = _aggregator(tmp_path, topics)
+    await role.prepare()
+    delta = {name: np.full_like(value, 1e-3) for name, value in role.algo.weights.items()}
+    await role._checkpoint()  # the cut's model and older ids
+    assert role._cut_on_disk()
+    encoded = []
+    monkeypatch.setattr(
+        "agent.roles.aggregator.encode_tensors", lambda t: encoded.append(t) or encode_tensors(t)
+    )
+    role.algo.offer("u1", 0, delta)
+    buffer = {k: np.array(v) for k, v in role.algo.state_dict().items() if k.startswith("buffer/")}
+    async with role._save_lock:
+        written = await role._write_live()
+        role.algo.offer("u2", 0, delta)  # the buffer changes before the slot is synced
+        await role._sync_live(written)
+    assert encoded == []  # nothing was encoded into a copy
+    resumed = _aggregator(tmp_path, topics)
+    assert await resumed.prepare()
+    assert resumed.algo.applied_ids.export() == ["u1"]
+    for key, value in buffer.items():
+        np.testing.assert_array_equal(resumed.algo.state_dict()[key], value)
+
+
 async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
     tmp_path: Path, topics: Topics
 ) -> None:
