@@ -129,27 +129,10 @@ class Checkpoints:
         state: Buffer | Sequence[Buffer],
         meta: Mapping[str, Any],
         model: bytes | None = None,
-        *,
-        split: bool = False,
-        older_ids: bytes | None = None,
-        ids_generation: int | None = None,
+        **parts: Any,
     ) -> Path:
-        """Write ``state`` (and ``meta``) for ``version`` into the older slot; with ``split``
-        the model part is in the model file of this version and cut (``ids_generation``),
-        written now from ``model`` or by an earlier save of the same cut; with
-        ``ids_generation`` the older ids are in that generation's file, written now from
-        ``older_ids`` or by an earlier save. On return the slot is on disk; returns its path."""
-        return self.sync(
-            self.write(
-                version,
-                state,
-                meta,
-                model,
-                split=split,
-                older_ids=older_ids,
-                ids_generation=ids_generation,
-            )
-        )
+        """:meth:`write`, then :meth:`sync`: on return the slot is on disk; returns its path."""
+        return self.sync(self.write(version, state, meta, model, **parts))
 
     def write(
         self,
@@ -162,10 +145,13 @@ class Checkpoints:
         older_ids: bytes | None = None,
         ids_generation: int | None = None,
     ) -> WrittenSlot:
-        """:meth:`save` up to the slot's ``fdatasync``: the model and older-ids parts on disk,
-        the slot written (``state`` may be the pieces of an encoding, views of live arrays:
-        they are read only here, so the arrays may change once this returns). :meth:`sync`
-        finishes it; one written slot at a time."""
+        """Write ``state`` (and ``meta``) for ``version`` into the older slot, up to its
+        ``fdatasync`` (:meth:`sync` finishes it; one written slot at a time). ``state`` may be
+        the pieces of an encoding, views of live arrays: they are read only here, so the
+        arrays may change once this returns. With ``split`` the model part is in the model
+        file of this version and cut (``ids_generation``), written durably now from ``model``
+        or by an earlier save of the same cut; with ``ids_generation`` the older ids are in
+        that generation's file, written now from ``older_ids`` or by an earlier save."""
         self.directory.mkdir(parents=True, exist_ok=True)
         pointer = {**meta, "version": version}
         if split:

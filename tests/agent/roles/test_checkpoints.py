@@ -237,16 +237,28 @@ def _aggregator(state_dir: Path, topics: Topics) -> Aggregator:
     )
 
 
+async def _prepared(
+    state_dir: Path, topics: Topics
+) -> tuple[Aggregator, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`_aggregator`, prepared, with its initial weights and a small delta for them."""
+    role = _aggregator(state_dir, topics)
+    await role.prepare()
+    weights = dict(role.algo.weights)
+    return role, weights, {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+
+
+def _moved(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
+    """A global model to follow: ``weights`` moved by ``by`` (weights of its own)."""
+    return {name: value + np.float32(by) for name, value in weights.items()}
+
+
 async def test_ids_survive_a_version_that_goes_back_as_a_middle_aggregator_s_does(
     tmp_path: Path, topics: Topics
 ) -> None:
     # A middle aggregator makes version v + 1 from each batch it sends upstream, then follows
     # the global version v again: v's model file is on disk already, and the ids of the batch
     # must still reach the disk (they move to the older part when the version is followed).
-    role = _aggregator(tmp_path, topics)
-    await role.prepare()
-    weights = dict(role.algo.weights)
-    delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+    role, weights, delta = await _prepared(tmp_path, topics)
     role.algo.follow(weights, 5)
     await role._checkpoint()
     role.algo.offer("u1", 5, delta)
@@ -277,16 +289,13 @@ async def test_a_followed_version_is_resumed_with_its_own_weights(
     # A middle aggregator's own version v + 1 (made from a batch it sends upstream) and the
     # global v + 1 it follows later carry one number and different weights: a resume must give
     # back the weights it followed, not the ones it made.
-    role = _aggregator(tmp_path, topics)
-    await role.prepare()
-    weights = dict(role.algo.weights)
-    delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+    role, weights, delta = await _prepared(tmp_path, topics)
     role.algo.follow(weights, 5)
     role.algo.offer("u1", 5, delta)
     role.algo.offer("u2", 5, delta)  # K = 2: its own version 6
     assert role.algo.version == 6
     await role._checkpoint()
-    global_6 = {name: value + np.float32(0.25) for name, value in weights.items()}
+    global_6 = _moved(weights, 0.25)
     role.algo.follow(global_6, 6)
     await role._checkpoint()
     resumed = _aggregator(tmp_path, topics)
@@ -303,9 +312,7 @@ async def test_a_commit_between_cuts_is_written_from_the_live_state_without_a_co
     # Once the cut's files are on disk a commit writes its slot straight from the buffer: the
     # state may change as soon as the slot is written, before it is synced, and the checkpoint
     # holds the state as it was when written.
-    role = _aggregator(tmp_path, topics)
-    await role.prepare()
-    delta = {name: np.full_like(value, 1e-3) for name, value in role.algo.weights.items()}
+    role, _, delta = await _prepared(tmp_path, topics)
     await role._checkpoint()  # the cut's model and older ids
     assert role._cut_on_disk()
     encoded = []
@@ -331,9 +338,7 @@ async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
 ) -> None:
     # Both were taken before either was written, so both carry the generation's older ids:
     # the second must not write the file again (the newest slot names it as the first wrote it).
-    role = _aggregator(tmp_path, topics)
-    await role.prepare()
-    delta = {name: np.full_like(value, 1e-3) for name, value in role.algo.weights.items()}
+    role, _, delta = await _prepared(tmp_path, topics)
     role.algo.offer("u1", 0, delta)
     first, second = await role._snapshot(), await role._snapshot()
     assert first.older_ids is not None
@@ -343,11 +348,6 @@ async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
     written = ids_file.stat().st_ino  # a file written again is renamed into place: a new inode
     await role._write(second)
     assert ids_file.stat().st_ino == written
-
-
-def _moved(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
-    """A global model to follow: ``weights`` moved by ``by`` (weights of its own)."""
-    return {name: value + np.float32(by) for name, value in weights.items()}
 
 
 @pytest.mark.parametrize("capacity", [1, 3, 100_000])
@@ -373,10 +373,7 @@ async def test_a_resumed_aggregator_remembers_the_ids_its_last_checkpoint_had(
     for seed in range(80 if capacity < 100 else 20):
         rng = random.Random(seed)
         state_dir = tmp_path / str(seed)
-        role = _aggregator(state_dir, topics)
-        await role.prepare()
-        weights = dict(role.algo.weights)
-        delta = {name: np.full_like(value, 1e-3) for name, value in weights.items()}
+        role, weights, delta = await _prepared(state_dir, topics)
 
         saved: list[str] | None = None
         saved_weights: dict[str, np.ndarray] = {}
