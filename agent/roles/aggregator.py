@@ -16,12 +16,13 @@ coordinator folds into the job's state. The stop rules end the job with a final 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -56,6 +57,7 @@ from agent.roles.trainer import RoleError
 from agent.tasks import cancel_and_wait, wait_event
 from agent.transport import Inbound, Subscription
 
+T = TypeVar("T")
 log = structlog.get_logger("ember.aggregator")
 
 
@@ -736,13 +738,29 @@ class Aggregator(Role):
                 ids_generation=generation,
             )
 
-        return await self.ctx.run_cpu(write), seq
+        return await self._in_thread_to_the_end(write, self.checkpoints.abandon), seq
 
     async def _sync_live(self, written: tuple[WrittenSlot, int]) -> None:
         """Finish :meth:`_write_live`'s slot; the state may change meanwhile."""
         slot, seq = written
-        await self.ctx.run_cpu(self.checkpoints.sync, slot)
+        await self._in_thread_to_the_end(functools.partial(self.checkpoints.sync, slot))
         self._written = max(self._written, seq)
+
+    async def _in_thread_to_the_end(
+        self, work: Callable[[], T], cancelled: Callable[[T], None] | None = None
+    ) -> T:
+        """``work()`` in a worker thread. Cancelled, this still waits for the thread (the save
+        lock must not go while a thread writes a slot: a role started again on this directory
+        writes the same slot next), hands ``cancelled`` what it returned, and re-raises."""
+        running = asyncio.ensure_future(self.ctx.run_cpu(work))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                result = await running
+                if cancelled is not None:
+                    cancelled(result)
+            raise
 
     def _meta(self) -> dict[str, Any]:
         """A copy of what a checkpoint keeps besides the state."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,7 +126,7 @@ class Checkpoints:
     def save(
         self,
         version: int,
-        state: Buffer | Sequence[Buffer],
+        state: Buffer | list[Buffer],
         meta: Mapping[str, Any],
         model: bytes | None = None,
         **parts: Any,
@@ -137,7 +137,7 @@ class Checkpoints:
     def write(
         self,
         version: int,
-        state: Buffer | Sequence[Buffer],
+        state: Buffer | list[Buffer],
         meta: Mapping[str, Any],
         model: bytes | None = None,
         *,
@@ -164,9 +164,15 @@ class Checkpoints:
             pointer["ids_file"] = ids_path.name
         seq = self._seq if self._seq is not None else self._newest_slot()[0]
         path = self.directory / SLOT_NAMES[self._next]
-        pieces = [state] if isinstance(state, bytes | bytearray | memoryview) else list(state)
+        pieces = state if isinstance(state, list) else [state]
         fd, created = self._write_slot(path, seq + 1, json.dumps(pointer).encode(), pieces)
         return WrittenSlot(path, fd, created, seq + 1, self._next, _named_files(pointer))
+
+    @staticmethod
+    def abandon(written: WrittenSlot) -> None:
+        """Let go of a slot :meth:`write` wrote that will not be synced (its write was
+        cancelled): the next write goes over the same slot."""
+        os.close(written.fd)
 
     def sync(self, written: WrittenSlot) -> Path:
         """Put a slot :meth:`write` wrote on disk (``fdatasync``, and the directory's entry if
@@ -274,15 +280,23 @@ class WrittenSlot:
 
 def _pwrite_all(fd: int, path: Path, pieces: list[Buffer]) -> None:
     """``pieces`` one after another from the start of ``fd``, in ``pwritev`` calls of at most
-    ``IOV_MAX`` pieces (a model of many tensors has more)."""
-    offset = 0
-    for start in range(0, len(pieces), IOV_MAX):
-        batch = pieces[start : start + IOV_MAX]
-        expected = sum(memoryview(piece).nbytes for piece in batch)
-        written = os.pwritev(fd, batch, offset)
-        if written != expected:
-            raise OSError(f"{path}: short write ({written} of {expected} bytes)")
+    ``IOV_MAX`` pieces (a model of many tensors has more), each going on where the last one
+    stopped (Linux writes at most 2 GiB in one call)."""
+    views = [view for view in (memoryview(p).cast("B") for p in pieces) if view.nbytes]
+    offset = first = 0
+    while first < len(views):
+        written = os.pwritev(fd, views[first : first + IOV_MAX], offset)
+        if written <= 0:
+            left = sum(view.nbytes for view in views[first:])
+            raise OSError(f"{path}: short write ({left} bytes not written)")
         offset += written
+        while written:  # past the pieces written whole, into the one written in part
+            if written >= views[first].nbytes:
+                written -= views[first].nbytes
+                first += 1
+            else:
+                views[first] = views[first][written:]
+                written = 0
 
 
 def _named_files(pointer: Mapping[str, Any]) -> set[str]:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,10 @@ from agent.learning.assets import load_demo_model
 from agent.learning.fedbuff import FedBuffAggregator
 from agent.protocol import Topics
 from agent.protocol.bundle import RoleBundle
-from agent.protocol.codec import encode_tensors
+from agent.protocol.codec import encode_tensor_segments, encode_tensors
 from agent.roles.aggregator import Aggregator
 from agent.roles.base import RoleContext
-from agent.roles.checkpoints import SLOT_HEADER, Checkpoints, split_state
+from agent.roles.checkpoints import IOV_MAX, SLOT_HEADER, Checkpoints, split_state
 from agent.transport import BrokerConfig, Transport
 
 
@@ -60,6 +62,41 @@ def test_the_model_part_is_written_once_a_version_and_read_back_with_the_rest(
     resumed.load_state_dict(state)
     assert "u1" in resumed.applied_ids
     np.testing.assert_array_equal(resumed.weights["w"], np.ones(4, np.float32))
+
+
+@pytest.mark.parametrize("most_per_call", [None, 100_000])
+def test_a_slot_written_from_views_holds_the_arrays_as_they_were_when_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most_per_call: int | None
+) -> None:
+    # The pieces of a large state: views of its arrays, more of them than one pwritev takes,
+    # written (in calls that may each write less than asked, as Linux does past 2 GiB),
+    # changed before the sync: the slot holds them as they were when written.
+    tensors = {f"buffer/sums/t{i:03d}": np.full(20_000, i, np.float32) for i in range(600)}
+    pieces = encode_tensor_segments(tensors)
+    assert len(pieces) > IOV_MAX
+    assert sum(isinstance(piece, memoryview) for piece in pieces) == len(tensors)
+    if most_per_call is not None:
+        pwritev = os.pwritev
+
+        def partial(fd: int, buffers: list[memoryview], offset: int) -> int:
+            left, some = most_per_call, []
+            for buffer in buffers:
+                some.append(buffer[:left])
+                left -= some[-1].nbytes
+                if not left:
+                    break
+            return pwritev(fd, some, offset)
+
+        monkeypatch.setattr("agent.roles.checkpoints.os.pwritev", partial)
+    checkpoints = Checkpoints(tmp_path)
+    written = checkpoints.write(0, pieces, {"a": 1})
+    for array in tensors.values():
+        array += 1
+    checkpoints.sync(written)
+    loaded = checkpoints.load_latest()
+    assert loaded is not None
+    for i, name in enumerate(tensors):
+        np.testing.assert_array_equal(loaded[0][name], np.full(20_000, i, np.float32))
 
 
 def test_a_version_without_its_model_part_on_disk_is_refused(tmp_path: Path) -> None:
@@ -331,6 +368,39 @@ async def test_a_commit_between_cuts_is_written_from_the_live_state_without_a_co
     assert resumed.algo.applied_ids.export() == ["u1"]
     for key, value in buffer.items():
         np.testing.assert_array_equal(resumed.algo.state_dict()[key], value)
+
+
+async def test_a_cancelled_live_commit_waits_for_its_write_and_lets_the_slot_go(
+    tmp_path: Path, topics: Topics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker thread writing the slot cannot be stopped: until it is done the save lock
+    # stays held (a role started again on this directory writes the same slot next), and the
+    # slot it wrote, never synced, is let go.
+    role, _, delta = await _prepared(tmp_path, topics)
+    await role._checkpoint()
+    role.algo.offer("u1", 0, delta)
+    role._unsaved = True
+    go, written = threading.Event(), []
+    write = Checkpoints.write
+
+    def slow(self: Checkpoints, *args: Any, **kwargs: Any) -> Any:
+        go.wait(10)
+        written.append(write(self, *args, **kwargs))
+        return written[-1]
+
+    monkeypatch.setattr(Checkpoints, "write", slow)
+    commit = asyncio.create_task(role._checkpoint())
+    await asyncio.sleep(0.1)
+    commit.cancel()
+    await asyncio.sleep(0.1)
+    assert not commit.done()
+    assert role._save_lock.locked()
+    go.set()
+    with pytest.raises(asyncio.CancelledError):
+        await commit
+    assert not role._save_lock.locked()
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(written[0].fd)  # closed
 
 
 async def test_two_snapshots_of_one_generation_write_its_older_ids_once(
