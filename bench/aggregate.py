@@ -38,7 +38,6 @@ from bench.common import (
     best_mb_s,
     cpu_seconds,
     own_broker_run,
-    read_results,
     scaled,
     show,
     write_results,
@@ -192,21 +191,15 @@ async def run() -> dict[str, Any]:
 
 
 def with_ceiling(figures: dict[str, Any]) -> dict[str, Any]:
-    """Add the ratio to the broker's ceiling for every measurement: the ceiling measured in
-    this part, alternating with the ingest runs, or else ``ceiling.json``'s for the payload
-    size closest to the update's."""
-    stored = read_results("ceiling")
+    """Add the ratio to the broker's ceiling, measured in this part alternating with the
+    ingest runs, for every measurement."""
     for label in figures["models"]:
-        paired = figures.get(f"{label}_paired_ceiling_mb_s")
+        paired = figures[f"{label}_paired_ceiling_mb_s"]
         for trainers in figures["trainer_counts"][label]:
             key = f"{label}_{trainers}"
-            found = paired
-            if found is None and stored is not None:
-                closest = ceiling.ceiling_for(stored, figures[f"{key}_update_bytes"])
-                found = None if closest is None else closest[1]
-            if found:
-                figures[f"{key}_ceiling_mb_s"] = found
-                figures[f"{key}_vs_ceiling"] = figures[f"{key}_mb_s"] / found
+            if paired:
+                figures[f"{key}_ceiling_mb_s"] = paired
+                figures[f"{key}_vs_ceiling"] = figures[f"{key}_mb_s"] / paired
     return figures
 
 

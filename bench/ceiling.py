@@ -134,15 +134,6 @@ async def run() -> dict[str, Any]:
     return figures
 
 
-def ceiling_for(figures: dict[str, Any], payload_bytes: int) -> tuple[float, float] | None:
-    """(msgs/s, MB/s) of the measured payload closest in size to ``payload_bytes``."""
-    labels = figures.get("labels", [])
-    if not labels:
-        return None
-    best = min(labels, key=lambda k: abs(figures[f"{k}_payload_bytes"] - payload_bytes))
-    return figures[f"{best}_msgs_s"], figures[f"{best}_mb_s"]
-
-
 def main() -> None:
     configure_logging("warning")
     figures = asyncio.run(run())
