@@ -810,7 +810,7 @@ class Aggregator(Role):
             cut = (snapshot.version, snapshot.ids_generation)
             model = None if cut == self._model_on_disk else snapshot.model
             older = None if snapshot.ids_generation == self._ids_on_disk else snapshot.older_ids
-            await self.ctx.run_cpu(
+            await self._in_thread_to_the_end(
                 functools.partial(
                     self.checkpoints.save,
                     snapshot.version,
