@@ -78,6 +78,8 @@ class Trainer(Role):
         """Hybrid FL: the ring (model version message id) this trainer took part in last."""
         self._latest: ModelVersion | None = None
         self._arrived = asyncio.Event()
+        self._ended = asyncio.Event()
+        """Set when the job's final version came: a ring still waiting for a peer is over."""
         self.delivery = Delivery.for_role(ctx)
         self.updates_sent = 0
         self.rejected = 0
@@ -219,10 +221,21 @@ class Trainer(Role):
         members = list(version.participants)
         self.ctx.progress({"state": "ring_allreduce", "ring_members": len(members)})
         vector = await self.ctx.run_cpu(weighted_vector, delta, float(samples))
+        ring = asyncio.create_task(
+            self.ring.allreduce(version.id, members, vector, timeout=self.plan.round_timeout)
+        )
+        ended = asyncio.create_task(self._ended.wait())
         try:
-            total = await self.ring.allreduce(
-                version.id, members, vector, timeout=self.plan.round_timeout
-            )
+            await asyncio.wait((ring, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            left = not ring.done()
+            await cancel_and_wait([ring, ended], suppress=(RingError,))
+        if left:
+            # The job ended: a peer that saw the final version first will send nothing more.
+            log.info("ring_left", job=self.ctx.bundle.job, ring=version.id, reason="job ended")
+            return None
+        try:
+            total = ring.result()
         except RingError as exc:
             log.warning("ring_failed", job=self.ctx.bundle.job, reason=str(exc))
             # Say at once that this member is alive: the middle keeps it in the next ring
@@ -321,6 +334,8 @@ class Trainer(Role):
         # its trainers) or when the aggregator answers a request: take it too.
         if latest is None or decoded.version >= latest.version or decoded.final:
             self._latest = decoded
+            if decoded.final:
+                self._ended.set()
             self._arrivals += 1
             self._latest_arrival = self._arrivals
             self._arrived.set()

@@ -20,6 +20,7 @@ import pytest
 from agent.learning.assets import load_demo_model
 from agent.protocol import ModelRequest, ModelVersion, Topics, decode_message
 from agent.roles.aggregator import Aggregator
+from agent.roles.base import RoleContext
 from agent.roles.middle import MiddleAggregator
 from agent.roles.trainer import MODEL_REQUEST_INTERVAL, RoleError, Trainer
 from agent.tasks import cancel_and_wait
@@ -185,32 +186,22 @@ async def test_a_hybrid_trainer_left_out_of_rings_asks_back_in(sites: Sites) -> 
     # the ring up, and on seeing a ring without it, never only after a quiet spell (new
     # rings without it keep coming, so that spell may never come).
     fed = sites.federation
-    cfg = grouped("async", "hybrid", round_timeout=1)
-    labels = {"labels": {"site": "hq"}}
-    middle = await fed.context("gw-hq", bundle("middle_aggregator", cfg, ""), {}, labels)
+    middle, _, task = await _hq_trainer(fed, round_timeout=1)
     requests = await middle.transport.subscribe(
         fed.topics.all_group_updates("digits", "hq"), max_messages=64
     )
-    shards, _ = digits(2)
-    trainer = Trainer(
-        await fed.context("pi-0", bundle("trainer", cfg, "digits"), {"digits": shards[0]}, labels)
-    )
-    task = asyncio.create_task(trainer.run())
-    weights = dict(load_demo_model().initial_params)
-    model_topic = fed.topics.group_model("digits", "hq")
 
     async def relay(*members: str) -> bytes:
-        ring = ModelVersion(job="digits", version=1, tensors=weights, participants=list(members))
-        payload = ring.to_msgpack()
-        await middle.publish(model_topic, payload)
-        return payload
+        return await _relay(middle, fed.topics, members)
 
     patience = 5 * MODEL_REQUEST_INTERVAL  # the trainer's quiet spell before it asks anyway
     try:
         await _next_request(requests, patience)  # joining
         without = await relay("pi-1", "pi-2")
         await _next_request(requests, 1.5)
-        await middle.publish(model_topic, without)  # the same ring again: asked already
+        await middle.publish(
+            fed.topics.group_model("digits", "hq"), without
+        )  # the same ring again: asked already
         with pytest.raises(asyncio.TimeoutError):
             await _next_request(requests, 1.5)
         began = time.monotonic()
@@ -221,6 +212,63 @@ async def test_a_hybrid_trainer_left_out_of_rings_asks_back_in(sites: Sites) -> 
     finally:
         await cancel_and_wait([task])
         await requests.close()
+
+
+async def test_a_hybrid_trainer_leaves_its_ring_when_the_job_ends(sites: Sites) -> None:
+    # A ring member that saw the final version before it trained sends no chunk: the others
+    # must end with the job, not wait out the round's timeout for it.
+    fed = sites.federation
+    middle, trainer, task = await _hq_trainer(fed, round_timeout=120)
+    chunks = await middle.transport.subscribe(
+        fed.topics.group_ring("digits", "hq", "pi-0", "pi-9"), max_messages=8
+    )
+    requests = await middle.transport.subscribe(
+        fed.topics.all_group_updates("digits", "hq"), max_messages=64
+    )
+    try:
+        await _next_request(requests, 5 * MODEL_REQUEST_INTERVAL)  # joining
+        await _relay(middle, fed.topics, ("pi-9", "pi-0"))  # pi-9 has already ended
+        await chunks.get(30)  # pi-0 trained and is in the ring, waiting for pi-9's chunk
+        began = time.monotonic()
+        await _relay(middle, fed.topics, (), version=2, final=True)
+        await asyncio.wait_for(asyncio.shield(task), 10)
+        assert time.monotonic() - began < 10
+        assert trainer.updates_sent == 0
+    finally:
+        await cancel_and_wait([task])
+        await chunks.close()
+        await requests.close()
+
+
+async def _hq_trainer(
+    fed: Federation, round_timeout: float
+) -> tuple[RoleContext, Trainer, asyncio.Task[None]]:
+    """Group hq's middle (only its connection: the test speaks for it) and trainer pi-0."""
+    cfg = grouped("async", "hybrid", round_timeout=round_timeout)
+    labels = {"labels": {"site": "hq"}}
+    middle = await fed.context("gw-hq", bundle("middle_aggregator", cfg, ""), {}, labels)
+    shards, _ = digits(2)
+    trainer = Trainer(
+        await fed.context("pi-0", bundle("trainer", cfg, "digits"), {"digits": shards[0]}, labels)
+    )
+    return middle, trainer, asyncio.create_task(trainer.run())
+
+
+async def _relay(
+    middle: RoleContext,
+    topics: Topics,
+    members: tuple[str, ...],
+    version: int = 1,
+    final: bool = False,
+) -> bytes:
+    """Publish, as hq's middle, a model version whose ring is ``members``."""
+    weights = dict(load_demo_model().initial_params)
+    message = ModelVersion(
+        job="digits", version=version, tensors=weights, participants=list(members), final=final
+    )
+    payload = message.to_msgpack()
+    await middle.publish(topics.group_model("digits", "hq"), payload)
+    return payload
 
 
 async def _next_request(requests: Subscription, within: float) -> ModelRequest:
