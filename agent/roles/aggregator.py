@@ -115,7 +115,11 @@ class Aggregator(Role):
         self.trainers: set[str] = set()
         self.tracker = StragglerTracker()
         """Arrival statistics per trainer (not checkpointed: they describe this run)."""
-        self.history: list[dict[str, Any]] = []
+        self.last_version: dict[str, Any] = {}
+        """The newest version's record (version, elapsed, updates applied, held-out accuracy
+        and loss), checkpointed: a resumed aggregator reports it again and ends with it. The
+        whole curve is the coordinator's job history; as every commit writes this record, it
+        is one entry, not one per version."""
         self.started_at = time.time()
         self.selector: RandomSelector | OortSelector = (
             OortSelector(
@@ -189,7 +193,7 @@ class Aggregator(Role):
             if resumed:
                 # The event of the version it resumes at may not have gone out (a stop between
                 # checkpoint and report): sent again, the coordinator merges a version it has.
-                last = self.history[-1] if self.history else {}
+                last = self.last_version
                 same = last.get("version") == self.algo.version
                 await self.ctx.report(self._version_event(last if same else {}))
             else:
@@ -251,7 +255,7 @@ class Aggregator(Role):
                 self._model_on_disk = cut  # else written anew, under this cut's name
             if "ids_file" in meta:
                 self._ids_on_disk = self.algo.ids_generation
-            self.history = list(meta.get("history", []))
+            self.last_version = last_version_of(meta)
             self.started_at = float(meta.get("started_at", self.started_at))
             self.trainers = set(meta.get("trainers", []))
             self.rejections = {str(k): int(v) for k, v in meta.get("rejections", {}).items()}
@@ -666,13 +670,11 @@ class Aggregator(Role):
         event = self._version_event(evaluated)
         if "loss" in metrics:
             event["train_loss"] = metrics["loss"]
-        self.history.append(
-            {
-                k: event[k]
-                for k in ("version", "elapsed", "updates_applied", "accuracy", "loss")
-                if k in event
-            }
-        )
+        self.last_version = {
+            k: event[k]
+            for k in ("version", "elapsed", "updates_applied", "accuracy", "loss")
+            if k in event
+        }
         await self._checkpoint()
         await self.ctx.report(event)
         self._progress()
@@ -686,7 +688,7 @@ class Aggregator(Role):
 
     def _version_event(self, evaluated: Mapping[str, Any]) -> dict[str, Any]:
         """The ``model_version`` event of the current version, with the held-out ``loss`` and
-        ``accuracy`` in ``evaluated`` (this evaluation, or the version's history entry)."""
+        ``accuracy`` in ``evaluated`` (this evaluation, or the version's checkpointed record)."""
         counters = self.algo.counters.as_dict()
         event: dict[str, Any] = {
             "event": "model_version",
@@ -766,7 +768,7 @@ class Aggregator(Role):
         """A copy of what a checkpoint keeps besides the state."""
         return copy.deepcopy(
             {
-                "history": self.history,
+                "last_version": self.last_version,
                 "started_at": self.started_at,
                 "trainers": sorted(self.trainers),
                 "rejections": self.rejections,
@@ -881,13 +883,12 @@ class Aggregator(Role):
         await self._publish(final=True)  # first: the coordinator may cancel this role any moment
         if self._acks_pending:  # saves what the last receipts name, for the record
             await self._send_acks()
-        last = self.history[-1] if self.history else {}
         await self.ctx.report(
             {
                 "event": "completed",
                 "reason": reason,
                 "version": self.algo.version,
-                **{k: v for k, v in last.items() if k != "version"},
+                **{k: v for k, v in self.last_version.items() if k != "version"},
             }
         )
         log.info("job_completed", job=self.ctx.bundle.job, reason=reason, version=self.algo.version)
@@ -932,3 +933,11 @@ class Aggregator(Role):
                 await self._publish()
 
         self._republish = asyncio.create_task(later())
+
+
+def last_version_of(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The newest version's record in a checkpoint's metadata; checkpoints written before
+    ``last_version`` kept every version's, in ``history``."""
+    if "last_version" in meta:
+        return dict(meta["last_version"])
+    return dict((meta.get("history") or [{}])[-1])

@@ -32,7 +32,7 @@ from agent.protocol import (
     decode_message,
 )
 from agent.protocol.bundle import RoleBundle
-from agent.roles.aggregator import Aggregator
+from agent.roles.aggregator import Aggregator, last_version_of
 from agent.roles.base import RoleContext
 from agent.roles.checkpoints import Checkpoints
 from agent.roles.trainer import RoleError, Trainer
@@ -208,7 +208,7 @@ async def test_aggregator_resumes_from_its_checkpoint(federation: Federation) ->
     )
     saved = Checkpoints(ctx.state_dir / "checkpoints").load_latest()
     assert saved is not None
-    checkpointed = saved[1]["history"][-1]["version"]
+    checkpointed = saved[1]["last_version"]["version"]
     resumed = Aggregator(ctx)
     await asyncio.wait_for(resumed.run(), 60)
     await asyncio.wait_for(asyncio.gather(*trainers), 30)
@@ -227,6 +227,14 @@ async def test_aggregator_resumes_from_its_checkpoint(federation: Federation) ->
     if again["version"] in reported:  # else it was stopped between checkpoint and report
         assert again["accuracy"] == reported[again["version"]]["accuracy"]
         assert again["updates_applied"] == reported[again["version"]]["updates_applied"]
+
+
+def test_a_checkpoint_keeps_the_newest_version_s_record_and_older_ones_still_resume() -> None:
+    record = {"version": 4, "elapsed": 1.5, "updates_applied": 12, "accuracy": 0.9}
+    assert last_version_of({"last_version": record}) == record
+    # Written before last_version: every version's record, the newest last.
+    assert last_version_of({"history": [{"version": 3}, record]}) == record
+    assert last_version_of({"history": []}) == last_version_of({}) == {}
 
 
 async def test_final_version_stops_trainers(federation: Federation) -> None:
