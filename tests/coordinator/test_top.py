@@ -318,6 +318,10 @@ def start_in_terminal(args: list[str], columns: int = 200, rows: int = 60) -> tu
     def controlling_terminal() -> None:
         os.setsid()
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # As in a login session: a test run started in the background by a shell without job
+        # control (as CI may be) ignores SIGINT and SIGQUIT, and its children inherit that.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "CI")}
     env["TERM"] = "xterm-256color"
