@@ -61,20 +61,6 @@ T = TypeVar("T")
 log = structlog.get_logger("ember.aggregator")
 
 
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """The state taken for one checkpoint (:meth:`Aggregator._snapshot`), encoded: the model
-    part and the older ids only when their files are not on disk yet."""
-
-    seq: int
-    version: int
-    state: bytes
-    meta: dict[str, Any]
-    model: bytes | None
-    ids_generation: int
-    older_ids: bytes | None
-
-
 RECEIPT_SPACING_PER_TRAINER = 0.25e-3
 RECEIPT_SPACING_MAX = 0.05
 """Seconds between the starts of two group commits (each ends in a receipt that every trainer
@@ -147,12 +133,10 @@ class Aggregator(Role):
         """Updates went into the buffer since the last checkpoint."""
         self._state_lock = asyncio.Lock()
         """Held by the serve loop while a message or a timer changes the state, and by a
-        checkpoint while it takes its snapshot: no snapshot sees half an update."""
+        checkpoint while it writes the slot: no checkpoint holds half an update."""
         self._save_lock = asyncio.Lock()
-        """One checkpoint write at a time, newest last."""
-        self._snapshots = 0
-        self._written = 0
-        """Sequence numbers of the newest snapshot taken and of the newest on disk."""
+        """One checkpoint at a time, from its write to its sync: each slot is newer than the
+        one before."""
         self._saver: asyncio.Task[None] | None = None
         self._last_commit = 0.0
         """When the last group commit began (the event loop's clock)."""
@@ -404,9 +388,9 @@ class Aggregator(Role):
             )
 
     async def _save_and_acknowledge(self) -> None:
-        """Group commit: snapshot what has been processed, write it while the serve loop goes
-        on taking updates, then acknowledge exactly what the snapshot holds; again while more
-        came meanwhile. Receipts used to wait until the updates queue ran empty and the loop
+        """Group commit: write what has been processed into a slot while the state is held
+        still, sync it while the serve loop goes on taking updates, then acknowledge exactly
+        what the slot holds; again while more came meanwhile. Receipts used to wait until the updates queue ran empty and the loop
         stood still during every write: the trainers (one update in flight each) then sent in
         convoys and the aggregator idled between them (bench/aggregate)."""
         loop = asyncio.get_running_loop()
@@ -428,11 +412,11 @@ class Aggregator(Role):
             while self._handled < target and (left := deadline - loop.time()) > 0:
                 self._progressed.clear()
                 await wait_event(self._progressed, left)
-            snapshot = written = None
+            written = None
             async with self._state_lock:
                 acks, version = self._acks, self.algo.version
                 self._acks, self._acks_pending = {}, False
-                if self._unsaved and self._cut_on_disk():
+                if self._unsaved:
                     # Straight from the live state into the slot, then synced while the serve
                     # loop goes on: the lock order (state, then save) is the serve loop's too.
                     await self._save_lock.acquire()
@@ -441,15 +425,11 @@ class Aggregator(Role):
                     except BaseException:
                         self._save_lock.release()
                         raise
-                elif self._unsaved:
-                    snapshot = await self._snapshot()
             if written is not None:
                 try:
                     await self._sync_live(written)
                 finally:
                     self._save_lock.release()
-            elif snapshot is not None:
-                await self._write(snapshot)
             ack = UpdateAck(job=self.ctx.bundle.job, version=version, acks=acks)
             await self.ctx.publish(self._model_topic(), ack.to_msgpack())
 
@@ -706,47 +686,44 @@ class Aggregator(Role):
     async def _checkpoint(self) -> None:
         """Save the whole state now; the caller keeps it still (the serve loop's state lock,
         or no other task changing it)."""
-        if not self._cut_on_disk():
-            await self._write(await self._snapshot())
-            return
         async with self._save_lock:
             await self._sync_live(await self._write_live())
 
-    def _cut_on_disk(self) -> bool:
-        """The files of the current cut (model part, older ids) are on disk: a checkpoint
-        needs to write its slot only."""
-        generation = self.algo.ids_generation
-        return self._model_on_disk == (self.algo.version, generation) and (
-            self._ids_on_disk == generation
-        )
-
-    async def _write_live(self) -> tuple[WrittenSlot, int]:
+    async def _write_live(self) -> WrittenSlot:
         """The state as it is now written into the older slot from the live arrays (no copy
-        of the buffer), not yet synced, with its sequence number. The caller keeps the state
+        of the buffer), not yet synced; first, durably, the current cut's model part and
+        older ids unless their files are on disk (once per version or generation: between
+        versions only the buffer, counters and newer ids change). The caller keeps the state
         still until this returns, holds the save lock, and then calls :meth:`_sync_live`."""
         version, generation = self.algo.version, self.algo.ids_generation
+        cut = (version, generation)
+        with_model = self._model_on_disk != cut
+        with_ids = self._ids_on_disk != generation
         meta = self._meta()
         self._unsaved = False
-        self._snapshots += 1
-        seq = self._snapshots
 
         def write() -> WrittenSlot:
-            _, _, rest = split_state(self.algo.state_dict(older_ids=False))
+            model, older, rest = split_state(self.algo.state_dict(older_ids=with_ids))
             return self.checkpoints.write(
                 version,
                 encode_tensor_segments(rest),
                 meta,
+                encode_tensors(model) if with_model else None,
                 split=True,
+                older_ids=encode_tensors(older) if with_ids else None,
                 ids_generation=generation,
             )
 
-        return await self._in_thread_to_the_end(write, self.checkpoints.abandon), seq
+        written = await self._in_thread_to_the_end(write, self.checkpoints.abandon)
+        # Written once each: written again with ids forgotten since, a crash before the next
+        # slot would pair the older slot with fewer ids than it was written with.
+        self._model_on_disk = cut
+        self._ids_on_disk = generation
+        return written
 
-    async def _sync_live(self, written: tuple[WrittenSlot, int]) -> None:
+    async def _sync_live(self, written: WrittenSlot) -> None:
         """Finish :meth:`_write_live`'s slot; the state may change meanwhile."""
-        slot, seq = written
-        await self._in_thread_to_the_end(functools.partial(self.checkpoints.sync, slot))
-        self._written = max(self._written, seq)
+        await self._in_thread_to_the_end(functools.partial(self.checkpoints.sync, written))
 
     async def _in_thread_to_the_end(
         self, work: Callable[[], T], cancelled: Callable[[T], None] | None = None
@@ -775,60 +752,6 @@ class Aggregator(Role):
                 **self._extra_meta(),
             }
         )
-
-    async def _snapshot(self) -> Snapshot:
-        """The state as it is now, encoded, with a copy of its metadata and a sequence number;
-        the model part is encoded only while this cut's is not on disk yet, the older
-        ids only while this generation's are not (between versions only the buffer, counters
-        and the newer ids change: half of the bytes or less)."""
-        version, generation = self.algo.version, self.algo.ids_generation
-        with_model = self._model_on_disk != (version, generation)
-        with_ids = self._ids_on_disk != generation
-
-        def encode() -> tuple[bytes, bytes | None, bytes | None]:
-            model, older, rest = split_state(self.algo.state_dict(older_ids=with_ids))
-            return (
-                encode_tensors(rest),
-                encode_tensors(model) if with_model else None,
-                encode_tensors(older) if with_ids else None,
-            )
-
-        state, model, older_ids = await self.ctx.run_cpu(encode)
-        meta = self._meta()
-        self._unsaved = False
-        self._snapshots += 1
-        return Snapshot(self._snapshots, version, state, meta, model, generation, older_ids)
-
-    async def _write(self, snapshot: Snapshot) -> None:
-        """Put ``snapshot`` on disk unless a newer one already is (it holds all of this
-        one: the state only grows between versions, and a version's checkpoint holds its
-        buffer): a checkpoint never goes back in time."""
-        async with self._save_lock:
-            if snapshot.seq < self._written:
-                return
-            # Two snapshots of one version or generation may both carry its part (taken before
-            # either was written): only the first writes it. Written again, with ids forgotten
-            # since, a crash before this slot would pair the newest slot with fewer ids.
-            cut = (snapshot.version, snapshot.ids_generation)
-            model = None if cut == self._model_on_disk else snapshot.model
-            older = None if snapshot.ids_generation == self._ids_on_disk else snapshot.older_ids
-            await self._in_thread_to_the_end(
-                functools.partial(
-                    self.checkpoints.save,
-                    snapshot.version,
-                    snapshot.state,
-                    snapshot.meta,
-                    model,
-                    split=True,
-                    older_ids=older,
-                    ids_generation=snapshot.ids_generation,
-                )
-            )
-            self._written = snapshot.seq
-            if model is not None:
-                self._model_on_disk = cut
-            if older is not None:
-                self._ids_on_disk = snapshot.ids_generation
 
     def _extra_meta(self) -> dict[str, Any]:
         """More to keep in each checkpoint's JSON (read back by :meth:`_resume_meta`)."""
