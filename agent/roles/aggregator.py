@@ -390,9 +390,10 @@ class Aggregator(Role):
     async def _save_and_acknowledge(self) -> None:
         """Group commit: write what has been processed into a slot while the state is held
         still, sync it while the serve loop goes on taking updates, then acknowledge exactly
-        what the slot holds; again while more came meanwhile. Receipts used to wait until the updates queue ran empty and the loop
-        stood still during every write: the trainers (one update in flight each) then sent in
-        convoys and the aggregator idled between them (bench/aggregate)."""
+        what the slot holds; again while more came meanwhile. Receipts used to wait until the
+        updates queue ran empty and the loop stood still during every write: the trainers (one
+        update in flight each) then sent in convoys and the aggregator idled between them
+        (bench/aggregate)."""
         loop = asyncio.get_running_loop()
         while self._acks_pending:
             # Every receipt goes to every trainer of the job: commits are spaced so that each
