@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import aggregate, common
 
 PROVENANCE = ("machine", "python", "measured_at", "quick")
 
@@ -78,7 +78,7 @@ CHECKS = (
 def bar() -> list[str]:
     lines = ["| bar (issue 7) | measured | verdict |", "|---|---:|---|"]
     ingest = common.read_results("aggregate") or {}
-    for model in ("1m", "11m"):
+    for model in aggregate.BAR_MODELS:
         for trainers in ingest.get("trainer_counts", {}).get(model, []):
             lines += _check(
                 f"ingest ≥ 0.80 of the ceiling, {model} model, {trainers} trainers",
