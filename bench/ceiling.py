@@ -60,6 +60,11 @@ def model_payloads() -> dict[str, int]:
     }
 
 
+LAST_MESSAGE_WAIT = 10.0
+"""Seconds past the window a run waits for a message that ends it (a 44 MB one takes about
+0.1 s here)."""
+
+
 async def measure(host: str, port: int, label: str, size: int, seconds: float) -> dict[str, Any]:
     if size >= 10_000_000:
         seconds *= 1.5  # a few messages a second: a longer window for more samples
@@ -82,9 +87,9 @@ async def measure(host: str, port: int, label: str, size: int, seconds: float) -
             "window": max(2, WINDOW_BYTES // size),
         }
         async with Flood(config) as flood:
-            flood.go()
-            started = time.perf_counter()
+            started = time.perf_counter()  # before "go": the flood's clock starts after this
             end = started + seconds
+            flood.go()
 
             async def receive() -> None:
                 async for message in rx.messages:
@@ -94,8 +99,12 @@ async def measure(host: str, port: int, label: str, size: int, seconds: float) -
                     if now >= end:
                         return
 
+            # The flood stops by its own clock. Were it to start before this one, the last
+            # message could come before the window ends and none after it: started after
+            # "go", that happened once in a dozen runs on a loaded machine and the wait (then
+            # 120 s) ran out. Arrivals after the window do not count: past it, wait briefly.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(receive(), seconds + 120)
+                await asyncio.wait_for(receive(), seconds + LAST_MESSAGE_WAIT)
             sent = await flood.result()
     window = [(t, n) for t, n in arrivals if started + warmup <= t <= end]
     span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
