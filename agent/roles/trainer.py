@@ -78,8 +78,6 @@ class Trainer(Role):
         """Hybrid FL: the ring (model version message id) this trainer took part in last."""
         self._latest: ModelVersion | None = None
         self._arrived = asyncio.Event()
-        self._ended = asyncio.Event()
-        """Set when the job's final version came: a ring still waiting for a peer is over."""
         self.delivery = Delivery.for_role(ctx)
         self.updates_sent = 0
         self.rejected = 0
@@ -224,14 +222,14 @@ class Trainer(Role):
         ring = asyncio.create_task(
             self.ring.allreduce(version.id, members, vector, timeout=self.plan.round_timeout)
         )
-        ended = asyncio.create_task(self._ended.wait())
+        # A peer that saw the final version first will send nothing more: the ring is over.
+        ended = asyncio.create_task(self.delivery.wait(self._job_ended, None))
         try:
             await asyncio.wait((ring, ended), return_when=asyncio.FIRST_COMPLETED)
         finally:
             left = not ring.done()
             await cancel_and_wait([ring, ended], suppress=(RingError,))
         if left:
-            # The job ended: a peer that saw the final version first will send nothing more.
             log.info("ring_left", job=self.ctx.bundle.job, ring=version.id, reason="job ended")
             return None
         try:
@@ -334,8 +332,6 @@ class Trainer(Role):
         # its trainers) or when the aggregator answers a request: take it too.
         if latest is None or decoded.version >= latest.version or decoded.final:
             self._latest = decoded
-            if decoded.final:
-                self._ended.set()
             self._arrivals += 1
             self._latest_arrival = self._arrivals
             self._arrived.set()
@@ -353,10 +349,14 @@ class Trainer(Role):
         on regardless (the update stays spooled and is sent again), so an absent broker or
         aggregator does not stop training until the spool is full."""
         if not await self.delivery.wait(
-            lambda: self.delivery.is_acked(update_id) or bool(self._latest and self._latest.final),
+            lambda: self.delivery.is_acked(update_id) or self._job_ended(),
             ACK_TIMEOUT,
         ):
             log.info("update_not_yet_acknowledged", job=self.ctx.bundle.job, update=update_id)
+
+    def _job_ended(self) -> bool:
+        """The job's final version came (:meth:`handle` then wakes :meth:`Delivery.wait`)."""
+        return bool(self._latest and self._latest.final)
 
     async def _next_version(self, trained_on: int, topic: str) -> ModelVersion:
         """The version to train on next: newer than ``trained_on`` in sync mode, and naming
