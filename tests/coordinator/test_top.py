@@ -360,14 +360,10 @@ def wait_reading(process: Any, master: int, timeout: float) -> tuple[int | None,
     """``process``'s exit code (``None`` if it still runs after ``timeout``) and what it showed
     meanwhile: read, as a program writing to a terminal nobody reads blocks once the
     terminal's buffer is full, and never exits."""
-    shown = b""
-    deadline = time.monotonic() + timeout
-    while process.poll() is None and time.monotonic() < deadline:
-        ready, _, _ = select.select([master], [], [], 0.1)
-        if ready:
-            with contextlib.suppress(OSError):  # EIO: the terminal's last writer is gone
-                shown += os.read(master, 65536)
-    return process.poll(), plain(shown.decode(errors="replace"))
+    shown = read_until(master, lambda _: process.poll() is not None, timeout)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(1)  # its terminal closed: gone, or about to be
+    return process.poll(), plain(shown)
 
 
 @pytest.mark.slow

@@ -191,21 +191,18 @@ async def test_a_hybrid_trainer_left_out_of_rings_asks_back_in(sites: Sites) -> 
         fed.topics.all_group_updates("digits", "hq"), max_messages=64
     )
 
-    async def relay(*members: str) -> bytes:
-        return await _relay(middle, fed.topics, members)
-
     patience = 5 * MODEL_REQUEST_INTERVAL  # the trainer's quiet spell before it asks anyway
     try:
         await _next_request(requests, patience)  # joining
-        without = await relay("pi-1", "pi-2")
+        without = await _relay(middle, fed.topics, ("pi-1", "pi-2"))
         await _next_request(requests, 1.5)
-        await middle.publish(
-            fed.topics.group_model("digits", "hq"), without
-        )  # the same ring again: asked already
+        # The same ring again: asked already.
+        await middle.publish(fed.topics.group_model("digits", "hq"), without)
         with pytest.raises(asyncio.TimeoutError):
             await _next_request(requests, 1.5)
         began = time.monotonic()
-        await relay("pi-0", "pi-9")  # pi-9 never sends its chunk: the ring fails after 1 s
+        # pi-9 never sends its chunk: the ring fails after 1 s.
+        await _relay(middle, fed.topics, ("pi-0", "pi-9"))
         alive = await _next_request(requests, patience)
         assert alive.have_version == 1
         assert time.monotonic() - began < patience / 2
