@@ -81,10 +81,11 @@ def bar() -> list[str]:
     for model in aggregate.BAR_MODELS:
         for trainers in ingest.get("trainer_counts", {}).get(model, []):
             lines += _check(
-                f"ingest ≥ 0.80 of the ceiling, {model} model, {trainers} trainers",
+                f"ingest ≥ {aggregate.BAR_RATIO:.2f} of the ceiling, {model} model, "
+                f"{trainers} trainers",
                 "aggregate",
                 f"{model}_{trainers}_vs_ceiling",
-                lambda v: v >= 0.8,
+                lambda v: v >= aggregate.BAR_RATIO,
                 lambda v: f"{v:.2f}",
             )
     for check in CHECKS:
