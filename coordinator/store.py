@@ -480,7 +480,8 @@ class Store:
         events: Iterable[tuple[str | None, str, Mapping[str, Any]]] = (),
         model_version: tuple[str, int, int, Mapping[str, Any]] | None = None,
     ) -> None:
-        """Write jobs and assignments (insert or replace) and append events, atomically."""
+        """Write jobs and assignments (insert or replace), append events and record a model
+        version (merged into its record if it has one), atomically."""
         job_rows = [_job_row(j) for j in jobs]
         assignment_rows = [_assignment_row(a) for a in assignments]
         now = time.time()
@@ -494,10 +495,17 @@ class Store:
             )
             if model_version is not None:
                 job, version, updates, metrics = model_version
+                # A version reported again (the aggregator's completed event names its last
+                # one) adds to what was recorded of it: its metrics and time stay.
+                known = db.execute(
+                    "SELECT metrics, ts FROM model_versions WHERE job = ? AND version = ?",
+                    (job, version),
+                ).fetchone()
+                merged = {**json.loads(known["metrics"]), **metrics} if known else dict(metrics)
                 db.execute(
                     "INSERT OR REPLACE INTO model_versions (job, version, updates_applied, "
                     "metrics, ts) VALUES (?, ?, ?, ?, ?)",
-                    (job, version, updates, _dumps(dict(metrics)), now),
+                    (job, version, updates, _dumps(merged), known["ts"] if known else now),
                 )
 
         await self._call(self._tx, run)

@@ -175,6 +175,25 @@ async def test_saving_a_job_again_keeps_its_assignments_and_versions(tmp_path: P
         await store.close()
 
 
+async def test_a_version_reported_again_keeps_what_was_recorded_of_it(tmp_path: Path) -> None:
+    """The aggregator's completed event names its last version with fewer metrics (no
+    trainers' loss): the version's record keeps them, and its time."""
+    store = await Store.open(tmp_path)
+    try:
+        record = job()
+        first = {"accuracy": 0.94, "loss": 0.25, "train_loss": 0.33}
+        await store.save(jobs=[record], model_version=(record.id, 6, 12, first))
+        [before] = await store.model_versions(record.id)
+        await asyncio.sleep(0.01)
+        await store.save(model_version=(record.id, 6, 13, {"accuracy": 0.95}))
+        [after] = await store.model_versions(record.id)
+        assert after["metrics"] == {"accuracy": 0.95, "loss": 0.25, "train_loss": 0.33}
+        assert after["updates_applied"] == 13
+        assert after["ts"] == before["ts"]
+    finally:
+        await store.close()
+
+
 async def test_a_version_1_database_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
     from coordinator.store import MIGRATIONS
 
