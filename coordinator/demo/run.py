@@ -566,25 +566,17 @@ class Demo:
     def _plot(self, path: Path, title: str) -> Path | None:
         if not self.progress.history:
             return None
-        import matplotlib
+        from coordinator.plots import save_curves
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        seconds, accuracy = zip(*self.progress.history, strict=True)
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-        ax.plot(seconds, accuracy, marker=".", linewidth=1.5)
-        if self.options.target_accuracy is not None:
-            ax.axhline(self.options.target_accuracy, color="grey", linestyle="--", linewidth=1)
-        ax.set_xlabel("seconds since the job started")
-        ax.set_ylabel("held-out accuracy")
-        ax.set_ylim(0, 1)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path)
-        plt.close(fig)
-        return path
+        return save_curves(
+            path,
+            {"held-out accuracy": self.progress.history},
+            xlabel="seconds since the job started",
+            ylabel="held-out accuracy",
+            title=title,
+            target=self.options.target_accuracy,
+            ylim=(0, 1),
+        )
 
     def _write_model(
         self, artifacts: ModelArtifacts, weights: bytes | None, path: Path

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from coordinator.plots import save_curves
+
 
 def run(algorithm: str, args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out) / algorithm
@@ -45,27 +47,18 @@ def main() -> None:
         reached = summary["time_to_target"]
         shown = "not reached" if reached is None else f"{reached:.1f} s"
         print(f"{name:8s} time to {args.target}: {shown}  (final {summary['final_accuracy']})")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for name, summary in results.items():
-        seconds, accuracy = zip(*summary["history"], strict=True)
-        ax.plot(seconds, accuracy, label=name)
-    ax.axhline(args.target, color="grey", linestyle="--", linewidth=1)
-    ax.set_xlabel("seconds since the job started")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(
-        f"{round(args.agents * args.stragglers)} of {args.agents} agents {args.slowdown:g}× slower"
+    path = save_curves(
+        Path(args.out) / "stragglers.png",
+        {name: summary["history"] for name, summary in results.items()},
+        xlabel="seconds since the job started",
+        ylabel="held-out accuracy",
+        title=(
+            f"{round(args.agents * args.stragglers)} of {args.agents} agents "
+            f"{args.slowdown:g}× slower"
+        ),
+        target=args.target,
+        ylim=(0, 1),
     )
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(args.out) / "stragglers.png"
-    fig.savefig(path)
     print(f"plot: {path}")
 
 

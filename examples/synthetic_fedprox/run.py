@@ -35,6 +35,7 @@ from coordinator.demo.run import (  # noqa: E402
     LocalAgent,
     Scenario,
 )
+from coordinator.plots import save_curves  # noqa: E402
 from coordinator.spec import load_yaml  # noqa: E402
 from examples.synthetic_fedprox.data import Device, synthetic  # noqa: E402
 
@@ -125,28 +126,20 @@ def per_device_accuracy(summary: DemoSummary, devices: list[Device]) -> float:
 
 
 def plot(results: dict[str, DemoSummary], path: Path, args: argparse.Namespace) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for summary in results.values():
-        accuracy = [a for _, a in summary.history]
-        ax.plot(range(len(accuracy)), accuracy, label=summary.algorithm)
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (all devices' test splits)")
-    ax.set_ylim(0, 1)
-    ax.set_title(
-        f"Synthetic({args.alpha:g},{args.beta:g}), {args.devices} devices, "
-        f"{args.stragglers:.0%} stragglers, seed {args.seed}"
+    return save_curves(
+        path,
+        {
+            summary.algorithm: [(i, a) for i, (_, a) in enumerate(summary.history)]
+            for summary in results.values()
+        },
+        xlabel="round",
+        ylabel="test accuracy (all devices' test splits)",
+        title=(
+            f"Synthetic({args.alpha:g},{args.beta:g}), {args.devices} devices, "
+            f"{args.stragglers:.0%} stragglers, seed {args.seed}"
+        ),
+        ylim=(0, 1),
     )
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def main() -> None:
