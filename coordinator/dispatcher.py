@@ -346,9 +346,11 @@ class Dispatcher:
             "ts": round(self.clock(), 3),
         }
 
-    async def detail(self, job: _Job) -> dict[str, Any]:
+    async def detail(self, job: _Job, *, versions: int | None = 20) -> dict[str, Any]:
+        """The job's state with its spec, assignments, latest events and its newest
+        ``versions`` model versions (every one with ``None``: a report's learning curve)."""
         events = await self.store.events(job.record.id, limit=40)
-        versions = await self.store.model_versions(job.record.id)
+        kept = await self.store.model_versions(job.record.id)
         return {
             **self.state_document(job),
             "spec": job.record.spec,
@@ -368,7 +370,7 @@ class Dispatcher:
                 for a in sorted(job.assignments.values(), key=lambda a: (a.role, a.agent))
             ],
             "events": [e.to_dict() for e in events],
-            "model_versions": versions[-20:],
+            "model_versions": kept if versions is None else kept[-versions:] if versions else [],
         }
 
     # operations --------------------------------------------------------------------------------

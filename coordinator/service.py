@@ -565,7 +565,8 @@ class Coordinator:
             job = self._d.find(_param(params, "job"))
         except JobError as exc:
             raise RpcError(str(exc)) from None
-        detail = await self._d.detail(job)
+        every = params.get("versions") == "all"  # ember jobs report: the whole curve
+        detail = await self._d.detail(job, versions=None if every else 20)
         assert self.store is not None
         weights = await self.store.job_weights(job.record.id)  # what is on disk, as it is
         detail["weights"] = None if weights is None else weights.to_dict()

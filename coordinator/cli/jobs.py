@@ -1,4 +1,4 @@
-"""``ember jobs``: plan, submit, list, show, watch, export and cancel jobs."""
+"""``ember jobs``: plan, submit, list, show, watch, export, report and cancel jobs."""
 
 from __future__ import annotations
 
@@ -491,7 +491,10 @@ def jobs_export(
 
     exported = run(go)
     job_id = exported["job"]
-    summary = _write_model(job_id, exported, output)
+    try:
+        summary = _write_model(job_id, exported, output)
+    except ModelWriteError as exc:
+        fail(str(exc))
     if as_json:
         print_json(summary)
         return
@@ -502,8 +505,13 @@ def jobs_export(
     )
 
 
+class ModelWriteError(Exception):
+    """The exported model could not be made or written (the reason, in one line)."""
+
+
 def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[str, Any]:
-    """Bake the weights into the inference graph, write it atomically, run it once."""
+    """Bake the weights into the inference graph, write it atomically, run it once;
+    :class:`ModelWriteError` says why it could not."""
     import os
 
     from agent.protocol.codec import decode_tensors
@@ -513,7 +521,9 @@ def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[st
     try:
         weights = decode_tensors(exported["weights"])
     except ProtocolError as exc:
-        fail(f"job {job_id}: the coordinator's weights are unreadable: {exc}")
+        raise ModelWriteError(
+            f"job {job_id}: the coordinator's weights are unreadable: {exc}"
+        ) from None
     metadata = {
         "ember.job": job_id,
         "ember.version": str(exported["version"]),
@@ -523,16 +533,18 @@ def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[st
         model = with_weights(exported["inference"], weights, metadata=metadata)
         check = smoke_test(model)
     except ModelExportError as exc:
-        fail(f"job {job_id}, version {exported['version']}: {exc}")
+        raise ModelWriteError(f"job {job_id}, version {exported['version']}: {exc}") from None
     except ImportError as exc:
-        fail(f"exporting a model needs onnx (pip install 'ember-fl[coordinator]'): {exc}")
+        raise ModelWriteError(
+            f"exporting a model needs onnx (pip install 'ember-fl[coordinator]'): {exc}"
+        ) from None
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
     try:
         tmp.write_bytes(model)
         os.replace(tmp, output)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        fail(f"cannot write {output}: {exc.strerror or exc}")
+        raise ModelWriteError(f"cannot write {output}: {exc.strerror or exc}") from None
     return {
         "job": job_id,
         "phase": exported["phase"],
@@ -544,6 +556,127 @@ def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[st
         "inputs": {k: list(v) for k, v in check.inputs.items()},
         "outputs": {k: list(v) for k, v in check.outputs.items()},
     }
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+@jobs.command("report")
+@click.argument("job")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory to write the report into.  [default: ./<job id>-report]",
+)
+@click.option("--no-model", is_flag=True, help="Do not write the model as ONNX.")
+@connection_options
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the coordinator's answers.",
+)
+@json_option
+def jobs_report(
+    job: str,
+    output: Path | None,
+    no_model: bool,
+    broker: str | None,
+    prefix: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Write JOB's report into a directory: its learning curve (versions.csv, accuracy.png,
+    loss.png), its newest model as ONNX (model.onnx, as `ember jobs export` writes it) and a
+    summary (report.md) of how far it got, when, and with which agents.
+
+    Works on a running job too: the report is of what the coordinator knows now.
+    """
+    from coordinator.report import MODEL_NAME, JobReport, write_markdown
+    from coordinator.rpc import RpcError
+
+    conn = connection(broker, prefix)
+
+    async def go() -> tuple[Any, Any]:
+        async with coordinator_client(conn, timeout=min(timeout, 10.0)) as client:
+            detail = await client.call(
+                "jobs.show", {"job": job, "versions": "all"}, timeout=timeout
+            )
+            if no_model:
+                return detail, None
+            try:
+                exported = await client.call(
+                    "jobs.export", {"job": detail["job"], "version": "latest"}, timeout=timeout
+                )
+            except RpcError as exc:
+                return detail, str(exc)
+            return detail, exported
+
+    with console().status("asking the coordinator ...", spinner="dots"):
+        detail, exported = run(go)
+    report = JobReport(detail)
+    directory = output if output is not None else Path(f"{report.job}-report")
+    try:
+        files = report.write(directory)
+    except OSError as exc:
+        fail(f"cannot write the report into {directory}: {exc.strerror or exc}")
+    if isinstance(exported, dict):
+        try:
+            model = _write_model(report.job, exported, directory / MODEL_NAME)
+        except ModelWriteError as exc:
+            files[MODEL_NAME] = f"not written: {exc}"
+        else:
+            final = "final" if model["final"] else "not final"
+            files[MODEL_NAME] = (
+                f"version {model['version']} ({final}), {model['parameters']:,} parameters"
+            )
+    elif isinstance(exported, str):
+        files[MODEL_NAME] = f"not written: {exported}"
+    markdown = write_markdown(report, directory, files)
+    summary = {**report.summary(), "directory": str(directory), "files": files}
+    if as_json:
+        print_json(summary)
+        return
+    _print_report(summary, markdown)
+
+
+def _print_report(summary: dict[str, Any], markdown: Path) -> None:
+    from rich.table import Table
+
+    out = console()
+    style = PHASE_STYLE.get(str(summary["phase"]), "")
+    out.print(f"[bold]{summary['job']}[/]  [{style}]{summary['phase']}[/]  {summary['reason']}")
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    best, reached = summary["best_accuracy"], summary["target_reached"]
+    rows = [
+        ("model versions", str(summary["versions"])),
+        ("updates applied", str(summary["updates_applied"])),
+        ("ran", "-" if summary["duration_s"] is None else f"{summary['duration_s']:.1f} s"),
+        (
+            "best accuracy",
+            "-" if best is None else f"{best['value']:.4f} (version {best['version']})",
+        ),
+    ]
+    if summary["target_accuracy"] is not None:
+        rows.append(
+            (
+                f"target {summary['target_accuracy']:g}",
+                "not reached"
+                if reached is None
+                else f"version {reached['version']}, {reached['seconds']:.1f} s in",
+            )
+        )
+    for name, what in summary["files"].items():
+        rows.append((name, what))
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"wrote {summary['directory']} (summary: {markdown})")
 
 
 # -- cancel --------------------------------------------------------------------------------------
