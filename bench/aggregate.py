@@ -287,26 +287,27 @@ def _cores(cores: dict[str, float] | None) -> str:
 
 
 SHORTFALL = (
-    "**Below the bar, and why.** The ratio moves with this machine's state: on 2026-12-06 (4 MB "
-    "ceiling 755-854 MB/s) 64 trainers gave 0.75-0.79 and 8 trainers 0.59; on 2026-12-07 "
-    "(ceiling 1,017-1,484 MB/s) 64 trainers gave 0.87-0.99 and 8 trainers 0.71-0.79. Where it "
-    "falls short it is the 8-trainer run, bound by the round trip of each trainer's one update "
-    "in flight rather than by CPU: at 216 updates/s (2026-12-07) 22 % of the two cores idled, "
-    "and a trainer's 37 ms cycle was 13.9 ms from its publish to the broker's PUBACK (eight 4 "
-    "MB frames through one mosquitto) and 22.7 ms from there to its receipt (delivery to the "
-    "aggregator, its checks and FedBuff's add, then the group commit's write and fdatasync). "
-    "Syncing no slot at all (an experiment) gave +4 % that day, +6 % the day before. With 64 "
-    "trainers the ratio follows the CPU each update costs on the two cores (perf, 2026-12-06: "
-    "aggregator 4.7 ms, mosquitto 3.7, trainers 3.2, against the raw path's subscriber 2.7, "
-    "mosquitto 3.4 and publishers 2.6; Ember adds the XXH3 frame check on both sides, the norm "
-    "and the weighted add, and some Python, and skips copies the raw path makes). What would "
-    "close the 8-trainer gap is more than one update in flight per trainer, which receipts "
-    "naming one id per agent do not allow: a protocol change, and one that helps only trainers "
-    "that finish a local run faster than a receipt comes back. Tried and not kept, as "
+    "**Below the bar, and why.** The 1M ratio is bound by the CPU each update costs, on two "
+    "cores that carry the simulated trainers, mosquitto and the aggregator together. Measured "
+    "2026-12-07 with 8 trainers (240 updates/s): aggregator 2.8 ms of CPU per update, mosquitto "
+    "1.9, trainers 1.7, 6.4 ms in all; the raw path of the ceiling (350 messages/s): subscriber "
+    "1.5, mosquitto 1.8, publishers 1.2, 4.4 ms. Both ran the machine at the same load (vmstat: "
+    "16-24 % idle in each), so the ratio settles near 4.4 / 6.4. Per update the aggregator "
+    "spends about 0.9 ms receiving 4 MB from its socket (as the subscriber does), 0.3 ms on the "
+    "XXH3 frame check, 0.2 ms on the norm and finiteness check, 0.3 ms on FedBuff's weighted "
+    "add and 0.35 ms writing and syncing the checkpoint its receipt waits for (py-spy). More "
+    "updates in flight help only a little: 16 trainers 0.69, 32 0.73, 64 0.74-0.79 that day "
+    "(0.87-0.99 the sitting before, against a ceiling as high), and two updates in flight per "
+    "trainer (an experiment) +5 % over one. Without the frame check on either side (an "
+    "experiment) 8 trainers gave 0.72-0.74 against 0.64-0.66 with it. So the bar is not "
+    "reachable here without dropping work Ember owes every update: the integrity check, the "
+    "refusal of non-finite or oversized deltas, and a receipt only once the update is on disk. "
+    "What would move it: trainers on devices of their own, as deployed (here they take 1.7 ms "
+    "of the 6.4); receipts for flow control at once and durability marks per checkpoint "
+    "instead of a sync per commit (about 5 %, a protocol change). Tried and not kept, as "
     "alternating runs showed no gain: checking each received piece of a frame while it is "
-    "still in the CPU's cache (aggregator CPU per update 2.40 ms against 2.30, within the "
-    "spread), receipts on a topic of each trainer's own, commit spacing, group commits that do "
-    "not wait for queued updates, and a copy without the GIL.",
+    "still in the CPU's cache, receipts on a topic of each trainer's own, commit spacing, "
+    "group commits that do not wait for queued updates, and a copy without the GIL.",
 )
 
 
