@@ -457,11 +457,19 @@ async def test_a_sync_round_resumes_with_its_acknowledged_updates_once(
     task.cancel()  # the aggregator's agent dies mid-round, right after the receipt
     await asyncio.gather(task, return_exceptions=True)
 
+    before = len(federation.events)
     resumed, task = await start()
-    for _ in range(100):
-        await asyncio.sleep(0.05)
-        if getattr(resumed, "algo", None) is not None and resumed.algo.counters.applied:
-            break
+    # The resumed aggregator reports its version once it takes updates again, as a trainer
+    # hears it is back: an update sent before then is gone with the clean session (CI once
+    # resent it while the aggregator was still reading its checkpoint, and the duplicate was
+    # never seen).
+    async with federation.changed:
+        await asyncio.wait_for(
+            federation.changed.wait_for(
+                lambda: any(e["event"] == "model_version" for e in federation.events[before:])
+            ),
+            30,
+        )
     assert isinstance(resumed.algo, SyncFedAvg)
     current = resumed.algo.current_round
     assert current is not None
