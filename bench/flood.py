@@ -52,8 +52,11 @@ async def raw(config: dict[str, Any], go: asyncio.Event) -> dict[str, Any]:
 
     def granted() -> None:  # the lines after "go", read in a thread that never blocks exit
         for line in sys.stdin:
-            for _ in range(int(line)):
-                loop.call_soon_threadsafe(credits.release)
+            try:
+                for _ in range(int(line)):
+                    loop.call_soon_threadsafe(credits.release)
+            except RuntimeError:  # the run is over: grants still on their way find no loop
+                return
 
     async def publisher(index: int, client: aiomqtt.Client) -> None:
         await go.wait()
