@@ -15,6 +15,7 @@ import io
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,13 @@ class JobReport:
     def job(self) -> str:
         return str(self.detail["job"])
 
-    @property
+    @cached_property
     def versions(self) -> list[Mapping[str, Any]]:
         """Model versions, oldest first, each ``{version, ts, updates_applied, metrics}``."""
         rows = self.detail.get("model_versions") or []
         return sorted((r for r in rows if isinstance(r, Mapping)), key=lambda r: r["version"])
 
-    @property
+    @cached_property
     def started(self) -> float | None:
         """When the job started (placed), or the first version's time if it was not recorded."""
         started = _number(self.detail.get("started"))
@@ -113,8 +114,11 @@ class JobReport:
             if value is None:
                 continue
             if found is None or (value > found["value"] if highest else value < found["value"]):
-                found = {"value": value, "version": row["version"], "seconds": self.seconds(row)}
+                found = self._point(row, value)
         return found
+
+    def _point(self, row: Mapping[str, Any], value: float) -> dict[str, Any]:
+        return {"value": value, "version": row["version"], "seconds": self.seconds(row)}
 
     def target_accuracy(self) -> float | None:
         return _number((self.detail.get("stop") or {}).get("target_accuracy"))
@@ -124,7 +128,7 @@ class JobReport:
         for row in self.versions:
             value = _number((row.get("metrics") or {}).get("accuracy"))
             if value is not None and value >= accuracy:
-                return {"value": value, "version": row["version"], "seconds": self.seconds(row)}
+                return self._point(row, value)
         return None
 
     def summary(self) -> dict[str, Any]:
