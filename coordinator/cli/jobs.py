@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -32,13 +33,23 @@ PHASE_STYLE = {
     "cancelled": "magenta",
 }
 
-timeout_option = click.option(
-    "--timeout",
-    type=float,
-    default=5.0,
-    show_default=True,
-    help="Seconds to wait for the coordinator's answer.",
-)
+
+Command = TypeVar("Command", bound=Callable[..., Any])
+
+
+def _timeout_option(seconds: float, why: str = "") -> Callable[[Command], Command]:
+    """``--timeout``: seconds to wait for the coordinator's answer (``why`` it may be long)."""
+    return click.option(
+        "--timeout",
+        type=float,
+        default=seconds,
+        show_default=True,
+        help=f"Seconds to wait for the coordinator's answer{why}.",
+    )
+
+
+timeout_option = _timeout_option(5.0)
+model_timeout_option = _timeout_option(60.0, " (it reads the model from disk)")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 
 
@@ -457,13 +468,7 @@ def _version(value: str) -> str | int:
     help="Which model version: the coordinator keeps the newest one.",
 )
 @connection_options
-@click.option(
-    "--timeout",
-    type=float,
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for the coordinator's answer.",
-)
+@model_timeout_option
 @json_option
 def jobs_export(
     job: str,
@@ -572,13 +577,7 @@ def _write_model(job_id: str, exported: dict[str, Any], output: Path) -> dict[st
 )
 @click.option("--no-model", is_flag=True, help="Do not write the model as ONNX.")
 @connection_options
-@click.option(
-    "--timeout",
-    type=float,
-    default=60.0,
-    show_default=True,
-    help="Seconds to wait for the coordinator's answers.",
-)
+@model_timeout_option
 @json_option
 def jobs_report(
     job: str,

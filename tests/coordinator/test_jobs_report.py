@@ -7,10 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from agent.protocol import Topics
@@ -52,54 +55,70 @@ def png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-async def test_report_of_a_completed_job_holds_its_curve_plots_model_and_summary(
+@dataclass
+class Placed:
+    """A placed job: the CLI's environment, the fake agents' connection, the job's id."""
+
+    env: dict[str, str]
+    transport: Transport
+    job: str
+
+
+@pytest.fixture
+async def placed(
     serve: Start, mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
-) -> None:
+) -> AsyncIterator[Placed]:
+    """``ember serve`` with a job placed on two fake agents; the fake agents' connection."""
     env = environment(mosquitto, topics)
     await serve()
     async with Transport(broker_config(mosquitto.url), name="fake-agents") as transport:
         await transport.wait_connected(5)
         job = await placed_job(transport, topics, env, tmp_path / "state")
+        yield Placed(env, transport, job)
 
-        async def event(body: dict[str, Any]) -> None:
-            await transport.publish(topics.job_metrics(job, "gateway"), json.dumps(body).encode())
 
-        async with RpcClient(transport, topics) as client:
+async def test_report_of_a_completed_job_holds_its_curve_plots_model_and_summary(
+    placed: Placed, topics: Topics, tmp_path: Path
+) -> None:
+    env, transport, job = placed.env, placed.transport, placed.job
 
-            async def show() -> dict[str, Any]:
-                return dict(await client.call("jobs.show", {"job": job, "versions": "all"}))
+    async def event(body: dict[str, Any]) -> None:
+        await transport.publish(topics.job_metrics(job, "gateway"), json.dumps(body).encode())
 
-            async def running() -> bool:
-                return (await show())["phase"] == "running"
+    async with RpcClient(transport, topics) as client:
 
-            await until(running, "the job running")
-            for version, accuracy, loss, train_loss in CURVE:
-                await event(
-                    {
-                        "event": "model_version",
-                        "version": version,
-                        "updates_applied": 2 * version,
-                        "accuracy": accuracy,
-                        "loss": loss,
-                        "train_loss": train_loss,
-                        "elapsed": version * 1.5,
-                    }
-                )
-            final = ModelVersion(job=job, version=6, tensors=weights(6), final=True)
-            await transport.publish(topics.job_model(job), final.to_msgpack())
-            await event({"event": "completed", "version": 6, "reason": "max_versions"})
+        async def show() -> dict[str, Any]:
+            return dict(await client.call("jobs.show", {"job": job, "versions": "all"}))
 
-            async def ended_and_kept() -> bool:
-                detail = await show()
-                return detail["phase"] == "completed" and bool(
-                    (detail["weights"] or {}).get("final")
-                )
+        async def running() -> bool:
+            return (await show())["phase"] == "running"
 
-            await until(ended_and_kept, "the job completed with its final model kept")
-            assert [r["version"] for r in (await show())["model_versions"]] == [1, 2, 3, 4, 5, 6]
-            # jobs.show without the parameter lists the newest 20 versions, as before.
-            shown = await client.call("jobs.show", {"job": job})
-            assert len(shown["model_versions"]) == 6
+        await until(running, "the job running")
+        for version, accuracy, loss, train_loss in CURVE:
+            await event(
+                {
+                    "event": "model_version",
+                    "version": version,
+                    "updates_applied": 2 * version,
+                    "accuracy": accuracy,
+                    "loss": loss,
+                    "train_loss": train_loss,
+                    "elapsed": version * 1.5,
+                }
+            )
+        final = ModelVersion(job=job, version=6, tensors=weights(6), final=True)
+        await transport.publish(topics.job_model(job), final.to_msgpack())
+        await event({"event": "completed", "version": 6, "reason": "max_versions"})
+
+        async def ended_and_kept() -> bool:
+            detail = await show()
+            return detail["phase"] == "completed" and bool((detail["weights"] or {}).get("final"))
+
+        await until(ended_and_kept, "the job completed with its final model kept")
+        assert [r["version"] for r in (await show())["model_versions"]] == [1, 2, 3, 4, 5, 6]
+        # jobs.show without the parameter lists the newest 20 versions, as before.
+        shown = await client.call("jobs.show", {"job": job})
+        assert len(shown["model_versions"]) == 6
 
     out = tmp_path / "report"
     result = await ember("jobs", "report", job, "-o", str(out), "--json", env=env)
@@ -165,14 +184,9 @@ async def test_report_of_a_completed_job_holds_its_curve_plots_model_and_summary
 
 
 async def test_report_of_a_job_without_versions_says_what_it_could_not_write(
-    serve: Start, mosquitto: MosquittoProcess, topics: Topics, tmp_path: Path
+    placed: Placed, tmp_path: Path
 ) -> None:
-    env = environment(mosquitto, topics)
-    await serve()
-    async with Transport(broker_config(mosquitto.url), name="fake-agents") as transport:
-        await transport.wait_connected(5)
-        job = await placed_job(transport, topics, env, tmp_path / "state")
-
+    env, job = placed.env, placed.job
     out = tmp_path / "report"
     result = await ember("jobs", "report", job, "-o", str(out), "--json", env=env)
     assert result.code == 0, result.err
