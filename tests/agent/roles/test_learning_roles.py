@@ -58,9 +58,10 @@ class Federation:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     trainers: list[Trainer] = field(default_factory=list)
 
-    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], since: int = 0) -> None:
+        """Until an event (from the ``since``-th on) satisfies ``predicate``."""
         async with self.changed:
-            await self.changed.wait_for(lambda: any(predicate(e) for e in self.events))
+            await self.changed.wait_for(lambda: any(predicate(e) for e in self.events[since:]))
 
     async def context(
         self,
@@ -463,13 +464,9 @@ async def test_a_sync_round_resumes_with_its_acknowledged_updates_once(
     # hears it is back: an update sent before then is gone with the clean session (CI once
     # resent it while the aggregator was still reading its checkpoint, and the duplicate was
     # never seen).
-    async with federation.changed:
-        await asyncio.wait_for(
-            federation.changed.wait_for(
-                lambda: any(e["event"] == "model_version" for e in federation.events[before:])
-            ),
-            30,
-        )
+    await asyncio.wait_for(
+        federation.wait_for(lambda e: e["event"] == "model_version", since=before), 30
+    )
     assert isinstance(resumed.algo, SyncFedAvg)
     current = resumed.algo.current_round
     assert current is not None
