@@ -36,6 +36,11 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _value(row: Mapping[str, Any], metric: str) -> float | None:
+    """A version's ``metric``, if it reported a number for it."""
+    return _number((row.get("metrics") or {}).get(metric))
+
+
 def _clock(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -101,7 +106,7 @@ class JobReport:
         """``(seconds since the start, value)`` of ``metric`` over the versions that have it."""
         points = []
         for row in self.versions:
-            value = _number((row.get("metrics") or {}).get(metric))
+            value = _value(row, metric)
             seconds = self.seconds(row)
             if value is not None and seconds is not None:
                 points.append((seconds, value))
@@ -110,7 +115,7 @@ class JobReport:
     def _best(self, metric: str, *, highest: bool) -> dict[str, Any] | None:
         found = None
         for row in self.versions:
-            value = _number((row.get("metrics") or {}).get(metric))
+            value = _value(row, metric)
             if value is None:
                 continue
             if found is None or (value > found["value"] if highest else value < found["value"]):
@@ -126,13 +131,18 @@ class JobReport:
     def first_reaching(self, accuracy: float) -> dict[str, Any] | None:
         """The first version whose held-out accuracy reached ``accuracy``."""
         for row in self.versions:
-            value = _number((row.get("metrics") or {}).get("accuracy"))
+            value = _value(row, "accuracy")
             if value is not None and value >= accuracy:
                 return self._point(row, value)
         return None
 
     def summary(self) -> dict[str, Any]:
-        """The report's figures, as ``--json`` prints them."""
+        """The report's figures, as ``--json`` prints them and ``report.md`` shows them:
+        reckoned once, so that both give a running job the same duration."""
+        return self._figures
+
+    @cached_property
+    def _figures(self) -> dict[str, Any]:
         detail, versions = self.detail, self.versions
         last = versions[-1] if versions else None
         finished = _number(detail.get("finished"))
