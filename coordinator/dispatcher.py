@@ -77,6 +77,8 @@ NOT_METRICS = frozenset(
     }
 )
 """Numeric fields of a ``model_version`` event that are not model metrics."""
+SHOWN_VERSIONS = 20
+"""Model versions ``jobs.show`` lists unless asked for every one."""
 HISTORY_POINTS = 50
 """Model versions listed in a job state's ``history`` (evenly spread, first and last kept)."""
 RECENT_REJECTIONS = 20
@@ -346,7 +348,7 @@ class Dispatcher:
             "ts": round(self.clock(), 3),
         }
 
-    async def detail(self, job: _Job, *, versions: int | None = 20) -> dict[str, Any]:
+    async def detail(self, job: _Job, *, versions: int | None = SHOWN_VERSIONS) -> dict[str, Any]:
         """The job's state with its spec, assignments, latest events and its newest
         ``versions`` model versions (every one with ``None``: a report's learning curve)."""
         events = await self.store.events(job.record.id, limit=40)

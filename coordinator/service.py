@@ -40,7 +40,7 @@ from agent.tasks import cancel_and_wait
 from agent.transport import BrokerConfig, Transport
 from coordinator.brokerkit import KitError
 from coordinator.bundles import INFERENCE, init_key, public_text
-from coordinator.dispatcher import Dispatcher, JobError, Timings
+from coordinator.dispatcher import SHOWN_VERSIONS, Dispatcher, JobError, Timings
 from coordinator.enrolment import Enrolment
 from coordinator.homeassistant import JobAnnouncer
 from coordinator.model_keeper import DEFAULT_FINAL_GRACE, DEFAULT_INTERVAL, ModelKeeper
@@ -566,7 +566,7 @@ class Coordinator:
         except JobError as exc:
             raise RpcError(str(exc)) from None
         every = params.get("versions") == "all"  # ember jobs report: the whole curve
-        detail = await self._d.detail(job, versions=None if every else 20)
+        detail = await self._d.detail(job, versions=None if every else SHOWN_VERSIONS)
         assert self.store is not None
         weights = await self.store.job_weights(job.record.id)  # what is on disk, as it is
         detail["weights"] = None if weights is None else weights.to_dict()
